@@ -1,0 +1,76 @@
+"""An in-memory image for tests."""
+from __future__ import annotations
+
+from ..backend import WriteResult
+from ..errors import ReadOnlyError
+
+
+class MemoryImage:
+    """Backend over a bytearray; counts flushes so tests can check durability requests."""
+
+    def __init__(self, size: int, readonly: bool = False, block: int = 4096) -> None:
+        self.data = bytearray(size)
+        self.readonly = readonly
+        self._block = block
+        self.flushes = 0
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def block_size(self) -> int:
+        return self._block
+
+    def can_write(self) -> bool:
+        return not self.readonly
+
+    def can_flush(self) -> bool:
+        return True
+
+    def can_fua(self) -> bool:
+        return True
+
+    def can_trim(self) -> bool:
+        return not self.readonly
+
+    def can_zero(self) -> bool:
+        return not self.readonly
+
+    def can_fast_zero(self) -> bool:
+        return not self.readonly
+
+    def can_extents(self) -> bool:
+        return False
+
+    def _check_write(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError()
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        buf[:] = self.data[offset:offset + len(buf)]
+
+    def extents(self, length: int, offset: int) -> list[tuple[int, int]]:
+        return [(length, 0)]
+
+    def pwrite(self, data: memoryview | bytes, offset: int, fua: bool = False) -> WriteResult:
+        self._check_write()
+        self.data[offset:offset + len(data)] = data
+        if fua:
+            self.flushes += 1
+        return None
+
+    def write_zeroes(
+        self, length: int, offset: int, fua: bool = False, may_trim: bool = True, fast: bool = False
+    ) -> WriteResult:
+        self._check_write()
+        self.data[offset:offset + length] = bytes(length)
+        return None
+
+    def trim(self, length: int, offset: int, fua: bool = False) -> WriteResult:
+        return self.write_zeroes(length, offset, fua)
+
+    def flush(self) -> WriteResult:
+        self.flushes += 1
+        return None
+
+    def close(self) -> None:
+        pass

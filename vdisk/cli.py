@@ -1,0 +1,198 @@
+"""`vdisk` command line: parse, call, print. Errors are one line on stderr and a non-zero exit."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from blockdev.volume import VolumeError, VolumeStore
+
+from .control import ControlError
+from .units import format_size, parse_size
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing; exits 2 like argparse's own errors."""
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def store_of(args: argparse.Namespace) -> VolumeStore:
+    return VolumeStore(args.data_dir)
+
+
+def emit(args: argparse.Namespace, obj: Any, text: str) -> None:
+    print(json.dumps(obj, indent=2, default=str) if getattr(args, "json", False) else text)
+
+
+def volume_record(store: VolumeStore, name: str) -> dict[str, Any]:
+    meta = store.meta(name)
+    holder = store.holder(name)
+    img = store.image_path(name)
+    try:
+        allocated = img.stat().st_blocks * 512
+    except OSError:
+        allocated = None
+    rec = meta.to_json()
+    rec.update({"allocated": allocated, "image": str(img), "served_by": holder.get("pid") if holder else None})
+    return rec
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_create(args: argparse.Namespace) -> int:
+    meta = store_of(args).create(args.name, args.size, block_size=args.block_size)
+    emit(args, meta.to_json(), f"created volume {meta.name}: {format_size(meta.size)} ({meta.size} bytes), uuid {meta.uuid}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    recs = []
+    for name in store.names():
+        try:
+            recs.append(volume_record(store, name))
+        except VolumeError as e:
+            recs.append({"name": name, "error": str(e)})
+    if args.json:
+        emit(args, recs, "")
+        return 0
+    if not recs:
+        print(f"no volumes in {store.root}")
+        return 0
+    print(f"{'NAME':<20} {'SIZE':>10} {'ALLOCATED':>10}  {'SERVED':<10} UUID")
+    for r in recs:
+        if "error" in r:
+            print(f"{r['name']:<20} {r['error']}")
+            continue
+        served = f"pid {r['served_by']}" if r["served_by"] else "-"
+        alloc = format_size(r["allocated"]) if r["allocated"] is not None else "?"
+        print(f"{r['name']:<20} {format_size(r['size']):>10} {alloc:>10}  {served:<10} {r['uuid']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    rec = volume_record(store_of(args), args.name)
+    lines = [f"{k}: {v}" for k, v in rec.items() if not isinstance(v, dict)]
+    emit(args, rec, "\n".join(lines))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    store.delete(args.name)
+    emit(args, {"deleted": args.name}, f"deleted volume {args.name}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from .daemon import Daemon, Listen, ServeConfig
+
+    store = store_of(args)
+    specs = args.nbd or []
+    listens = tuple(Listen.parse(s) for s in specs)
+    if not listens and args.fuse is None:
+        default = store.root / f"{args.names[0]}.nbd.sock"
+        listens = (Listen.parse(f"unix:{default}"),)
+    config = ServeConfig(data_dir=store.root, names=tuple(args.names), nbd=listens,
+                         fuse=Path(args.fuse) if args.fuse else None, read_only=args.read_only)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="vdisk serve: %(message)s")
+
+    async def main() -> None:
+        daemon = Daemon(config)
+        async with trio.open_nursery() as nursery:
+            addrs = await nursery.start(daemon.run)
+            where = ", ".join(addrs) + (f", fuse:{config.fuse}" if config.fuse else "")
+            print(f"serving {', '.join(config.names)} on {where} (pid {__import__('os').getpid()})", flush=True)
+
+    trio.run(main)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+                        help="volume directory (default: $VDISK_HOME or ~/.local/share/vdisk)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    p = argparse.ArgumentParser(prog="vdisk", description="Userspace virtual disk with built-in mirroring.",
+                                parents=[common])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Command, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, parents=[common])
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add("create", cmd_create, "create a volume (a sparse raw image)")
+    sp.add_argument("name")
+    sp.add_argument("--size", type=_size_arg, required=True, help="e.g. 10G, 512M")
+    sp.add_argument("--block-size", type=_size_arg, default=4096, help="preferred I/O size (default 4K)")
+
+    add("list", cmd_list, "list volumes")
+    sp = add("info", cmd_info, "show a volume's metadata")
+    sp.add_argument("name")
+    sp = add("delete", cmd_delete, "delete a volume (refused while it is served)")
+    sp.add_argument("name")
+
+    sp = add("serve", cmd_serve, "serve volumes over NBD (and FUSE) until SIGINT/SIGTERM")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT",
+                    help="NBD listener (repeatable; default unix:DATA_DIR/NAME.nbd.sock)")
+    sp.add_argument("--fuse", metavar="MOUNTPOINT", help="also export each volume as MOUNTPOINT/NAME")
+    sp.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    sp.add_argument("-v", "--verbose", action="store_true")
+
+    add("demo", cmd_demo, "create, serve, write and read a volume in a temporary directory")
+    for extend in EXTENSIONS:
+        extend(add)
+    return p
+
+
+# Other modules add their subcommands here (each a function taking `add`).
+EXTENSIONS: list[Callable[[Callable[..., argparse.ArgumentParser]], None]] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "data_dir"):
+        args.data_dir = None
+    if not hasattr(args, "json"):
+        args.json = False
+    try:
+        return args.func(args)
+    except (VolumeError, ControlError, ValueError) as e:
+        print(f"vdisk: error: {e}", file=sys.stderr)
+        return 1
+    except UsageError as e:
+        print(f"vdisk: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:
+        print(f"vdisk: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
