@@ -1,0 +1,108 @@
+"""Constants of the NBD protocol (NetworkBlockDevice/nbd doc/proto.md). All integers are big-endian."""
+from __future__ import annotations
+
+import errno as E
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# handshake flags (server) and client flags
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+CLIENT_FLAGS_KNOWN = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+
+# options
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
+
+# option replies
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_META_CONTEXT = 4
+REP_ERR_UNSUP = (1 << 31) + 1
+REP_ERR_POLICY = (1 << 31) + 2
+REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_PLATFORM = (1 << 31) + 4
+REP_ERR_TLS_REQD = (1 << 31) + 5
+REP_ERR_UNKNOWN = (1 << 31) + 6
+REP_ERR_SHUTDOWN = (1 << 31) + 7
+REP_ERR_BLOCK_SIZE_REQD = (1 << 31) + 8
+REP_ERR_TOO_BIG = (1 << 31) + 9
+
+# NBD_INFO_*
+INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_DESCRIPTION = 2
+INFO_BLOCK_SIZE = 3
+
+# transmission flags
+TFLAG_HAS_FLAGS = 1 << 0
+TFLAG_READ_ONLY = 1 << 1
+TFLAG_SEND_FLUSH = 1 << 2
+TFLAG_SEND_FUA = 1 << 3
+TFLAG_ROTATIONAL = 1 << 4
+TFLAG_SEND_TRIM = 1 << 5
+TFLAG_SEND_WRITE_ZEROES = 1 << 6
+TFLAG_SEND_DF = 1 << 7
+TFLAG_CAN_MULTI_CONN = 1 << 8
+TFLAG_SEND_CACHE = 1 << 10
+TFLAG_SEND_FAST_ZERO = 1 << 11
+
+# commands
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_CACHE = 5
+CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
+
+CMD_NAMES = {CMD_READ: "READ", CMD_WRITE: "WRITE", CMD_DISC: "DISC", CMD_FLUSH: "FLUSH", CMD_TRIM: "TRIM",
+             CMD_CACHE: "CACHE", CMD_WRITE_ZEROES: "WRITE_ZEROES", CMD_BLOCK_STATUS: "BLOCK_STATUS"}
+
+# command flags
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
+CMD_FLAG_FAST_ZERO = 1 << 4
+
+# structured reply
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+
+# errors on the wire (the values of the spec, which are Linux's)
+EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN = 1, 5, 12, 22, 28, 75, 95, 108
+_WIRE_ERRNO = {E.EPERM: EPERM, E.EIO: EIO, E.ENOMEM: ENOMEM, E.EINVAL: EINVAL, E.ENOSPC: ENOSPC,
+               E.EOVERFLOW: EOVERFLOW, E.EOPNOTSUPP: ENOTSUP, E.ESHUTDOWN: ESHUTDOWN, E.EROFS: EPERM,
+               E.EACCES: EPERM, E.EDQUOT: ENOSPC}
+
+
+def wire_errno(err: int) -> int:
+    """Host errno -> NBD error value (anything the spec does not name becomes EIO)."""
+    return _WIRE_ERRNO.get(err, EIO)
+
+
+MAX_PAYLOAD = 32 * 1024 * 1024  # the largest request we accept (NBD_INFO_BLOCK_SIZE maximum)
+MAX_OPTION = 64 * 1024  # the largest option payload we read; larger gets ERR_TOO_BIG
+META_BASE_ALLOCATION = "base:allocation"
+META_CONTEXT_ID = 1
+STATE_HOLE = 1
+STATE_ZERO = 2
