@@ -180,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "json"):
         args.json = False
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except BaseExceptionGroup as group:  # trio nurseries wrap a failing start-up: show the cause
+            leaves = _leaves(group)
+            raise leaves[0] if len(leaves) == 1 else group from None
     except (VolumeError, ControlError, ValueError) as e:
         print(f"vdisk: error: {e}", file=sys.stderr)
         return 1
@@ -192,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"vdisk: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 1
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ log = logging.getLogger("blockdev.nbd")
 
 BUF_SIZE = 16 << 20
 BIG_WRITE = 128 << 10  # writes at least this big go to a worker thread
+BIG_READ = 256 << 10  # and reads
 OUTBOX_LIMIT = 64 << 20  # stop reading while this many reply bytes wait for a slow client
 IOV_MAX = 1024
 HANDSHAKE_TIMEOUT = 30.0
@@ -183,18 +184,21 @@ class Connection:
         else:
             self._queue(simple_reply(handle, err))
 
-    def _finish(self, cmd: int, handle: int, buf: Buffer | None, exc: BaseException | None) -> None:
-        """Trio thread: an op that left the batch finished."""
+    def _finish(self, cmd: int, handle: int, buf: Buffer | None, exc: BaseException | None,
+                read: tuple[int, bytearray] | None = None) -> None:
+        """Trio thread: an op that left the batch finished (``read``: offset and data of a READ)."""
         if buf is not None:
             buf.pins -= 1
             if buf.pins == 0 and len(self._pool) < 2 and buf is not self._current:
                 self._pool.append(buf)
         self.inflight -= 1
-        if exc is None:
-            self._queue(simple_reply(handle))
-        else:
+        if exc is not None:
             self._log_error(cmd, exc)
             self._reply_error(cmd, handle, P.wire_errno(to_errno(exc)), str(exc))
+        elif read is not None:
+            self._queue(read_reply_header(handle, read[0], len(read[1]), self.structured), read[1])
+        else:
+            self._queue(simple_reply(handle))
         self._schedule_send()
         if self.inflight == 0:
             self._idle.set()
@@ -234,8 +238,11 @@ class Connection:
             try:
                 if cmd == P.CMD_READ:
                     data = bytearray(length)
-                    backend.pread(memoryview(data), offset)
-                    self._queue(read_reply_header(handle, offset, length, self.structured), data)
+                    if length >= BIG_READ:  # a cold big read must not stall the loop
+                        self._offload_read(handle, offset, data)
+                    else:
+                        backend.pread(memoryview(data), offset)
+                        self._queue(read_reply_header(handle, offset, length, self.structured), data)
                 elif cmd == P.CMD_WRITE:
                     if length >= BIG_WRITE or fua:
                         self._offload(cmd, handle, buf, backend.pwrite, (payload, offset, fua))
@@ -279,6 +286,16 @@ class Connection:
         if self._idle.is_set():
             self._idle = trio.Event()
         self.server.pool.submit(fn, args, self._done_from_any_thread(cmd, handle, buf))
+
+    def _offload_read(self, handle: int, offset: int, data: bytearray) -> None:
+        self.inflight += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+        def done(_result: Any, exc: BaseException | None) -> None:
+            self._call_in_trio(self._finish, P.CMD_READ, handle, None, exc, (offset, data))
+
+        self.server.pool.submit(self.backend.pread, (memoryview(data), offset), done)
 
     def _extents(self, length: int, offset: int, flags: int) -> list[tuple[int, int]]:
         length = min(length, 0xFFFFFFFF)
