@@ -8,6 +8,7 @@ import os
 
 from ..backend import EXTENT_HOLE, EXTENT_ZERO, WriteResult
 from ..errors import FastZeroUnsupported, ReadOnlyError
+from .base import ImageBase
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -25,7 +26,17 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-class FileImage:
+def _seek(fd: int, pos: int, whence: int, end: int) -> int:
+    """lseek SEEK_DATA/SEEK_HOLE; ``end`` where there is no more data."""
+    try:
+        return os.lseek(fd, pos, whence)
+    except OSError as e:
+        if e.errno != errno.ENXIO:
+            raise
+        return end
+
+
+class FileImage(ImageBase):
     """Backend over a raw image file whose length is the volume size."""
 
     def __init__(self, path: str | os.PathLike[str], readonly: bool = False, block: int = 4096) -> None:
@@ -42,27 +53,6 @@ class FileImage:
 
     def size(self) -> int:
         return self._size
-
-    def block_size(self) -> int:
-        return self._block
-
-    def can_write(self) -> bool:
-        return not self.readonly
-
-    def can_flush(self) -> bool:
-        return True
-
-    def can_fua(self) -> bool:
-        return True
-
-    def can_trim(self) -> bool:
-        return not self.readonly
-
-    def can_zero(self) -> bool:
-        return not self.readonly
-
-    def can_fast_zero(self) -> bool:
-        return not self.readonly
 
     def can_extents(self) -> bool:
         return True
@@ -137,23 +127,13 @@ class FileImage:
         out: list[tuple[int, int]] = []
         pos = offset
         while pos < end:
-            try:
-                data = os.lseek(self._fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                data = end
+            data = _seek(self._fd, pos, os.SEEK_DATA, end)
             if data > pos:
                 n = min(data, end) - pos
                 out.append((n, EXTENT_HOLE | EXTENT_ZERO))
                 pos += n
                 continue
-            try:
-                hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                hole = end
+            hole = _seek(self._fd, pos, os.SEEK_HOLE, end)
             n = min(hole, end) - pos
             out.append((n, 0))
             pos += n

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from ..backend import WriteResult
 from ..errors import ReadOnlyError
+from .base import ImageBase
 
 
-class MemoryImage:
+class MemoryImage(ImageBase):
     """Backend over a bytearray; counts flushes so tests can check durability requests."""
 
     def __init__(self, size: int, readonly: bool = False, block: int = 4096) -> None:
@@ -16,27 +17,6 @@ class MemoryImage:
 
     def size(self) -> int:
         return len(self.data)
-
-    def block_size(self) -> int:
-        return self._block
-
-    def can_write(self) -> bool:
-        return not self.readonly
-
-    def can_flush(self) -> bool:
-        return True
-
-    def can_fua(self) -> bool:
-        return True
-
-    def can_trim(self) -> bool:
-        return not self.readonly
-
-    def can_zero(self) -> bool:
-        return not self.readonly
-
-    def can_fast_zero(self) -> bool:
-        return not self.readonly
 
     def can_extents(self) -> bool:
         return False
