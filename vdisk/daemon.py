@@ -218,6 +218,7 @@ class Daemon:
                         await self.nbd.drain()
                     nursery.cancel_scope.cancel()
         finally:
+            self.nbd.close()
             for spec in self.config.nbd:
                 if spec.kind == "unix":
                     try:

@@ -142,11 +142,11 @@ class FileImage(ImageBase):
         return out
 
     def close(self) -> None:
-        if self._fd >= 0:
+        fd, self._fd = self._fd, -1  # late callers get EBADF, never a reused descriptor
+        if fd >= 0:
             if not self.readonly:
                 try:
-                    os.fdatasync(self._fd)
+                    os.fdatasync(fd)
                 except OSError:
                     pass
-            os.close(self._fd)
-            self._fd = -1
+            os.close(fd)

@@ -25,7 +25,13 @@ from ..errors import FastZeroUnsupported, to_errno
 from . import proto as P
 from .handshake import Closed, ExportInfo, Negotiated, ServerHandshake
 from .transmission import (
-    ProtocolError, RequestParser, block_status_reply, error_reply, read_reply_header, simple_reply, validate,
+    ProtocolError,
+    RequestParser,
+    block_status_reply,
+    error_reply,
+    read_reply_header,
+    simple_reply,
+    validate,
 )
 
 log = logging.getLogger("blockdev.nbd")
@@ -93,9 +99,12 @@ class WorkerPool:
             else:
                 done(result, None)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the threads once the ops they are running are done (before images are closed)."""
         for _ in self._threads:
             self._q.put(None)
+        for t in self._threads:
+            t.join(timeout)
 
 
 class Connection:
