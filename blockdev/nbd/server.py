@@ -140,8 +140,9 @@ class Connection:
     # -- sending --------------------------------------------------------------------------------
     def _queue(self, *parts: bytes | bytearray | memoryview) -> None:
         for p in parts:
-            self.outbox.append(p)
-            self.out_bytes += len(p)
+            if n := len(p):  # an empty part never leaves the outbox: sendmsg reports 0 bytes for it
+                self.outbox.append(p)
+                self.out_bytes += n
 
     def send_now(self) -> None:
         """Send what the socket takes without blocking; the writer task finishes the rest."""
