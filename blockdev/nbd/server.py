@@ -122,6 +122,7 @@ class Connection:
         self.writable = info.writable
         self.outbox: list[bytes | bytearray | memoryview] = []
         self.out_bytes = 0
+        self.reading = 0  # bytes of reads on the workers: replies that will join the outbox
         self.inflight = 0
         self.closing = False
         self.broken = False
@@ -205,6 +206,8 @@ class Connection:
             if buf.pins == 0 and len(self._pool) < 2 and buf is not self._current:
                 self._pool.append(buf)
         self.inflight -= 1
+        if read is not None:
+            self.reading -= len(read[1])
         if exc is not None:
             self._log_error(cmd, exc)
             self._reply_error(cmd, handle, P.wire_errno(to_errno(exc)), str(exc))
@@ -238,9 +241,12 @@ class Connection:
             log.warning("%s on %s failed: %s", P.CMD_NAMES.get(cmd, cmd), self.export.name, exc)
 
     # -- requests -------------------------------------------------------------------------------
-    def handle_batch(self, reqs: list[tuple], buf: Buffer) -> None:
+    def handle_batch(self, reqs: list[tuple], buf: Buffer) -> int:
+        """Handle requests in order; returns how many, stopping early once OUTBOX_LIMIT of replies wait."""
         backend = self.backend
-        for cmd, flags, handle, offset, length, payload, perr in reqs:
+        for i, (cmd, flags, handle, offset, length, payload, perr) in enumerate(reqs):
+            if self.out_bytes + self.reading > OUTBOX_LIMIT:
+                return i
             self.requests += 1
             err = perr or validate(cmd, flags, offset, length, self.size, self.writable, self.structured,
                                    self.base_allocation)
@@ -274,10 +280,11 @@ class Connection:
                     self._queue(simple_reply(handle))
                 elif cmd == P.CMD_DISC:
                     self.closing = True
-                    return
+                    return len(reqs)
             except Exception as e:  # noqa: BLE001 - an op's failure is the client's error reply
                 self._log_error(cmd, e)
                 self._reply_error(cmd, handle, P.wire_errno(to_errno(e)), str(e))
+        return len(reqs)
 
     def _result(self, cmd: int, handle: int, buf: Buffer, result: Any) -> None:
         """An inline write returned: reply now, or when its Completion finishes."""
@@ -302,6 +309,7 @@ class Connection:
 
     def _offload_read(self, handle: int, offset: int, data: bytearray) -> None:
         self.inflight += 1
+        self.reading += len(data)
         if self._idle.is_set():
             self._idle = trio.Event()
 
@@ -367,7 +375,12 @@ class Connection:
                 reqs, used, need = parser.parse(buf.view[start:end])
                 start += used
                 if reqs:
-                    self.handle_batch(reqs, buf)
+                    done = self.handle_batch(reqs, buf)
+                    while done < len(reqs) and not self.broken:
+                        # One recv can hold thousands of 32 MiB reads: answer them an outbox at a time.
+                        self.send_now()
+                        await self._outbox_room()
+                        done += self.handle_batch(reqs[done:], buf)
                 self.send_now()
                 # Make room for the next request without touching bytes that ops still hold.
                 if start == end:
@@ -386,12 +399,15 @@ class Connection:
                     buf = self._current = nxt
                     start, end = 0, len(partial)
                 batches += 1
-                if self.out_bytes > OUTBOX_LIMIT:
-                    while self.out_bytes > OUTBOX_LIMIT and not self.broken:
-                        self._drained = trio.Event()
-                        await self._drained.wait()
+                if self.out_bytes + self.reading > OUTBOX_LIMIT:
+                    await self._outbox_room()
                 elif batches % CHECKPOINT_EVERY == 0:
                     await trio.lowlevel.checkpoint()
+
+    async def _outbox_room(self) -> None:
+        while self.out_bytes + self.reading > OUTBOX_LIMIT and not self.broken:
+            self._drained = trio.Event()
+            await self._drained.wait()
 
     def stop_reading(self) -> None:
         self.closing = True
