@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Benchmark vdisk's NBD server against `nbdkit file` and `qemu-nbd` with the same fio jobs.
+
+    .venv/bin/python scripts/bench_nbd.py [--runtime 5] [--repeat 2] [--size 1G] [--jobs seqwrite,...]
+
+Every (job, repeat) runs each server in turn, the starting server rotating between repeats so that
+no side always runs first. Before each run the image is put into the same page-cache state (see
+DESIGN.md: 4K overwrites after 1 MiB writes into uncached regions cost about 4x more on this kernel):
+
+    write the whole image with 1 MiB pwrites, fdatasync, evict it (POSIX_FADV_DONTNEED), then read
+    it back once so that every side starts with the same, fully cached image.
+
+Servers (all on a unix socket, buffered I/O through the host page cache, i.e. comparable setups):
+    vdisk      `vdisk serve NAME --nbd unix:SOCK`
+    nbdkit     `nbdkit -f -U SOCK file IMG` (default cache mode, 16 threads)
+    qemu-nbd   `qemu-nbd -f raw --cache=writeback --aio=threads -t -e 4 -x NAME -k SOCK IMG`
+
+Prints one line per run, then a table of medians (IOPS, MiB/s) with ratios vdisk/nbdkit, vdisk/qemu-nbd.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VDISK = ROOT / ".venv" / "bin" / "vdisk"
+NAME = "bench"
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    rw: str
+    bs: str
+    iodepth: int
+    label: str
+
+
+JOBS = {
+    "seqwrite": Job("seqwrite", "write", "1M", 8, "1 MiB seq write QD8"),
+    "randwrite": Job("randwrite", "randwrite", "4k", 32, "4 KiB randwrite QD32"),
+    "randread1": Job("randread1", "randread", "4k", 1, "4 KiB randread QD1"),
+    "randread32": Job("randread32", "randread", "4k", 32, "4 KiB randread QD32"),
+}
+SIDES = ("vdisk", "nbdkit", "qemu-nbd")
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().rstrip("IB")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def prepare_image(path: Path, size: int) -> None:
+    """Same content and page-cache state for every side: full 1 MiB writes, sync, evict, read once."""
+    pattern = bytes(range(256)) * (CHUNK // 256)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        for off in range(0, size, CHUNK):
+            os.pwrite(fd, pattern[: min(CHUNK, size - off)], off)
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for off in range(0, size, CHUNK):
+            os.pread(fd, CHUNK, off)
+    finally:
+        os.close(fd)
+
+
+def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        if path.exists():
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(str(path))
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        time.sleep(0.02)
+    raise RuntimeError(f"server socket {path} did not appear")
+
+
+def start_server(side: str, work: Path, img: Path, sock: Path) -> subprocess.Popen[bytes]:
+    if sock.exists():
+        sock.unlink()
+    if side == "vdisk":
+        env = dict(os.environ, VDISK_HOME=str(work / "data"))
+        cmd = [str(VDISK), "serve", NAME, "--nbd", f"unix:{sock}"]
+    elif side == "nbdkit":
+        env = dict(os.environ)
+        cmd = ["nbdkit", "-f", "-U", str(sock), "file", str(img)]
+    else:
+        env = dict(os.environ)
+        cmd = ["qemu-nbd", "-f", "raw", "--cache=writeback", "--aio=threads", "-t", "-e", "4", "-x", NAME,
+               "-k", str(sock), str(img)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_socket(sock, proc)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_fio(job: Job, sock: Path, runtime: float) -> tuple[float, float]:
+    """(IOPS, MiB/s) of one fio run."""
+    uri = f"nbd+unix:///{NAME}?socket={sock}"
+    cmd = ["fio", "--name", job.name, "--ioengine=nbd", f"--uri={uri}", f"--rw={job.rw}", f"--bs={job.bs}",
+           f"--iodepth={job.iodepth}", f"--runtime={runtime}", "--time_based", "--ramp_time=1",
+           "--randrepeat=0", "--norandommap", "--output-format=json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    data = json.loads(out[out.index("{"):])
+    d = data["jobs"][0]["write" if "write" in job.rw else "read"]
+    return d["iops"], d["bw_bytes"] / (1 << 20)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", type=float, default=5.0, help="seconds per fio run (default 5)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per job and side (default 2)")
+    ap.add_argument("--size", type=parse_size, default=parse_size("1G"), help="image size (default 1G)")
+    ap.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated subset of {','.join(JOBS)}")
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the image lives (default: a temp dir)")
+    args = ap.parse_args()
+    jobs = [JOBS[j] for j in args.jobs.split(",")]
+    sides = [s for s in args.sides.split(",") if s]
+    for s in sides:
+        if s not in SIDES:
+            ap.error(f"unknown side {s!r}")
+    for tool in ("fio", "nbdkit", "qemu-nbd"):
+        if shutil.which(tool) is None:
+            print(f"bench_nbd: {tool} not found", file=sys.stderr)
+            return 1
+
+    work = Path(tempfile.mkdtemp(prefix="bench-nbd-", dir=args.workdir))
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    try:
+        env = dict(os.environ, VDISK_HOME=str(work / "data"))
+        subprocess.run([str(VDISK), "create", NAME, "--size", str(args.size)], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        img = work / "data" / f"{NAME}.img"  # every side serves the same file
+        sock = work / "nbd.sock"
+        print(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, image {args.size >> 20} MiB in {work}, "
+              f"runtime {args.runtime:g}s, repeat {args.repeat}, {os.cpu_count()} CPUs", flush=True)
+        for job in jobs:
+            for rep in range(args.repeat):
+                order = sides[rep % len(sides):] + sides[:rep % len(sides)]
+                for side in order:
+                    prepare_image(img, args.size)
+                    proc = start_server(side, work, img, sock)
+                    try:
+                        iops, mibs = run_fio(job, sock, args.runtime)
+                    finally:
+                        stop_server(proc)
+                    results.setdefault((job.name, side), []).append((iops, mibs))
+                    print(f"{job.label:<22} run {rep + 1} {side:<9} {iops:>10.0f} IOPS {mibs:>9.1f} MiB/s",
+                          flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    head = f"| {'job':<22} |" + "".join(f" {s + ' IOPS':>15} | {s + ' MiB/s':>15} |" for s in sides)
+    ratios = [o for o in ("nbdkit", "qemu-nbd") if o in sides and "vdisk" in sides]
+    head += "".join(f" vdisk/{o:<8} |" for o in ratios)
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for job in jobs:
+        med = {s: (statistics.median(r[0] for r in results[(job.name, s)]),
+                   statistics.median(r[1] for r in results[(job.name, s)])) for s in sides}
+        line = f"| {job.label:<22} |" + "".join(f" {med[s][0]:>15.0f} | {med[s][1]:>15.1f} |" for s in sides)
+        line += "".join(f" {med['vdisk'][0] / med[o][0]:>13.2f}x |" for o in ratios)
+        print(line)
+    print("\n(medians of the runs above; ratios are of IOPS, which for a fixed block size equal MiB/s ratios)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
