@@ -253,6 +253,11 @@ class Connection:
             if err:
                 self._reply_error(cmd, handle, err, "request rejected")
                 continue
+            if not length and (cmd == P.CMD_TRIM or cmd == P.CMD_WRITE_ZEROES):
+                # Nothing to do; and fallocate(2) of 0 bytes fails with EINVAL, which FileImage takes
+                # for "not supported" and stops punching holes for the life of the volume.
+                self._queue(simple_reply(handle))
+                continue
             fua = bool(flags & P.CMD_FLAG_FUA)
             try:
                 if cmd == P.CMD_READ:
