@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from blockdev.nbd import proto as P
+
 nbd = pytest.importorskip("nbd")
 
 MiB = 1 << 20
@@ -366,6 +368,22 @@ def test_write_zeroes_punches_unless_no_hole(vd, serve, nbd_connect):
     h.zero(4 * MiB, 4 * MiB, nbd.CMD_FLAG_FAST_ZERO)
     assert h.pread(4 * MiB, 4 * MiB) == bytes(4 * MiB)
     assert allocated(img) <= full - 4 * MiB
+
+
+@pytest.mark.parametrize("cmd", ["trim", "zero"])
+def test_zero_length_trim_or_zero_does_not_disable_hole_punching(vd, serve, nbd_connect, raw_nbd, cmd):
+    img = vd.create("v1", "16M")
+    srv = serve("v1")
+    c = raw_nbd(srv.sock)
+    c.go("v1")
+    assert c.call(P.CMD_TRIM if cmd == "trim" else P.CMD_WRITE_ZEROES, 4096, 0) == (0, b"")
+    h = nbd_connect(srv.uri())
+    h.pwrite(os.urandom(8 * MiB), 0)
+    h.flush()
+    before = allocated(img)
+    getattr(h, cmd)(4 * MiB, 0)
+    h.flush()
+    assert allocated(img) <= before - 4 * MiB
 
 
 def test_block_status_base_allocation_follows_writes_and_trims(vd, serve, nbd_connect):
