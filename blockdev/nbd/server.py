@@ -441,6 +441,7 @@ class NBDServer:
         self._none_active = trio.Event()
         self._none_active.set()
         self._listen_scopes: list[trio.CancelScope] = []
+        self._handshakes: set[trio.CancelScope] = set()
         self.draining = False
         self.total_connections = 0
 
@@ -491,6 +492,8 @@ class NBDServer:
             scope.cancel()
         for c in list(self.connections):
             c.stop_reading()
+        for scope in list(self._handshakes):
+            scope.cancel()
         await self._none_active.wait()
 
     async def _client(self, sock: socket.socket) -> None:
@@ -502,7 +505,15 @@ class NBDServer:
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            neg = await self._handshake(sock)
+            neg = None
+            with trio.CancelScope() as scope:  # drain() ends handshakes still in progress
+                self._handshakes.add(scope)
+                if self.draining:
+                    scope.cancel()
+                try:
+                    neg = await self._handshake(sock)
+                finally:
+                    self._handshakes.discard(scope)
             if neg is None or self.draining:
                 return
             export = self.lookup(neg.export.name)
