@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -488,3 +489,19 @@ def test_signal_finishes_in_flight_requests_and_flushes(vd, serve, nbd_connect, 
         for off in done:
             f.seek(off)
             assert f.read(MiB) == blobs[off], f"acknowledged write at {off} is not in the image"
+
+
+def test_sigterm_is_prompt_with_idle_and_half_negotiated_clients(vd, serve, raw_nbd):
+    vd.create("v1", "4M")
+    srv = serve("v1")
+    silent = raw_nbd(srv.sock)  # connected, never negotiates
+    half = raw_nbd(srv.sock)
+    half.greeting()
+    half.option(P.OPT_LIST)
+    idle = raw_nbd(srv.sock)
+    idle.go("v1")
+    assert idle.call(P.CMD_READ, 0, 512)[0] == 0
+    t0 = time.monotonic()
+    assert srv.stop(timeout=20) == 0
+    assert time.monotonic() - t0 < 3, "an idle client held shutdown back"
+    assert silent.recv_exact(18) and silent.closed_by_server()
