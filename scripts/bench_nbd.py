@@ -99,12 +99,13 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20.0
     raise RuntimeError(f"server socket {path} did not appear")
 
 
-def start_server(side: str, work: Path, img: Path, sock: Path) -> subprocess.Popen[bytes]:
+def start_server(side: str, work: Path, img: Path, sock: Path, vdisk_root: Path) -> subprocess.Popen[bytes]:
     if sock.exists():
         sock.unlink()
     if side == "vdisk":
-        env = dict(os.environ, VDISK_HOME=str(work / "data"))
-        cmd = [str(VDISK), "serve", NAME, "--nbd", f"unix:{sock}"]
+        # PYTHONPATH first, so --vdisk-root can compare another checkout (e.g. a `git worktree`).
+        env = dict(os.environ, VDISK_HOME=str(work / "data"), PYTHONPATH=str(vdisk_root))
+        cmd = [sys.executable, "-m", "vdisk.cli", "serve", NAME, "--nbd", f"unix:{sock}"]
     elif side == "nbdkit":
         env = dict(os.environ)
         cmd = ["nbdkit", "-f", "-U", str(sock), "file", str(img)]
@@ -112,7 +113,7 @@ def start_server(side: str, work: Path, img: Path, sock: Path) -> subprocess.Pop
         env = dict(os.environ)
         cmd = ["qemu-nbd", "-f", "raw", "--cache=writeback", "--aio=threads", "-t", "-e", "4", "-x", NAME,
                "-k", str(sock), str(img)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_socket(sock, proc)
     except BaseException:
@@ -151,6 +152,7 @@ def main() -> int:
     ap.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated subset of {','.join(JOBS)}")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
     ap.add_argument("--workdir", type=Path, default=None, help="where the image lives (default: a temp dir)")
+    ap.add_argument("--vdisk-root", type=Path, default=ROOT, help="checkout whose vdisk to run (default: this one)")
     args = ap.parse_args()
     jobs = [JOBS[j] for j in args.jobs.split(",")]
     sides = [s for s in args.sides.split(",") if s]
@@ -177,14 +179,14 @@ def main() -> int:
                 order = sides[rep % len(sides):] + sides[:rep % len(sides)]
                 for side in order:
                     prepare_image(img, args.size)
-                    proc = start_server(side, work, img, sock)
+                    proc = start_server(side, work, img, sock, args.vdisk_root)
                     try:
                         iops, mibs = run_fio(job, sock, args.runtime)
                     finally:
                         stop_server(proc)
                     results.setdefault((job.name, side), []).append((iops, mibs))
-                    print(f"{job.label:<22} run {rep + 1} {side:<9} {iops:>10.0f} IOPS {mibs:>9.1f} MiB/s",
-                          flush=True)
+                    print(f"{job.label:<22} run {rep + 1} {side:<9} {iops:>10.0f} IOPS {mibs:>9.1f} MiB/s"
+                          f"   (load {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

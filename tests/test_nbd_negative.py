@@ -137,6 +137,18 @@ def test_export_name_option_enters_transmission(srv, raw_nbd):
     assert c.call(P.CMD_READ, 0, 3) == (0, b"abc")
 
 
+def test_requests_sent_with_the_go_option_in_one_packet(srv, raw_nbd):
+    # The handshake's last recv may already hold transmission-phase bytes: they must not be lost.
+    c = raw_nbd(srv.sock)
+    c.greeting()
+    reqs = (struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 8192, 5) + b"hello"
+            + struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, P.CMD_READ, 2, 8192, 5))
+    c.send(struct.pack(">QII", P.IHAVEOPT, P.OPT_GO, len(c.go_payload("rw"))) + c.go_payload("rw") + reqs)
+    assert c.opt_replies()[-1][1] == P.REP_ACK
+    assert c.reply() == (1, 0, b"")
+    assert c.reply(5) == (2, 0, b"hello")
+
+
 def test_export_name_of_unknown_volume_closes(srv, raw_nbd):
     c = raw_nbd(srv.sock)
     c.greeting()
