@@ -144,6 +144,28 @@ def run_fio(job: Job, sock: Path, runtime: float) -> tuple[float, float]:
     return d["iops"], d["bw_bytes"] / (1 << 20)
 
 
+def table(jobs: list[Job], sides: list[str], results: dict[tuple[str, str], list[tuple[float, float]]]) -> str:
+    others = [o for o in ("nbdkit", "qemu-nbd") if o in sides and "vdisk" in sides]
+    cols = ["job"] + [f"{s} {u}" for s in sides for u in ("IOPS", "MiB/s")] + [f"vdisk/{o}" for o in others]
+    rows = []
+    for job in jobs:
+        runs = {s: results[(job.name, s)] for s in sides}
+        row = [job.label]
+        for s in sides:
+            row += [f"{statistics.median(r[0] for r in runs[s]):.0f}", f"{statistics.median(r[1] for r in runs[s]):.0f}"]
+        for o in others:
+            rs = [v[0] / w[0] for v, w in zip(runs["vdisk"], runs[o])]
+            row.append(f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})")
+        rows.append(row)
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+
+    def fmt(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    return "\n".join([fmt(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runtime", type=float, default=5.0, help="seconds per fio run (default 5)")
@@ -191,18 +213,9 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     print()
-    head = f"| {'job':<22} |" + "".join(f" {s + ' IOPS':>15} | {s + ' MiB/s':>15} |" for s in sides)
-    ratios = [o for o in ("nbdkit", "qemu-nbd") if o in sides and "vdisk" in sides]
-    head += "".join(f" vdisk/{o:<8} |" for o in ratios)
-    print(head)
-    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    for job in jobs:
-        med = {s: (statistics.median(r[0] for r in results[(job.name, s)]),
-                   statistics.median(r[1] for r in results[(job.name, s)])) for s in sides}
-        line = f"| {job.label:<22} |" + "".join(f" {med[s][0]:>15.0f} | {med[s][1]:>15.1f} |" for s in sides)
-        line += "".join(f" {med['vdisk'][0] / med[o][0]:>13.2f}x |" for o in ratios)
-        print(line)
-    print("\n(medians of the runs above; ratios are of IOPS, which for a fixed block size equal MiB/s ratios)")
+    print(table(jobs, sides, results))
+    print("\nIOPS and MiB/s: medians of the runs above. vdisk/X: median of the per-round ratios (each round runs")
+    print("the sides back to back, so a round's ratio sees the same machine load), with the range in brackets.")
     return 0
 
 
