@@ -108,6 +108,26 @@ def test_malformed_go_and_unknown_export_then_go_works(srv, raw_nbd):
     assert c.call(P.CMD_READ, 0, 4096)[0] == 0
 
 
+def test_option_misuse_is_refused_and_negotiation_continues(srv, raw_nbd):
+    c = raw_nbd(srv.sock)
+    c.greeting()
+    c.option(P.OPT_LIST, b"junk")
+    assert c.opt_reply()[1] == P.REP_ERR_INVALID
+    c.option(P.OPT_SET_META_CONTEXT, b"\0" * 12)  # before structured replies
+    assert c.opt_reply()[1] == P.REP_ERR_INVALID
+    c.option(P.OPT_STRUCTURED_REPLY)
+    assert c.opt_reply()[1] == P.REP_ACK
+    c.option(P.OPT_STRUCTURED_REPLY)
+    assert c.opt_reply()[1] == P.REP_ERR_INVALID
+    c.option(P.OPT_STRUCTURED_REPLY, b"x")
+    assert c.opt_reply()[1] == P.REP_ERR_INVALID
+    c.option(P.OPT_SET_META_CONTEXT, b"\0\0\0\x02rw\0\0\0\x05")  # query count beyond the payload
+    assert c.opt_reply()[1] == P.REP_ERR_INVALID
+    c.option(P.OPT_GO, c.go_payload("rw"))
+    assert c.opt_replies()[-1][1] == P.REP_ACK
+    assert c.call(P.CMD_READ, 0, 512)[0] == 0
+
+
 def test_info_reports_block_size_and_name(srv, raw_nbd):
     c = raw_nbd(srv.sock)
     c.greeting()
