@@ -7,6 +7,7 @@ One server per module (``shared_server``: volumes ``rw`` 64M and ``other`` 16M, 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 import threading
@@ -216,6 +217,16 @@ def test_oversize_read_is_refused_and_connection_survives(client):
     assert err == 0 and len(data) == P.MAX_PAYLOAD
 
 
+def test_largest_requests_round_trip_after_a_small_one(client):
+    # A payload bigger than the 16 MiB receive buffer, arriving behind a small request in the same send.
+    blob = os.urandom(P.MAX_PAYLOAD)
+    small = struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 3) + b"abc"
+    client.send(small + struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, P.CMD_WRITE, 2, 4096, len(blob)) + blob)
+    assert sorted(client.reply()[:2] for _ in range(2)) == [(1, 0), (2, 0)]
+    assert client.call(P.CMD_READ, 4096, len(blob)) == (0, blob)
+    assert client.call(P.CMD_READ, 0, 3) == (0, b"abc")
+
+
 def test_oversize_read_without_structured_replies_is_einval(srv, raw_nbd):
     c = raw_nbd(srv.sock)
     c.go("rw", structured=False)
@@ -299,10 +310,11 @@ def test_bad_request_magic_closes_only_that_connection(client, srv, raw_nbd):
 def test_client_vanishing_mid_payload(srv, raw_nbd):
     other = raw_nbd(srv.sock)
     other.go("rw")
-    for payload_sent in (0, 1, 100_000, MiB - 1):
+    for length, payload_sent in ((MiB, 0), (MiB, 1), (MiB, 100_000), (MiB, MiB - 1),
+                                 (P.MAX_PAYLOAD, 20 * MiB)):
         c = raw_nbd(srv.sock)
         c.go("rw")
-        c.request(P.CMD_WRITE, 0, MiB, payload=b"v" * payload_sent)
+        c.request(P.CMD_WRITE, 0, length, payload=b"v" * payload_sent)
         c.close()
     c = raw_nbd(srv.sock)
     c.go("rw")
