@@ -170,6 +170,22 @@ def test_requests_sent_with_the_go_option_in_one_packet(srv, raw_nbd):
     assert c.reply(5) == (2, 0, b"hello")
 
 
+def test_client_sending_one_byte_at_a_time(srv, raw_nbd):
+    c = raw_nbd(srv.sock)
+    c.recv_exact(18)
+    go = c.go_payload("rw")
+    stream = (struct.pack(">I", P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
+              + struct.pack(">QII", P.IHAVEOPT, P.OPT_STRUCTURED_REPLY, 0)
+              + struct.pack(">QII", P.IHAVEOPT, P.OPT_GO, len(go)) + go
+              + struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 12288, 6) + b"byte!!"
+              + struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, P.CMD_READ, 2, 12288, 6))
+    for i in range(len(stream)):
+        c.send(stream[i:i + 1])
+    assert c.opt_reply()[1] == P.REP_ACK
+    assert c.opt_replies()[-1][1] == P.REP_ACK
+    assert [c.reply() for _ in range(2)] == [(1, 0, b""), (2, 0, b"byte!!")]
+
+
 def test_export_name_of_unknown_volume_closes(srv, raw_nbd):
     c = raw_nbd(srv.sock)
     c.greeting()
