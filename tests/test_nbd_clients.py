@@ -342,12 +342,19 @@ def test_multiple_listeners_unix_and_tcp(vd, serve):
 
 
 # -- trim, zeroes, block status ---------------------------------------------------------------------
-def test_trim_punches_holes_in_the_image(vd, serve, nbd_connect):
+@pytest.fixture
+def filled(vd, serve, nbd_connect):  # type: ignore[no-untyped-def]
+    """(image path, server, libnbd handle) of a 16M volume whose first 8 MiB are written and flushed."""
     img = vd.create("v1", "16M")
     srv = serve("v1")
     h = nbd_connect(srv.uri())
     h.pwrite(os.urandom(8 * MiB), 0)
     h.flush()
+    return img, srv, h
+
+
+def test_trim_punches_holes_in_the_image(filled):
+    img, _, h = filled
     before = allocated(img)
     assert before >= 8 * MiB
     h.trim(6 * MiB, MiB)
@@ -356,12 +363,8 @@ def test_trim_punches_holes_in_the_image(vd, serve, nbd_connect):
     assert h.pread(6 * MiB, MiB) == bytes(6 * MiB)
 
 
-def test_write_zeroes_punches_unless_no_hole(vd, serve, nbd_connect):
-    img = vd.create("v1", "16M")
-    srv = serve("v1")
-    h = nbd_connect(srv.uri())
-    h.pwrite(os.urandom(8 * MiB), 0)
-    h.flush()
+def test_write_zeroes_punches_unless_no_hole(filled):
+    img, _, h = filled
     full = allocated(img)
     h.zero(4 * MiB, 0, nbd.CMD_FLAG_NO_HOLE)
     assert h.pread(4 * MiB, 0) == bytes(4 * MiB)
@@ -372,15 +375,11 @@ def test_write_zeroes_punches_unless_no_hole(vd, serve, nbd_connect):
 
 
 @pytest.mark.parametrize("cmd", ["trim", "zero"])
-def test_zero_length_trim_or_zero_does_not_disable_hole_punching(vd, serve, nbd_connect, raw_nbd, cmd):
-    img = vd.create("v1", "16M")
-    srv = serve("v1")
+def test_zero_length_trim_or_zero_does_not_disable_hole_punching(filled, raw_nbd, cmd):
+    img, srv, h = filled
     c = raw_nbd(srv.sock)
     c.go("v1")
     assert c.call(P.CMD_TRIM if cmd == "trim" else P.CMD_WRITE_ZEROES, 4096, 0) == (0, b"")
-    h = nbd_connect(srv.uri())
-    h.pwrite(os.urandom(8 * MiB), 0)
-    h.flush()
     before = allocated(img)
     getattr(h, cmd)(4 * MiB, 0)
     h.flush()
