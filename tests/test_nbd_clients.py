@@ -326,6 +326,32 @@ def test_several_clients_on_several_volumes_at_once(vd, serve):
     assert srv.alive()
 
 
+def test_sixty_four_clients_at_once(vd, serve):
+    vd.create("v1", "64M")
+    srv = serve("v1")
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            h = nbd.NBD()
+            h.connect_uri(srv.uri())
+            blob = os.urandom(MiB)
+            for j in range(0, MiB, 256 * 1024):  # big enough to go through the worker threads
+                h.pwrite(blob[j:j + 256 * 1024], k * MiB + j)
+            h.flush()
+            assert h.pread(MiB, k * MiB) == blob
+            h.shutdown()
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+
+
 def test_multiple_listeners_unix_and_tcp(vd, serve):
     vd.create("v1", "8M")
     srv = serve("v1", extra=("--nbd", "tcp:127.0.0.1:0"))
