@@ -22,6 +22,7 @@ from typing import Any
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 META_VERSION = 1
 SECTOR = 512
+MAX_SIZE = (1 << 63) - SECTOR  # NBD sizes are 64-bit; files are signed 64-bit
 
 
 class VolumeError(Exception):
@@ -138,6 +139,8 @@ class VolumeStore:
         img, meta_path, _ = self._paths(name)
         if size <= 0 or size % SECTOR:
             raise VolumeError(f"invalid size {size}: must be a positive multiple of {SECTOR} bytes")
+        if size > MAX_SIZE:
+            raise VolumeError(f"invalid size {size}: at most {MAX_SIZE} bytes (8 EiB)")
         if block_size < SECTOR or block_size & (block_size - 1) or block_size > 1 << 20:
             raise VolumeError(f"invalid block size {block_size}: a power of two from 512 to 1M")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -154,10 +157,11 @@ class VolumeStore:
         try:
             os.ftruncate(fd, size)
             os.fsync(fd)
-        except OSError as e:
+        except (OSError, OverflowError) as e:
             os.close(fd)
             img.unlink(missing_ok=True)
-            raise VolumeError(f"cannot create image {img}: {e.strerror}") from None
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            raise VolumeError(f"cannot create image {img} of {size} bytes: {why}") from None
         os.close(fd)
         write_json_atomic(meta_path, meta.to_json())
         return meta

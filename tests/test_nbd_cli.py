@@ -52,7 +52,7 @@ def test_bad_volume_names_are_rejected(vd, name):
 
 
 @pytest.mark.parametrize("size", ["12Q", "0", "1000", "-5M", "", "1.5.5G", pytest.param(
-    "99999999999999T", marks=pytest.mark.xfail(reason="volume.py create: os.ftruncate OverflowError traceback"))])
+    "99999999999999T")])
 def test_bad_size_gives_one_line_error(vd, size):
     one_line_error(vd("create", "v", f"--size={size}", check=False))
     assert vd("list", "--json").stdout.strip() == "[]"
@@ -95,7 +95,6 @@ def test_second_serve_of_a_volume_is_refused(vd, serve, sock_dir):
     h.shutdown()
 
 
-@pytest.mark.xfail(reason="daemon.py run(): the refused server's cleanup unlinks the live server's socket")
 def test_serve_refuses_a_socket_path_in_use(vd, serve, sock_dir):
     vd.create("a", "1M")
     vd.create("b", "1M")

@@ -133,6 +133,7 @@ class Daemon:
         self.control_address = control_address(config.data_dir, os.getpid())
         self.nbd = NBDServer(self.export, lambda: sorted(self.volumes))
         self.listening: list[str] = []
+        self._bound_paths: list[str] = []
         self.control.register("status", self._cmd_status)
         self.control.register("volumes", self._cmd_status)
 
@@ -204,6 +205,7 @@ class Daemon:
                     for spec in self.config.nbd:
                         if spec.kind == "unix":
                             prepare_unix_path(spec.path)
+                            self._bound_paths.append(spec.path)  # ours to remove from here on
                         addr = await nursery.start(self.nbd.serve, spec.kind, spec.path or spec.host, spec.port)
                         self.listening.append(addr)
                     if self.config.fuse is not None:
@@ -219,12 +221,11 @@ class Daemon:
                     nursery.cancel_scope.cancel()
         finally:
             self.nbd.close()
-            for spec in self.config.nbd:
-                if spec.kind == "unix":
-                    try:
-                        os.unlink(spec.path)
-                    except OSError:
-                        pass
+            for path in self._bound_paths:  # never another server's socket
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
             self.close_volumes()
 
     def fuse_exports(self) -> dict[str, Backend]:

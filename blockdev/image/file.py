@@ -104,6 +104,8 @@ class FileImage(ImageBase):
         return None
 
     def _try_fallocate(self, mode: int, offset: int, length: int, flag: str) -> bool:
+        if length == 0:  # fallocate(len=0) is EINVAL, which would wrongly mark the mode unsupported
+            return True
         try:
             fallocate(self._fd, mode, offset, length)
             return True
