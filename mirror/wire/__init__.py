@@ -1,0 +1,7 @@
+"""The replication wire protocol: sans-IO frames and handshake (codec, connection) plus a thin trio link."""
+from .connection import Connection, Role, State
+from .errors import AuthError, LocalProtocolError, PeerError, PeerSilent, RemoteProtocolError, WireError
+from .events import PROTOCOL_VERSION
+
+__all__ = ["Connection", "Role", "State", "AuthError", "LocalProtocolError", "PeerError", "PeerSilent",
+           "RemoteProtocolError", "WireError", "PROTOCOL_VERSION"]

@@ -1,0 +1,141 @@
+"""The trio side of a replication link: a non-blocking socket around a sans-IO Connection.
+
+The hot loop calls ``recv_into``/``sendmsg`` directly and awaits readiness only on BlockingIOError
+(DESIGN.md, NBD data path): awaiting trio's socket wrappers on every call costs an epoll pass each.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+from collections import deque
+
+import trio
+
+from .connection import Connection
+from .errors import RemoteProtocolError, WireError
+from .events import Event
+
+IOV_MAX = 512
+Buffer = bytes | memoryview
+
+
+class Outbox:
+    """Frames waiting for the socket. ``put`` from any thread (holding ``lock``); ``send_some`` from trio."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._bufs: deque[Buffer] = deque()
+        self.bytes = 0
+
+    def put_locked(self, bufs: list[Buffer] | tuple[Buffer, ...]) -> None:
+        """Append (the caller holds ``lock``, so sequence numbers and wire order agree)."""
+        self._bufs.extend(bufs)
+        self.bytes += sum(len(b) for b in bufs)
+
+    def clear(self) -> None:
+        with self.lock:
+            self._bufs.clear()
+            self.bytes = 0
+
+    def send_some(self, sock: socket.socket) -> bool:
+        """Send what the socket takes now; True when the outbox is empty. Raises OSError."""
+        while True:
+            with self.lock:
+                if not self._bufs:
+                    return True
+                batch = [self._bufs[i] for i in range(min(IOV_MAX, len(self._bufs)))]
+            try:
+                n = sock.sendmsg(batch)
+            except BlockingIOError:
+                return False
+            with self.lock:
+                self.bytes -= n
+                while n:
+                    head = self._bufs[0]
+                    if len(head) <= n:
+                        n -= len(head)
+                        self._bufs.popleft()
+                    else:
+                        self._bufs[0] = memoryview(head)[n:]
+                        n = 0
+
+
+class Link:
+    """A connected socket and its protocol state. Not thread-safe: trio thread only."""
+
+    def __init__(self, sock: trio.socket.SocketType, conn: Connection) -> None:
+        self.sock = sock
+        self.raw: socket.socket = socket.socket(fileno=sock.fileno(), family=sock.family, type=sock.type)
+        self.raw.setblocking(False)
+        self.conn = conn
+        self.outbox = Outbox()
+        self.peer = ""
+        try:
+            self.peer = "%s:%s" % sock.getpeername()[:2]
+        except (OSError, TypeError):
+            pass
+
+    async def receive(self) -> list[Event]:
+        """At least one event (or raise: RemoteProtocolError when the peer hangs up)."""
+        reader = self.conn.reader
+        while True:
+            try:
+                n = self.raw.recv_into(reader.buffer())
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.raw)
+                continue
+            except OSError as e:
+                raise RemoteProtocolError(f"link to {self.peer} failed: {e.strerror or e}") from None
+            if n == 0:
+                raise RemoteProtocolError(f"{self.peer} closed the connection")
+            reader.commit(n)
+            events = self.conn.next_events()
+            if events:
+                return events
+            await self.send_control()  # handshake replies queued by the connection
+
+    async def send_control(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            with self.outbox.lock:
+                self.outbox.put_locked([data])
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Send everything queued, waiting for the socket as needed."""
+        try:
+            while not self.outbox.send_some(self.raw):
+                await trio.lowlevel.wait_writable(self.raw)
+        except OSError as e:
+            raise RemoteProtocolError(f"link to {self.peer} failed: {e.strerror or e}") from None
+
+    async def close(self, error: WireError | None = None, message: str | None = None) -> None:
+        """Tell the peer why (best effort, bounded), then hang up."""
+        if message is not None:
+            self.conn.fail(message, "error")
+        data = self.conn.data_to_send()
+        if data:
+            with trio.move_on_after(1.0):
+                try:
+                    self.outbox.clear()
+                    with self.outbox.lock:
+                        self.outbox.put_locked([data])
+                    await self.drain()
+                except WireError:
+                    pass
+        self.raw.detach()
+        self.sock.close()
+
+
+async def connect(host: str, port: int, conn: Connection, timeout: float = 10.0) -> Link:
+    """Open a TCP link with TCP_NODELAY (the sync path is latency-bound)."""
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise RemoteProtocolError(f"cannot connect to {host}:{port}: timed out") from None
+    except OSError as e:
+        raise RemoteProtocolError(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
+    sock = stream.socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Link(sock, conn)
