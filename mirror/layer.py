@@ -1,11 +1,14 @@
 """The interception seam: every write-like op of a served volume passes through MirrorLayer.
 
 With no replicator attached it is a pass-through. A replicator (sync now; async later) sees each op
-after it is applied locally (or in parallel with it) and may return a Completion that delays the
-host's acknowledgement until the replica has the write.
+before it is applied locally, so the replica frame can be on the wire while the local write runs, and
+may return a Completion that delays the host's acknowledgement until the replica has the write. It is
+also told when the local write has finished (``local_done``): a resync that reads the volume must not
+read a region while a write to it is still landing, or it could ship older data after newer.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from blockdev.backend import Backend, Layer, WriteResult, combine
@@ -17,6 +20,8 @@ class Replicator(Protocol):
     def on_write(self, offset: int, data: memoryview | bytes, fua: bool) -> WriteResult: ...
     def on_zero(self, offset: int, length: int, fua: bool, trim: bool) -> WriteResult: ...
     def on_flush(self) -> WriteResult: ...
+    def local_done(self, offset: int, length: int, ok: bool) -> None:
+        """The local half of a write/zero announced by on_write/on_zero finished (ok=False: it failed)."""
 
 
 class MirrorLayer(Layer):
@@ -31,13 +36,27 @@ class MirrorLayer(Layer):
     def attach(self, replicator: Replicator | None) -> None:
         self.replicator = replicator
 
+    @staticmethod
+    def _local(rep: Replicator, offset: int, length: int, op: Callable[[], WriteResult]) -> WriteResult:
+        try:
+            res = op()
+        except BaseException:
+            rep.local_done(offset, length, False)
+            raise
+        if res is None:
+            rep.local_done(offset, length, True)
+        else:
+            res.add_done_callback(lambda exc: rep.local_done(offset, length, exc is None))
+        return res
+
     def pwrite(self, data: memoryview | bytes, offset: int, fua: bool = False) -> WriteResult:
         rep = self.replicator
         if rep is None:
             return self.inner.pwrite(data, offset, fua)
         # Replica first, so the frame is on the wire while the local write runs.
         remote = rep.on_write(offset, data, fua)
-        return combine([self.inner.pwrite(data, offset, fua), remote])
+        local = self._local(rep, offset, len(data), lambda: self.inner.pwrite(data, offset, fua))
+        return combine([local, remote])
 
     def write_zeroes(
         self, length: int, offset: int, fua: bool = False, may_trim: bool = True, fast: bool = False
@@ -45,16 +64,23 @@ class MirrorLayer(Layer):
         rep = self.replicator
         if rep is None:
             return self.inner.write_zeroes(length, offset, fua, may_trim, fast)
-        local = self.inner.write_zeroes(length, offset, fua, may_trim, fast)  # FastZeroUnsupported first
-        return combine([local, rep.on_zero(offset, length, fua, False)])
+        if fast:  # FastZeroUnsupported must reach the host before anything is sent to the replica
+            local = self.inner.write_zeroes(length, offset, fua, may_trim, fast)
+            remote = rep.on_zero(offset, length, fua, False)
+            rep.local_done(offset, length, True)
+            return combine([local, remote])
+        remote = rep.on_zero(offset, length, fua, False)
+        local = self._local(rep, offset, length, lambda: self.inner.write_zeroes(length, offset, fua, may_trim))
+        return combine([local, remote])
 
     def trim(self, length: int, offset: int, fua: bool = False) -> WriteResult:
         rep = self.replicator
         if rep is None:
             return self.inner.trim(length, offset, fua)
         # Our images read back zeroes after trim, so the replica must as well.
-        local = self.inner.trim(length, offset, fua)
-        return combine([local, rep.on_zero(offset, length, fua, True)])
+        remote = rep.on_zero(offset, length, fua, True)
+        local = self._local(rep, offset, length, lambda: self.inner.trim(length, offset, fua))
+        return combine([local, remote])
 
     def flush(self) -> WriteResult:
         rep = self.replicator

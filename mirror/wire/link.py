@@ -34,8 +34,11 @@ class Outbox:
 
     def clear(self) -> None:
         with self.lock:
-            self._bufs.clear()
-            self.bytes = 0
+            self.clear_locked()
+
+    def clear_locked(self) -> None:
+        self._bufs.clear()
+        self.bytes = 0
 
     def send_some(self, sock: socket.socket) -> bool:
         """Send what the socket takes now; True when the outbox is empty. Raises OSError."""

@@ -1,0 +1,253 @@
+"""What may differ between a volume and its replica, persisted so that no crash forces a full resync.
+
+``DirtyMap``: one bit per region (64 KiB by default); set for writes the replica has not got (link
+down, initial sync, verify found a difference), cleared as resync sends them. Saved atomically.
+
+``ActivityLog`` (after DRBD's): the set of "hot" extents (4 MiB) that may have writes in flight. An
+extent is made durable in the log *before* a write to it is issued, and leaves the log only when no
+write to it is in flight and the dirty map is saved. After a crash, dirty = saved map | logged extents:
+everything that may differ, and usually a tiny fraction of the volume.
+"""
+from __future__ import annotations
+
+import os
+import re
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import xxhash
+
+_NONZERO = re.compile(rb"[^\x00]")
+_MAP_HEAD = struct.Struct(">8sQQ")  # magic, volume size, region size
+_MAP_MAGIC = b"VDDIRTY1"
+_AL_HEAD = struct.Struct(">8sQQI")  # magic, sequence, extent size, count
+_AL_MAGIC = b"VDALOG01"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DirtyMap:
+    """A bitmap of regions that may differ. Thread-safe."""
+
+    def __init__(self, size: int, region: int = 64 << 10, path: Path | None = None) -> None:
+        self.size, self.region, self.path = size, region, path
+        self.regions = (size + region - 1) // region
+        self._bits = bytearray((self.regions + 7) // 8)
+        self._lock = threading.Lock()
+        self._count = 0
+        self._unsaved = False
+
+    # -- bits -----------------------------------------------------------------------------------
+    def span(self, offset: int, length: int) -> range:
+        """The regions covering a byte range."""
+        return range(offset // self.region, (offset + max(length, 1) - 1) // self.region + 1)
+
+    def mark(self, offset: int, length: int) -> None:
+        with self._lock:
+            for r in self.span(offset, length):
+                self._set_locked(r)
+
+    def mark_region(self, r: int) -> None:
+        with self._lock:
+            self._set_locked(r)
+
+    def _set_locked(self, r: int) -> None:
+        byte, bit = r >> 3, 1 << (r & 7)
+        if not self._bits[byte] & bit:
+            self._bits[byte] |= bit
+            self._count += 1
+            self._unsaved = True
+
+    def clear_region(self, r: int) -> None:
+        with self._lock:
+            byte, bit = r >> 3, 1 << (r & 7)
+            if self._bits[byte] & bit:
+                self._bits[byte] &= ~bit
+                self._count -= 1
+                self._unsaved = True
+
+    def test(self, r: int) -> bool:
+        return bool(self._bits[r >> 3] & (1 << (r & 7)))
+
+    def next_set(self, start: int = 0) -> int | None:
+        """The first dirty region >= start, or None."""
+        if start >= self.regions:
+            return None
+        byte = start >> 3
+        if self._bits[byte] >> (start & 7):
+            for r in range(start, min((byte + 1) * 8, self.regions)):
+                if self.test(r):
+                    return r
+        m = _NONZERO.search(self._bits, byte + 1)
+        if m is None:
+            return None
+        b = m.start()
+        for r in range(b * 8, min(b * 8 + 8, self.regions)):
+            if self.test(r):
+                return r
+        return None
+
+    def __iter__(self) -> Iterator[int]:
+        r = self.next_set(0)
+        while r is not None:
+            yield r
+            r = self.next_set(r + 1)
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def dirty_bytes(self) -> int:
+        if not self._count:
+            return 0
+        last = self.regions - 1
+        # The last region may be short.
+        return self._count * self.region - (self.region * self.regions - self.size if self.test(last) else 0)
+
+    def region_range(self, r: int) -> tuple[int, int]:
+        off = r * self.region
+        return off, min(self.region, self.size - off)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, force: bool = False) -> None:
+        """Write the map atomically if it changed since the last save."""
+        if self.path is None or not (self._unsaved or force):
+            return
+        with self._lock:
+            data = _MAP_HEAD.pack(_MAP_MAGIC, self.size, self.region) + bytes(self._bits)
+            self._unsaved = False
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data + xxhash.xxh3_64_digest(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path)
+
+    @classmethod
+    def load(cls, size: int, region: int, path: Path) -> "DirtyMap":
+        """The saved map, or an empty one if none exists; a corrupt or mismatched file marks everything."""
+        m = cls(size, region, path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return m
+        body, check = raw[:-8], raw[-8:]
+        ok = len(raw) == _MAP_HEAD.size + len(m._bits) + 8 and xxhash.xxh3_64_digest(body) == check
+        if ok and _MAP_HEAD.unpack_from(body) == (_MAP_MAGIC, size, region):
+            m._bits[:] = body[_MAP_HEAD.size:]
+            m._count = sum(bin(b).count("1") for b in m._bits)
+        else:
+            m.mark(0, size)  # unknown state: assume everything differs rather than trust it
+        return m
+
+    def snapshot_bits(self) -> bytes:
+        with self._lock:
+            return bytes(self._bits)
+
+
+class ActivityLog:
+    """Hot extents, written to disk before a write to a new extent is issued. Thread-safe.
+
+    Two fixed slots written alternately (each with a sequence number and checksum), so a torn write
+    leaves the previous slot valid.
+    """
+
+    def __init__(self, path: Path, extent: int = 4 << 20, capacity: int = 256,
+                 before_evict: Callable[[], None] = lambda: None) -> None:
+        self.path, self.extent, self.capacity = path, extent, capacity
+        self._before_evict = before_evict
+        self._hot: OrderedDict[int, int] = OrderedDict()  # extent -> writes in flight
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._slot_size = _AL_HEAD.size + 8 * capacity * 4 + 8  # room for in-flight extents beyond capacity
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.writes = 0  # log updates (each one fdatasync): statistics
+
+    def recover(self) -> list[int]:
+        """Extents logged by the previous run (possibly with writes in flight when it died)."""
+        best: tuple[int, list[int]] | None = None
+        for slot in (0, 1):
+            raw = os.pread(self._fd, self._slot_size, slot * self._slot_size)
+            if len(raw) < _AL_HEAD.size + 8:
+                continue
+            magic, seq, extent, count = _AL_HEAD.unpack_from(raw)
+            end = _AL_HEAD.size + 8 * count
+            if magic != _AL_MAGIC or extent != self.extent or end + 8 > len(raw):
+                continue
+            if xxhash.xxh3_64_digest(raw[:end]) != raw[end:end + 8]:
+                continue
+            if best is None or seq > best[0]:
+                best = (seq, list(struct.unpack_from(f">{count}Q", raw, _AL_HEAD.size)))
+        if best is None:
+            return []
+        self._seq = best[0]
+        return best[1]
+
+    def byte_range(self, e: int) -> tuple[int, int]:
+        return e * self.extent, self.extent
+
+    def begin(self, offset: int, length: int) -> None:
+        """Before issuing a write: its extents are hot (durably), and counted as in flight."""
+        first, last = offset // self.extent, (offset + max(length, 1) - 1) // self.extent
+        with self._lock:
+            new = False
+            for e in range(first, last + 1):
+                n = self._hot.get(e)
+                if n is None:
+                    new = True
+                    self._hot[e] = 1
+                else:
+                    self._hot[e] = n + 1
+                    self._hot.move_to_end(e)
+            if new:
+                self._write_locked(evict=True)
+
+    def end(self, offset: int, length: int) -> None:
+        """The write is on the replica, or recorded in the dirty map: no longer in flight."""
+        first, last = offset // self.extent, (offset + max(length, 1) - 1) // self.extent
+        with self._lock:
+            for e in range(first, last + 1):
+                n = self._hot.get(e)
+                if n:
+                    self._hot[e] = n - 1
+
+    def clear(self) -> None:
+        """Forget idle extents (call after the dirty map is saved and everything is acknowledged)."""
+        with self._lock:
+            for e in [e for e, n in self._hot.items() if n == 0]:
+                del self._hot[e]
+            self._write_locked(evict=False)
+
+    @property
+    def hot(self) -> int:
+        return len(self._hot)
+
+    def _write_locked(self, evict: bool) -> None:
+        if evict and len(self._hot) > self.capacity:
+            idle = [e for e, n in self._hot.items() if n == 0][: len(self._hot) - self.capacity]
+            if idle:
+                self._before_evict()  # the dirty map must hold their bits before they leave the log
+                for e in idle:
+                    del self._hot[e]
+        extents = list(self._hot)[: self.capacity * 4]
+        self._seq += 1
+        body = _AL_HEAD.pack(_AL_MAGIC, self._seq, self.extent, len(extents)) + struct.pack(f">{len(extents)}Q", *extents)
+        os.pwrite(self._fd, body + xxhash.xxh3_64_digest(body), (self._seq % 2) * self._slot_size)
+        os.fdatasync(self._fd)
+        self.writes += 1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

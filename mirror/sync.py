@@ -1,0 +1,587 @@
+"""Lock-step (synchronous) replication: a host write is acknowledged once the local volume and the
+replica both have it (DRBD protocol C).
+
+Shape (DESIGN.md, "The sync mirror: what was measured"): ``on_write`` (any thread) assigns a sequence
+number and appends the frame to a coalesced outbox under one lock, then schedules a single send on
+the trio thread; the local write runs meanwhile. A receiver task parses cumulative Acks in batches
+and finishes the pending entries they cover. No thread crossing per write, no round trip beyond the
+ack itself.
+
+On link loss every unacknowledged write is recorded in the dirty map; policy ``degrade`` completes
+host writes locally, ``block`` holds them until the replica is in sync again (or a timeout, EIO).
+A resync task sends the dirty regions (initial sync is the same thing: all allocated regions start
+dirty), reading them under the outbox lock so no host write can slip between read and send.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from blockdev.backend import EXTENT_HOLE, Backend, Completion, WriteResult
+from blockdev.errors import BlockError
+
+from .dirty import ActivityLog, DirtyMap
+from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
+from .wire.codec import MAX_PAYLOAD, encode_flush, encode_ping, encode_write, encode_zero
+from .wire.events import PROTOCOL_VERSION, Ack, Bye, HashQuery, HashReply, Hello, Welcome
+from .wire.link import Link, Outbox, connect
+
+log = logging.getLogger("vdisk.mirror")
+_ZEROS = bytes(1 << 20)
+HOST, RESYNC, FLUSH = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """How to reach the replica and what to do without it. Timeouts in seconds."""
+
+    host: str
+    port: int
+    on_link_loss: str = "degrade"  # or "block"
+    psk: bytes | None = None
+    block_timeout: float = 30.0
+    timeout: float = 10.0      # silence after which the target is declared gone
+    keepalive: float = 1.0
+    backoff_min: float = 0.2
+    backoff_max: float = 5.0
+    resync_chunk: int = 1 << 20
+    resync_window: int = 16 << 20  # resync bytes in flight before waiting for acks
+
+
+@dataclass(frozen=True)
+class VolumeIdentity:
+    uuid: str
+    name: str
+    size: int
+    block_size: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class MirrorStats:
+    """A snapshot for `vdisk status` (served over the control socket)."""
+
+    mode: str
+    state: str
+    target: str
+    on_link_loss: str
+    dirty_bytes: int
+    in_flight: int
+    acked_seq: int
+    sent_seq: int
+    resync_bytes_sent: int
+    resync_regions_sent: int
+    initial_sync: dict[str, Any]
+    blocked: int
+    connects: int
+    al_hot: int
+    al_writes: int
+    replica: str | None
+    last_error: str | None
+
+
+class _Entry:
+    __slots__ = ("seq", "completion", "offset", "length", "kind")
+
+    def __init__(self, seq: int, completion: Completion | None, offset: int, length: int, kind: int) -> None:
+        self.seq, self.completion, self.offset, self.length, self.kind = seq, completion, offset, length, kind
+
+
+@dataclass
+class Pairing:
+    """What the source remembers about its replica (persisted in the volume's ``mirror`` section)."""
+
+    replica_id: str | None = None
+    initial_sync_done: bool = False
+    sync_total: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SyncReplicator:
+    """The Replicator behind MirrorLayer for ``--mode sync``. Start ``run`` in a nursery."""
+
+    mode = "sync"
+
+    def __init__(self, config: SyncConfig, ident: VolumeIdentity, image: Backend, dirty: DirtyMap,
+                 al: ActivityLog, pairing: Pairing, save_pairing: Callable[[Pairing], None] = lambda p: None) -> None:
+        self.config, self.ident, self.image = config, ident, image
+        self.dirty, self.al, self.pairing = dirty, al, pairing
+        self._save_pairing = save_pairing
+        self.outbox = Outbox()
+        self._lock = self.outbox.lock  # one lock: sequence numbers, wire order and pending agree
+        self._link: Link | None = None
+        self._pending: deque[_Entry] = deque()
+        self._local: Counter[tuple[int, int]] = Counter()  # local writes still landing
+        self._blocked: list[tuple[float, Completion]] = []
+        self._seq = 0
+        self._acked = 0
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._kick_scheduled = False
+        self._send_event = trio.Event()
+        self._ack_event = trio.Event()
+        self._dirty_event = trio.Event()
+        self._send_error: BaseException | None = None
+        self._resync_inflight = 0
+        self._skip_zero = False
+        self._hash_waiters: dict[int, tuple[trio.Event, list[bytes]]] = {}
+        self._next_req = 0
+        self._last_rx = 0.0
+        self.state = "disconnected"
+        self.last_error: str | None = None
+        self.connects = 0
+        self.resync_bytes_sent = 0
+        self.resync_regions_sent = 0
+
+    # -- the Replicator protocol (any thread) ----------------------------------------------------
+    def on_write(self, offset: int, data: memoryview | bytes, fua: bool) -> WriteResult:
+        n = len(data)
+        self.al.begin(offset, n)
+        with self._lock:
+            self._local[(offset, n)] += 1
+            if self._link is None:
+                return self._offline_locked(offset, n)
+            # Copied: the front end may reuse its receive buffer once the local write returns.
+            view = memoryview(bytes(data))
+            c = Completion()
+            for pos in range(0, max(n, 1), MAX_PAYLOAD):
+                self._seq += 1
+                last = pos + MAX_PAYLOAD >= n
+                self.outbox.put_locked(encode_write(self._seq, offset + pos, view[pos:pos + MAX_PAYLOAD], fua))
+                self._pending.append(_Entry(self._seq, c if last else None, offset + pos,
+                                            min(MAX_PAYLOAD, n - pos), HOST))
+        self._kick()
+        return c
+
+    def on_zero(self, offset: int, length: int, fua: bool, trim: bool) -> WriteResult:
+        self.al.begin(offset, length)
+        with self._lock:
+            self._local[(offset, length)] += 1
+            if self._link is None:
+                return self._offline_locked(offset, length)
+            self._seq += 1
+            c = Completion()
+            self.outbox.put_locked([encode_zero(self._seq, offset, length, fua, trim)])
+            self._pending.append(_Entry(self._seq, c, offset, length, HOST))
+        self._kick()
+        return c
+
+    def on_flush(self) -> WriteResult:
+        with self._lock:
+            if self._link is None:
+                c = self._hold_locked()
+            else:
+                self._seq += 1
+                c = Completion()
+                self.outbox.put_locked([encode_flush(self._seq)])
+                self._pending.append(_Entry(self._seq, c, 0, 0, FLUSH))
+        if c is None:
+            self.dirty.save()  # what the replica lacks is durable before the host's flush returns
+            return None
+        self._kick()
+        return c
+
+    def local_done(self, offset: int, length: int, ok: bool) -> None:
+        with self._lock:
+            key = (offset, length)
+            if self._local[key] <= 1:
+                del self._local[key]
+            else:
+                self._local[key] -= 1
+        if not ok:  # the replica may now hold what the volume does not
+            self.dirty.mark(offset, length)
+
+    def _offline_locked(self, offset: int, length: int) -> WriteResult:
+        self.dirty.mark(offset, length)
+        self.al.end(offset, length)  # recorded in the map, which is saved before the extent leaves the log
+        return self._hold_locked()
+
+    def _hold_locked(self) -> Completion | None:
+        if self.config.on_link_loss != "block":
+            return None
+        c = Completion()
+        self._blocked.append((time.monotonic() + self.config.block_timeout, c))
+        return c
+
+    # -- sending (trio thread) -------------------------------------------------------------------
+    def _kick(self) -> None:
+        if self._kick_scheduled or self._token is None:
+            return
+        self._kick_scheduled = True
+        try:
+            self._token.run_sync_soon(self._send_now)
+        except trio.RunFinishedError:
+            pass
+
+    def _send_now(self) -> None:
+        self._kick_scheduled = False
+        link = self._link
+        if link is None:
+            return
+        try:
+            if self.outbox.send_some(link.raw):
+                return
+        except OSError as e:
+            self._send_error = e
+        self._send_event.set()
+
+    async def _sender(self, link: Link) -> None:
+        while True:
+            await self._send_event.wait()
+            self._send_event = trio.Event()
+            if self._send_error is not None:
+                err, self._send_error = self._send_error, None
+                raise RemoteProtocolError(f"link to {link.peer} failed: {err}")
+            await link.drain()
+
+    def _send_control(self, frames: list[bytes]) -> None:
+        with self._lock:
+            self.outbox.put_locked(frames)
+        self._kick()
+
+    # -- receiving (trio thread) -----------------------------------------------------------------
+    async def _receiver(self, link: Link) -> None:
+        while True:
+            with trio.move_on_after(self.config.timeout) as scope:
+                events = await link.receive()
+            if scope.cancelled_caught:
+                raise PeerSilent(f"target {link.peer} went silent for {self.config.timeout:g}s")
+            self._last_rx = time.monotonic()
+            acked = -1
+            for ev in events:
+                if type(ev) is Ack:
+                    acked = ev.seq
+                elif isinstance(ev, HashReply):
+                    waiter = self._hash_waiters.pop(ev.req, None)
+                    if waiter is not None:
+                        waiter[1].append(ev.digests)
+                        waiter[0].set()
+                elif isinstance(ev, Bye):
+                    raise RemoteProtocolError(f"target {link.peer} closed the link")
+            if acked >= 0:
+                self._on_ack(acked)
+
+    def _on_ack(self, seq: int) -> None:
+        done: list[_Entry] = []
+        with self._lock:
+            if seq > self._seq:
+                raise RemoteProtocolError(f"target acknowledged seq {seq}, but only {self._seq} were sent")
+            pending = self._pending
+            while pending and pending[0].seq <= seq:
+                done.append(pending.popleft())
+            self._acked = max(self._acked, seq)
+        for e in done:
+            if e.kind != FLUSH:
+                self.al.end(e.offset, e.length)
+            if e.kind == RESYNC:
+                self._resync_inflight -= e.length
+            elif e.completion is not None:
+                e.completion.finish()
+        self._ack_event.set()
+
+    async def _keepalive(self, link: Link) -> None:
+        token = 0
+        while True:
+            await trio.sleep(self.config.keepalive)
+            if time.monotonic() - self._last_rx >= self.config.keepalive:
+                token += 1
+                self._send_control([encode_ping(token)])
+
+    # -- sessions --------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, sync, mirror; on link loss degrade (or block) and reconnect with backoff. Forever."""
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_blocked)
+            task_status.started()
+            backoff = self.config.backoff_min
+            try:
+                while True:
+                    started = time.monotonic()
+                    try:
+                        await self._session()
+                    except (WireError, OSError) as e:
+                        self.last_error = str(e)
+                        log.warning("mirror %s -> %s:%s: %s", self.ident.name, self.config.host,
+                                    self.config.port, e)
+                    if time.monotonic() - started > 10 * backoff:
+                        backoff = self.config.backoff_min
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, self.config.backoff_max)
+            finally:
+                self._link_down()
+                nursery.cancel_scope.cancel()
+
+    async def _session(self) -> None:
+        conn = Connection(Role.SOURCE, self.config.psk)
+        link = await connect(self.config.host, self.config.port, conn, self.config.timeout)
+        try:
+            conn.start(Hello(PROTOCOL_VERSION, self.ident.uuid, self.ident.name, self.ident.size,
+                             self.ident.block_size, self.ident.generation, b"", "sync", ()))
+            await link.send_control()
+            with trio.move_on_after(self.config.timeout) as scope:
+                events = await link.receive()
+            if scope.cancelled_caught:
+                raise PeerSilent(f"target {link.peer} did not complete the handshake")
+            welcome = events[0]
+            if not isinstance(welcome, Welcome):
+                raise RemoteProtocolError(f"expected Welcome, got {type(welcome).__name__}")
+            self._pair(welcome)
+            self._last_rx = time.monotonic()
+            with self._lock:
+                self._seq = self._acked = 0
+                self._link = link
+            self.connects += 1
+            self.last_error = None
+            self.state = "syncing"
+            log.info("mirror %s: connected to %s (replica %s)", self.ident.name, link.peer, welcome.replica_name)
+            errors: list[BaseException] = []
+            async with trio.open_nursery() as nursery:
+                for fn in (self._receiver, self._sender, self._keepalive, self._resync):
+                    nursery.start_soon(self._guard, fn, link, nursery.cancel_scope, errors)
+            if errors:
+                raise errors[0]
+        finally:
+            self._link_down()
+            with trio.CancelScope(shield=True):
+                await link.close()
+
+    @staticmethod
+    async def _guard(fn: Callable[[Link], Any], link: Link, scope: trio.CancelScope,
+                     errors: list[BaseException]) -> None:
+        try:
+            await fn(link)
+        except (WireError, OSError) as e:
+            errors.append(e)
+            scope.cancel()
+
+    def _pair(self, welcome: Welcome) -> None:
+        p = self.pairing
+        if welcome.replica_id != p.replica_id or welcome.created:
+            # A replica we have never filled: copy every allocated region (the rest is zero on both).
+            self._mark_allocated()
+            self.pairing = Pairing(welcome.replica_id, False, self.dirty.dirty_bytes)
+            self.dirty.save(force=True)
+            self._save_pairing(self.pairing)
+        # Zero regions need not be sent to a brand-new sparse replica, but only in its first session:
+        # afterwards a region may hold data sent earlier.
+        self._skip_zero = welcome.created
+
+    def _mark_allocated(self) -> None:
+        size, pos = self.ident.size, 0
+        while pos < size:
+            runs = self.image.extents(size - pos, pos)
+            if not runs:
+                break
+            for length, flags in runs:
+                if not flags & EXTENT_HOLE:
+                    self.dirty.mark(pos, length)
+                pos += length
+
+    def _link_down(self) -> None:
+        with self._lock:
+            if self._link is None and not self._pending:
+                return
+            self._link = None
+            self.outbox.clear_locked()
+            lost, self._pending = list(self._pending), deque()
+            for e in lost:
+                if e.kind != FLUSH:
+                    self.dirty.mark(e.offset, e.length)
+            held = [e.completion for e in lost if e.kind != RESYNC and e.completion is not None]
+            if self.config.on_link_loss == "block":
+                deadline = time.monotonic() + self.config.block_timeout
+                self._blocked += [(deadline, c) for c in held]
+                held = []
+        self._resync_inflight = 0
+        self.state = "degraded" if self.connects else "disconnected"
+        try:
+            self.dirty.save()
+        except OSError as e:
+            log.error("mirror %s: cannot save the dirty map: %s", self.ident.name, e)
+        for e in lost:
+            if e.kind != FLUSH:
+                self.al.end(e.offset, e.length)
+        for c in held:
+            c.finish()
+
+    async def _watch_blocked(self) -> None:
+        while True:
+            await trio.sleep(0.1)
+            now = time.monotonic()
+            with self._lock:
+                expired = [c for d, c in self._blocked if d <= now]
+                self._blocked = [(d, c) for d, c in self._blocked if d > now]
+            for c in expired:
+                c.finish(BlockError("replica unreachable: the mirror blocks writes (--on-link-loss block)"))
+
+    def _release_blocked(self) -> None:
+        with self._lock:
+            released, self._blocked = self._blocked, []
+        for _, c in released:
+            c.finish()
+
+    # -- resync ----------------------------------------------------------------------------------
+    def request_resync(self) -> None:
+        """Dirty bits were added from outside (verify --repair): wake the resync task."""
+        self._dirty_event.set()
+
+    async def _resync(self, link: Link) -> None:
+        cursor = 0
+        while True:
+            r = self.dirty.next_set(cursor)
+            if r is None:
+                if self.dirty.count:  # regions skipped while local writes landed: go round again
+                    cursor = 0
+                    await trio.sleep(0.001)
+                    continue
+                await self._wait_acked()
+                if self.dirty.count:
+                    continue
+                self._reach_in_sync()
+                self._dirty_event = trio.Event()
+                await self._dirty_event.wait()
+                self.state = "syncing"
+                cursor = 0
+                continue
+            cursor = self._send_chunk(r)
+            while self._resync_inflight > self.config.resync_window:
+                self._ack_event = trio.Event()
+                await self._ack_event.wait()
+            await trio.sleep(0)  # let the front ends run between chunks
+
+    async def _wait_acked(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending or all(e.kind != RESYNC for e in self._pending):
+                    return
+            self._ack_event = trio.Event()
+            await self._ack_event.wait()
+
+    def _reach_in_sync(self) -> None:
+        if self.state != "in_sync":
+            log.info("mirror %s: in sync", self.ident.name)
+        self.state = "in_sync"
+        if not self.pairing.initial_sync_done:
+            self.pairing = Pairing(self.pairing.replica_id, True, self.pairing.sync_total)
+            self._save_pairing(self.pairing)
+        self.dirty.save()
+        self.al.clear()
+        self._release_blocked()
+
+    def _send_chunk(self, first: int) -> int:
+        """Send dirty regions starting at ``first`` (contiguous, up to one chunk); the next cursor."""
+        d = self.dirty
+        last = first
+        limit = first + max(1, self.config.resync_chunk // d.region)
+        while last + 1 < min(limit, d.regions) and d.test(last + 1):
+            last += 1
+        offset = first * d.region
+        end = min((last + 1) * d.region, self.ident.size)
+        length = end - offset
+        with self._lock:
+            if self._link is None:
+                return last + 1
+            if any(o < end and offset < o + n for o, n in self._local):
+                return last + 1  # a write is landing there; it will be read once it has
+            self.al.begin(offset, length)
+            for r in range(first, last + 1):
+                d.clear_region(r)
+            frames = self._read_frames(offset, length)
+            sent = 0
+            for f_off, f_len, payload in frames:
+                self._seq += 1
+                if payload is None:
+                    self.outbox.put_locked([encode_zero(self._seq, f_off, f_len, False, True)])
+                else:
+                    self.outbox.put_locked(encode_write(self._seq, f_off, payload))
+                    sent += f_len
+                self._pending.append(_Entry(self._seq, None, f_off, f_len, RESYNC))
+                self._resync_inflight += f_len
+            if not frames:
+                self.al.end(offset, length)
+        self.resync_bytes_sent += sent
+        self.resync_regions_sent += last + 1 - first
+        self._kick()
+        return last + 1
+
+    def _read_frames(self, offset: int, length: int) -> list[tuple[int, int, memoryview | None]]:
+        """(offset, length, data or None for zeroes) covering a range, merged; zero runs dropped if allowed."""
+        out: list[tuple[int, int, memoryview | None]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            runs = self.image.extents(end - pos, pos) or [(end - pos, 0)]
+            for n, flags in runs:
+                n = min(n, end - pos)
+                if flags & EXTENT_HOLE:
+                    data: memoryview | None = None
+                else:
+                    buf = memoryview(bytearray(n))
+                    self.image.pread(buf, pos)
+                    data = None if buf == memoryview(_ZEROS)[:n] else buf
+                if data is None and self._skip_zero:
+                    pass
+                elif out and (out[-1][2] is None) == (data is None) and out[-1][0] + out[-1][1] == pos:
+                    o, m, prev = out[-1]
+                    out[-1] = (o, m + n, None if data is None else memoryview(bytes(prev) + bytes(data)))
+                else:
+                    out.append((pos, n, data))
+                pos += n
+        return out
+
+    # -- verify (see verify.py) ------------------------------------------------------------------
+    async def query_hashes(self, leaf_size: int, level: int, indices: list[int]) -> bytes:
+        """The target's Merkle digests for ``indices`` at ``level`` (16 bytes each)."""
+        if self._link is None:
+            raise RemoteProtocolError("the mirror is not connected")
+        from .wire.codec import encode
+
+        self._next_req += 1
+        req = self._next_req
+        event, box = trio.Event(), []
+        self._hash_waiters[req] = (event, box)
+        self._send_control([encode(HashQuery(req, leaf_size, level, tuple(indices)))])
+        with trio.move_on_after(max(60.0, self.config.timeout)) as scope:
+            await event.wait()
+        if scope.cancelled_caught or len(box[0]) != 16 * len(indices):
+            self._hash_waiters.pop(req, None)
+            raise PeerSilent("the target did not answer a verify query")
+        return box[0]
+
+    async def wait_in_sync(self, timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while self.state != "in_sync" or self.dirty.count:
+                await trio.sleep(0.05)
+            return True
+        return False
+
+    # -- status ----------------------------------------------------------------------------------
+    def statistics(self) -> MirrorStats:
+        p = self.pairing
+        total = p.sync_total
+        remaining = self.dirty.dirty_bytes if not p.initial_sync_done else 0
+        return MirrorStats(
+            mode="sync", state=self.state, target=f"{self.config.host}:{self.config.port}",
+            on_link_loss=self.config.on_link_loss, dirty_bytes=self.dirty.dirty_bytes,
+            in_flight=len(self._pending), acked_seq=self._acked, sent_seq=self._seq,
+            resync_bytes_sent=self.resync_bytes_sent, resync_regions_sent=self.resync_regions_sent,
+            initial_sync={"done": p.initial_sync_done, "total_bytes": total,
+                          "copied_bytes": max(0, total - remaining),
+                          "percent": 100.0 if p.initial_sync_done or not total else
+                          round(100.0 * max(0, total - remaining) / total, 1)},
+            blocked=len(self._blocked), connects=self.connects, al_hot=self.al.hot, al_writes=self.al.writes,
+            replica=p.replica_id, last_error=self.last_error)
+
+    def close(self) -> None:
+        """Persist what the replica lacks (the session has ended: every unacked write is in the map)."""
+        self._link_down()
+        self.dirty.save()
+        with self._lock:
+            idle = not self._pending
+        if idle:
+            self.al.clear()

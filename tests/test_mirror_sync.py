@@ -1,0 +1,210 @@
+"""The sync replicator against a real target over loopback TCP, in one trio process (no NBD)."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockdev.backend import wait
+from blockdev.errors import BlockError
+from blockdev.volume import VolumeStore
+from mirror.dirty import ActivityLog, DirtyMap
+from mirror.layer import MirrorLayer
+from mirror.sync import Pairing, SyncConfig, SyncReplicator, VolumeIdentity
+from mirror.target import TargetConfig, TargetServer
+from mirror.verify import compare
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+class Rig:
+    """A source volume with a MirrorLayer and a target server, both in this trio run."""
+
+    def __init__(self, tmp: Path, nursery: trio.Nursery, **cfg) -> None:
+        self.tmp, self.nursery, self.cfg = tmp, nursery, cfg
+        self.src = VolumeStore(tmp / "src")
+        self.dst = VolumeStore(tmp / "dst")
+        self.meta = self.src.create("vol", SIZE)
+        self.image = self.src.open_image("vol")
+        self.layer = MirrorLayer(self.image)
+        self.port = 0
+        self.target_scope: trio.CancelScope | None = None
+        self.rep: SyncReplicator | None = None
+
+    async def start_target(self, psk: bytes | None = None) -> None:
+        self.server = TargetServer(self.dst, TargetConfig(psk=psk, timeout=5))
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            with trio.CancelScope() as scope:
+                self.target_scope = scope
+                await self.server.serve("127.0.0.1", self.port, task_status=task_status)
+
+        addr = await self.nursery.start(run)
+        self.port = int(addr.rsplit(":", 1)[1])
+
+    def stop_target(self) -> None:
+        assert self.target_scope is not None
+        self.target_scope.cancel()
+
+    async def start_mirror(self, psk: bytes | None = None, **over) -> SyncReplicator:
+        cfg = SyncConfig("127.0.0.1", self.port, psk=psk, timeout=2, keepalive=0.2, backoff_min=0.05,
+                         backoff_max=0.2, **{**self.cfg, **over})
+        dirty = DirtyMap.load(SIZE, 64 << 10, self.tmp / "vol.dirty")
+        al = ActivityLog(self.tmp / "vol.al", before_evict=dirty.save)
+        ident = VolumeIdentity(self.meta.uuid, "vol", SIZE, 4096, 1)
+        self.rep = SyncReplicator(cfg, ident, self.image, dirty, al, Pairing())
+        self.layer.attach(self.rep)
+        await self.nursery.start(self.rep.run)
+        return self.rep
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        await wait(self.layer.pwrite(data, offset, fua))
+
+    def replica_bytes(self) -> bytes:
+        return self.dst.image_path("vol").read_bytes()
+
+    def source_bytes(self) -> bytes:
+        return self.src.image_path("vol").read_bytes()
+
+
+async def until(pred, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.01)
+
+
+@pytest.fixture
+async def rig(tmp_path, nursery):
+    r = Rig(tmp_path, nursery)
+    yield r
+    nursery.cancel_scope.cancel()
+
+
+async def test_every_acknowledged_write_is_already_on_the_replica(rig):
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    rng = random.Random(1)
+    fd = os.open(rig.dst.image_path("vol"), os.O_RDONLY)
+    try:
+        for i in range(200):
+            off = rng.randrange(0, SIZE // 4096) * 4096
+            data = rng.randbytes(4096 * rng.randint(1, 4))
+            await rig.write(off, data, fua=(i % 7 == 0))
+            assert os.pread(fd, len(data), off) == data  # acked => applied by the target
+    finally:
+        os.close(fd)
+    assert rig.source_bytes() == rig.replica_bytes()
+
+
+async def test_pipelined_writes_from_many_tasks_end_byte_exact(rig):
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+
+    async def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(100):
+            await rig.write(rng.randrange(0, SIZE // 4096) * 4096, rng.randbytes(4096))
+
+    async with trio.open_nursery() as n:
+        for s in range(32):
+            n.start_soon(writer, s)
+    await wait(rig.layer.flush())
+    assert rep.statistics().in_flight == 0
+    assert rig.source_bytes() == rig.replica_bytes()
+
+
+async def test_initial_sync_copies_only_allocated_data_and_keeps_concurrent_writes(rig):
+    rng = random.Random(2)
+    for i in range(0, SIZE, 2 * MiB):  # 8 allocated MiB, half the volume never touched
+        rig.image.pwrite(rng.randbytes(MiB), i)
+    rig.image.pwrite(bytes(256 << 10), 3 * MiB)  # allocated but zero: not sent to a fresh replica
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "syncing")
+    for _ in range(300):  # writes racing the copy (every one lands on the replica in the end)
+        await rig.write(rng.randrange(0, SIZE // 4096) * 4096, rng.randbytes(4096))
+    await until(lambda: rep.state == "in_sync")
+    assert rep.statistics().initial_sync["done"] and rep.pairing.initial_sync_done
+    assert rep.resync_bytes_sent <= 8 * MiB
+    assert rig.source_bytes() == rig.replica_bytes()
+
+
+async def test_target_loss_degrades_then_resyncs_only_what_changed(rig):
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    rng = random.Random(3)
+    for _ in range(50):
+        await rig.write(rng.randrange(0, SIZE // 4096) * 4096, rng.randbytes(4096))
+    rig.stop_target()
+    await until(lambda: rep.state == "degraded")
+    before, regions_before = rep.resync_bytes_sent, rep.resync_regions_sent
+    changed = set()
+    for _ in range(20):  # acknowledged locally while the replica is away
+        off = rng.randrange(0, SIZE // 4096) * 4096
+        await rig.write(off, rng.randbytes(4096))
+        changed.add(off // (64 << 10))
+    assert rep.statistics().dirty_bytes == len(changed) * (64 << 10)
+    await rig.start_target()
+    await until(lambda: rep.state == "in_sync")
+    # Only the changed regions are resent, and of those only their allocated data (holes go as zero frames).
+    assert rep.resync_regions_sent - regions_before == len(changed)
+    assert 20 * 4096 <= rep.resync_bytes_sent - before <= len(changed) * (64 << 10)
+    assert rig.source_bytes() == rig.replica_bytes()
+
+
+async def test_block_policy_holds_writes_then_fails_them_with_eio(rig):
+    await rig.start_target()
+    rep = await rig.start_mirror(on_link_loss="block", block_timeout=0.5)
+    await until(lambda: rep.state == "in_sync")
+    rig.stop_target()
+    await until(lambda: rep.state == "degraded")
+    res = rig.layer.pwrite(b"x" * 4096, 0)
+    await trio.sleep(0.2)
+    assert res is not None and not res.done  # waiting for the link
+    with pytest.raises(BlockError, match="replica unreachable"):
+        await wait(res)
+    res2 = rig.layer.pwrite(b"y" * 4096, 4096)
+    await rig.start_target()
+    await wait(res2)  # released once the replica is back in sync
+    assert rep.state == "in_sync"
+    assert rig.replica_bytes()[:8192] == b"x" * 4096 + b"y" * 4096
+
+
+async def test_wrong_key_is_refused_with_a_clear_error(rig):
+    await rig.start_target(psk=b"right key")
+    rep = await rig.start_mirror(psk=b"wrong key")
+    await until(lambda: rep.last_error is not None)
+    assert "wrong pre-shared key" in rep.last_error
+    assert rep.state == "disconnected"
+    assert not rig.dst.exists("vol")  # nothing created for an unauthenticated source
+
+
+async def test_verify_finds_planted_differences_and_repair_sends_only_those(rig):
+    rng = random.Random(4)
+    for i in range(0, SIZE, MiB):
+        rig.image.pwrite(rng.randbytes(512 << 10), i)
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    clean = await compare(rig.image, SIZE, 64 << 10, rep.query_hashes)
+    assert clean.ranges == [] and clean.digests_exchanged == 1
+    fd = os.open(rig.dst.image_path("vol"), os.O_WRONLY)
+    for off in (0, 5 * MiB + 7, 15 * MiB + 100):  # silent corruption on the replica
+        os.pwrite(fd, b"\xff", off)
+    os.close(fd)
+    report = await compare(rig.image, SIZE, 64 << 10, rep.query_hashes)
+    assert report.ranges == [(0, 64 << 10), (5 * MiB, 64 << 10), (15 * MiB, 64 << 10)]
+    before = rep.resync_bytes_sent
+    for b in report.differing_blocks:
+        rep.dirty.mark_region(b)
+    rep.request_resync()
+    await until(lambda: rep.state == "in_sync" and rep.dirty.count == 0 and rep.statistics().in_flight == 0)
+    assert rep.resync_bytes_sent - before == 3 * (64 << 10)
+    assert rig.source_bytes() == rig.replica_bytes()
