@@ -146,8 +146,9 @@ class SyncReplicator:
             self._local[(offset, n)] += 1
             if self._link is None:
                 return self._offline_locked(offset, n)
-            # Copied: the front end may reuse its receive buffer once the local write returns.
-            view = memoryview(bytes(data))
+            # Zero-copy: the front end keeps ``data`` alive until the Completion finishes (the NBD
+            # server pins its receive buffer), and a frame is sent or dropped before that.
+            view = memoryview(data)
             c = Completion()
             for pos in range(0, max(n, 1), MAX_PAYLOAD):
                 self._seq += 1

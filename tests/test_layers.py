@@ -90,6 +90,7 @@ class _RecordingReplicator:
     def __init__(self) -> None:
         self.ops: list[tuple] = []
         self.pending: list[Completion] = []
+        self.local: list[tuple] = []
 
     def _pend(self) -> Completion:
         c = Completion()
@@ -108,6 +109,9 @@ class _RecordingReplicator:
         self.ops.append(("flush",))
         return self._pend()
 
+    def local_done(self, offset, length, ok):  # type: ignore[no-untyped-def]
+        self.local.append((offset, length, ok))
+
 
 def test_mirror_seam_sees_every_write_op_and_waits_for_the_replica() -> None:
     img = MemoryImage(1 << 16)
@@ -117,6 +121,7 @@ def test_mirror_seam_sees_every_write_op_and_waits_for_the_replica() -> None:
     results = [layer.pwrite(b"abc", 10, True), layer.write_zeroes(512, 1024), layer.trim(512, 2048), layer.flush()]
     assert [o[0] for o in rep.ops] == ["write", "zero", "zero", "flush"]
     assert bytes(img.data[10:13]) == b"abc"  # local write done at once
+    assert rep.local == [(10, 3, True), (1024, 512, True), (2048, 512, True)]  # and reported to the replicator
     assert all(r is not None and not r.done for r in results)  # host ack waits for the replica
     for c in rep.pending:
         c.finish()
