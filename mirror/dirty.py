@@ -234,6 +234,8 @@ class ActivityLog:
         return len(self._hot)
 
     def _write_locked(self, evict: bool) -> None:
+        if self._fd < 0:  # closed: the mirror was stopped
+            return
         if evict and len(self._hot) > self.capacity:
             idle = [e for e, n in self._hot.items() if n == 0][: len(self._hot) - self.capacity]
             if idle:

@@ -579,8 +579,9 @@ class SyncReplicator:
             replica=p.replica_id, last_error=self.last_error)
 
     def close(self) -> None:
-        """Persist what the replica lacks (the session has ended: every unacked write is in the map)."""
+        """Persist what the replica lacks; release held writes (the mirror is going away)."""
         self._link_down()
+        self._release_blocked()
         self.dirty.save()
         with self._lock:
             idle = not self._pending

@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-v", "--verbose", action="store_true")
 
     add("demo", cmd_demo, "create, serve, write and read a volume in a temporary directory")
+    from .mirror_cli import register as register_mirror  # noqa: PLC0415 (it imports this module)
+
+    register_mirror(add)  # target, mirror, status, verify
     for extend in EXTENSIONS:
         extend(add)
     return p

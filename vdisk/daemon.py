@@ -27,6 +27,7 @@ from blockdev.volume import VolumeLock, VolumeMeta, VolumeStore
 from mirror.layer import MirrorLayer
 
 from .control import ControlError, ControlServer, control_address
+from .mirroring import MirrorManager
 
 log = logging.getLogger("vdisk.daemon")
 SHUTDOWN_GRACE = 10.0
@@ -136,6 +137,7 @@ class Daemon:
         self._bound_paths: list[str] = []
         self.control.register("status", self._cmd_status)
         self.control.register("volumes", self._cmd_status)
+        self.mirrors = MirrorManager(self)  # registers the "mirror" and "verify" commands
 
     # -- volumes -------------------------------------------------------------------------------
     def open_volumes(self) -> None:
@@ -184,6 +186,7 @@ class Daemon:
             "io": {"reads": st.reads, "read_bytes": st.read_bytes, "writes": st.writes,
                    "write_bytes": st.write_bytes, "zeroes": st.zeroes, "trims": st.trims,
                    "flushes": st.flushes, "errors": st.errors},
+            "mirror": self.mirrors.status(vol.name),
         }
 
     async def _cmd_status(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -202,6 +205,7 @@ class Daemon:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.control.serve, self.control_address)
+                    await nursery.start(self.mirrors.run)  # mirrors attach before any front end writes
                     for spec in self.config.nbd:
                         if spec.kind == "unix":
                             prepare_unix_path(spec.path)

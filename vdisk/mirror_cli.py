@@ -1,0 +1,208 @@
+"""`vdisk target`, `vdisk mirror`, `vdisk status`, `vdisk verify`: thin commands over mirror/ and the
+daemon's control socket. Registered into cli.py through ``EXTENSIONS``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from blockdev.volume import VolumeStore
+
+from .cli import emit, store_of
+from .control import ControlError, call
+from .mirroring import POLICIES, check_section, parse_hostport, read_psk
+from .units import format_size
+
+
+def _daemon(store: VolumeStore, name: str) -> str | None:
+    """The control address of the daemon serving ``name``, or None."""
+    store.meta(name)
+    holder = store.holder(name)
+    return holder.get("control") if holder else None
+
+
+def cmd_target(args: argparse.Namespace) -> int:
+    import trio
+
+    from blockdev.nbd.server import Export, NBDServer
+    from mirror.target import TargetConfig, TargetServer
+
+    from .daemon import Listen, prepare_unix_path
+
+    store = store_of(args)
+    store.root.mkdir(parents=True, exist_ok=True)
+    host, port = parse_hostport(args.listen)
+    server = TargetServer(store, TargetConfig(psk=read_psk(args.psk_file), timeout=args.timeout))
+    listens = [Listen.parse(s) for s in args.nbd or []]
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="vdisk target: %(message)s")
+
+    def lookup(name: str) -> Export | None:
+        backend = server.export_backend(name)
+        return None if backend is None else Export(name, backend, f"vdisk replica {name} (read-only)")
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                addr = await nursery.start(server.serve, host, port)
+                where = [f"tcp:{addr}"]
+                nbd = NBDServer(lookup, server.replica_names)
+                for spec in listens:
+                    if spec.kind == "unix":
+                        prepare_unix_path(spec.path)
+                    where.append("nbd " + await nursery.start(nbd.serve, spec.kind, spec.path or spec.host, spec.port))
+                print(f"target listening on {', '.join(where)}, replicas in {store.root} (pid {os.getpid()})",
+                      flush=True)
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+        server.close()
+        for spec in listens:
+            if spec.kind == "unix":
+                Path(spec.path).unlink(missing_ok=True)
+
+    trio.run(main)
+    return 0
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    control = _daemon(store, args.name)
+    if args.stop:
+        if control:
+            call(control, "mirror", name=args.name, stop=True)
+        else:
+            store.update(args.name, mirror=None)
+            for suffix in (".mirror-dirty", ".mirror-al"):
+                (store.root / f"{args.name}{suffix}").unlink(missing_ok=True)
+        emit(args, {"stopped": args.name}, f"mirror of {args.name} stopped")
+        return 0
+    if not args.to:
+        raise ValueError("give --to HOST:PORT (or --stop)")
+    section: dict[str, Any] = {"to": args.to, "mode": args.mode, "on_link_loss": args.on_link_loss,
+                               "psk_file": str(Path(args.psk_file).resolve()) if args.psk_file else None,
+                               "block_timeout": args.block_timeout, "timeout": args.timeout}
+    check_section(section)  # fail here, not in the daemon's log
+    if control:
+        reply = call(control, "mirror", name=args.name, set=section)
+        where = "started in the running daemon"
+    else:
+        old = store.meta(args.name).extra.get("mirror") or {}
+        keep = {k: old[k] for k in ("replica_id", "initial_sync_done", "sync_total") if k in old and old.get("to") == args.to}
+        store.update(args.name, mirror={**section, **keep})
+        reply, where = {}, "saved; it starts with `vdisk serve`"
+    if args.wait and control:
+        _wait_in_sync(control, args)
+    emit(args, {"name": args.name, "mirror": section, **reply},
+         f"mirror {args.name} -> {args.to} ({args.mode}, on link loss: {args.on_link_loss}) {where}")
+    return 0
+
+
+def _mirror_status(control: str, name: str) -> dict[str, Any]:
+    vols = call(control, "status", name=name)["volumes"]
+    return (vols[0].get("mirror") if vols else None) or {}
+
+
+def _wait_in_sync(control: str, args: argparse.Namespace) -> None:
+    """Until the replica is in sync; a rich progress bar of the initial sync on a terminal."""
+    deadline = time.monotonic() + args.wait_timeout
+    if sys.stdout.isatty() and not args.json:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), TimeRemainingColumn()) as bar:
+            task = bar.add_task(f"sync {args.name}", total=None)
+            while time.monotonic() < deadline:
+                st = _mirror_status(control, args.name)
+                init = st.get("initial_sync", {})
+                bar.update(task, total=init.get("total_bytes") or None, completed=init.get("copied_bytes", 0),
+                           description=f"{args.name}: {st.get('state')}")
+                if st.get("state") == "in_sync":
+                    return
+                time.sleep(0.2)
+    else:
+        while time.monotonic() < deadline:
+            if _mirror_status(control, args.name).get("state") == "in_sync":
+                return
+            time.sleep(0.1)
+    raise ControlError(f"the mirror of {args.name} is not in sync after {args.wait_timeout:g}s")
+
+
+def offline_status(store: VolumeStore, name: str) -> dict[str, Any] | None:
+    """What the metadata and dirty map say about a mirror of a volume nobody serves."""
+    section = store.meta(name).extra.get("mirror")
+    if not isinstance(section, dict):
+        return None
+    from mirror.dirty import DirtyMap
+
+    meta = store.meta(name)
+    dirty = DirtyMap.load(meta.size, 64 << 10, store.root / f"{name}.mirror-dirty")
+    return {"mode": section.get("mode"), "state": "disconnected", "target": section.get("to"),
+            "on_link_loss": section.get("on_link_loss"), "dirty_bytes": dirty.dirty_bytes,
+            "initial_sync": {"done": bool(section.get("initial_sync_done")),
+                             "total_bytes": section.get("sync_total", 0)}}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    control = _daemon(store, args.name)
+    rec: dict[str, Any] = {"name": args.name, "served": control is not None}
+    rec["mirror"] = _mirror_status(control, args.name) or None if control else offline_status(store, args.name)
+    m = rec["mirror"]
+    if m is None:
+        text = f"{args.name}: not mirrored"
+    else:
+        init = m.get("initial_sync") or {}
+        text = (f"{args.name}: {m['mode']} mirror to {m['target']}, {m['state']}, dirty {format_size(m['dirty_bytes'])}"
+                + ("" if init.get("done") else f", initial sync {init.get('percent', 0)}%")
+                + (f", last error: {m['last_error']}" if m.get("last_error") else ""))
+    emit(args, rec, text)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    control = _daemon(store, args.name)
+    if control is None:
+        raise ControlError(f"volume {args.name!r} is not served: verify runs inside `vdisk serve`")
+    rep = call(control, "verify", timeout=3600, name=args.name, repair=args.repair)["verify"]
+    lines = [f"{args.name}: {len(rep['ranges'])} differing ranges, {format_size(rep['differing_bytes'])} "
+             f"({rep['digests_exchanged']} digests exchanged)"]
+    lines += [f"  differs at {off}+{n}" for off, n in rep["ranges"][:50]]
+    if args.repair and rep["ranges"]:
+        lines.append(f"  repaired: {rep['repaired']} ({format_size(rep.get('resent_bytes', 0))} resent)")
+    emit(args, rep, "\n".join(lines))
+    return 1 if rep["ranges"] and not rep["repaired"] else 0
+
+
+def register(add: Callable[..., argparse.ArgumentParser]) -> None:
+    sp = add("target", cmd_target, "receive mirrors: store replicas in --data-dir, export them read-only")
+    sp.add_argument("--listen", required=True, metavar="HOST:PORT")
+    sp.add_argument("--psk-file", help="pre-shared key file (sources must use the same key)")
+    sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT", help="read-only NBD export of replicas")
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds of source silence before dropping it")
+    sp.add_argument("-v", "--verbose", action="store_true")
+
+    sp = add("mirror", cmd_mirror, "mirror a volume to a target (or --stop); picked up live by `vdisk serve`")
+    sp.add_argument("name")
+    sp.add_argument("--to", metavar="HOST:PORT")
+    sp.add_argument("--mode", choices=["sync"], default="sync")
+    sp.add_argument("--on-link-loss", choices=POLICIES, default="degrade")
+    sp.add_argument("--block-timeout", type=float, default=30.0, help="with block: seconds before EIO")
+    sp.add_argument("--timeout", type=float, default=10.0, help="seconds of target silence before link loss")
+    sp.add_argument("--psk-file", help="pre-shared key file")
+    sp.add_argument("--stop", action="store_true", help="stop mirroring and forget the pairing")
+    sp.add_argument("--wait", action="store_true", help="wait until the replica is in sync (progress bar on a tty)")
+    sp.add_argument("--wait-timeout", type=float, default=3600.0)
+
+    sp = add("status", cmd_status, "a volume's mirror state (mode, state, dirty bytes, initial sync)")
+    sp.add_argument("name")
+    sp = add("verify", cmd_verify, "compare a volume with its replica by Merkle tree (and --repair)")
+    sp.add_argument("name")
+    sp.add_argument("--repair", action="store_true", help="resend the differing blocks")
+
