@@ -37,7 +37,7 @@ def cmd_target(args: argparse.Namespace) -> int:
 
     store = store_of(args)
     store.root.mkdir(parents=True, exist_ok=True)
-    host, port = parse_hostport(args.listen)
+    host, port = parse_hostport(args.listen, listen=True)
     server = TargetServer(store, TargetConfig(psk=read_psk(args.psk_file), timeout=args.timeout))
     listens = [Listen.parse(s) for s in args.nbd or []]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="vdisk target: %(message)s")

@@ -35,11 +35,12 @@ REGION = 64 << 10
 POLICIES = ("degrade", "block")
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
+def parse_hostport(text: str, listen: bool = False) -> tuple[str, int]:
+    """HOST:PORT (port 0 only for a listener: any free port)."""
     host, sep, port = text.rpartition(":")
     try:
         p = int(port)
-        if not sep or not 0 < p <= 65535:
+        if not sep or not (0 if listen else 1) <= p <= 65535:
             raise ValueError
     except ValueError:
         raise ValueError(f"bad address {text!r}: use HOST:PORT") from None

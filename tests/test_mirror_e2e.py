@@ -1,0 +1,196 @@
+"""Sync mirroring end to end: two real daemons on loopback, libnbd and fio as hosts."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.mirror_procs import Procs
+
+nbd = pytest.importorskip("nbd") if not os.environ.get("CI") else __import__("nbd")
+MiB = 1 << 20
+REGION = 64 << 10
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.kill_all()
+
+
+def mirrored(procs: Procs, size: str = "64M", *mirror_args: str, target_args: tuple[str, ...] = ()):
+    """A volume served and sync-mirrored to a target; (target proc, port, serve proc, nbd socket)."""
+    procs.run("--data-dir", str(procs.tmp / "src"), "create", "vol", "--size", size)
+    tgt, port = procs.target("dst", 0, *target_args)
+    srv, sock = procs.serve("src", "vol")
+    procs.run("--data-dir", str(procs.tmp / "src"), "mirror", "vol", "--to", f"127.0.0.1:{port}", "--mode", "sync",
+              "--timeout", "3", *mirror_args)
+    return tgt, port, srv, sock
+
+
+def images(procs: Procs) -> tuple[bytes, bytes]:
+    return (procs.tmp / "src" / "vol.img").read_bytes(), (procs.tmp / "dst" / "vol.img").read_bytes()
+
+
+def client(sock: str):
+    h = nbd.NBD()
+    h.connect_unix(sock)
+    return h
+
+
+@pytest.mark.skipif(shutil.which("fio") is None and not os.environ.get("CI"), reason="fio is not installed")
+def test_fio_randwrite_with_verify_then_source_and_replica_are_byte_exact(procs):
+    _, _, _, sock = mirrored(procs)
+    procs.wait_state("src", "vol", "in_sync")
+    import subprocess
+
+    res = subprocess.run(
+        ["fio", "--name=mirror", "--ioengine=nbd", f"--uri=nbd+unix:///vol?socket={sock}", "--rw=randwrite",
+         "--bsrange=4k-256k", "--size=48M", "--iodepth=16", "--verify=crc32c", "--verify_fatal=1",
+         "--do_verify=1", "--randrepeat=0", "--output-format=terse"],
+        capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    h = client(sock)
+    h.flush()
+    h.shutdown()
+    procs.wait_state("src", "vol", "in_sync")
+    src, dst = images(procs)
+    assert src == dst
+
+
+def test_every_acknowledged_write_is_on_the_replica_when_the_source_is_killed(procs):
+    _, _, srv, sock = mirrored(procs)
+    procs.wait_state("src", "vol", "in_sync")
+    h = client(sock)
+    rng = random.Random(7)
+    acked: list[tuple[int, bytes]] = []
+    slots = rng.sample(range(64 * MiB // 4096), 3000)
+    bufs = []
+    for i, slot in enumerate(slots):
+        data = rng.randbytes(4096)
+        buf = nbd.Buffer.from_bytearray(bytearray(data))
+        bufs.append(buf)
+
+        def done(err, off=slot * 4096, data=data):
+            if err.value == 0:
+                acked.append((off, data))
+            return 1
+
+        h.aio_pwrite(buf, slot * 4096, completion=done)
+        while h.aio_in_flight() >= 32:
+            h.poll(-1)
+        if i == 2000:
+            break
+    # Kill the source at once, with writes still in flight: acknowledged ones must be on the replica.
+    Procs.kill9(srv)
+    assert len(acked) > 1000
+    fd = os.open(procs.tmp / "dst" / "vol.img", os.O_RDONLY)
+    try:
+        missing = [off for off, data in acked if os.pread(fd, 4096, off) != data]
+    finally:
+        os.close(fd)
+    assert not missing, f"{len(missing)} acknowledged writes are not on the replica"
+
+
+def writer(sock: str, stop: threading.Event, log: list[tuple[float, int]], seed: int) -> None:
+    h = client(sock)
+    rng = random.Random(seed)
+    while not stop.is_set():
+        off = rng.randrange(0, 64 * MiB // 4096) * 4096
+        log.append((time.monotonic(), off))
+        h.pwrite(rng.randbytes(4096), off)
+    h.flush()
+    h.shutdown()
+
+
+def test_target_killed_mid_load_degrades_then_resyncs_only_what_changed(procs):
+    tgt, port, _, sock = mirrored(procs)
+    procs.wait_state("src", "vol", "in_sync")
+    stop, log = threading.Event(), []
+    t = threading.Thread(target=writer, args=(sock, stop, log, 1))
+    t.start()
+    try:
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        Procs.kill9(tgt)
+        st = procs.wait_state("src", "vol", "degraded")
+        time.sleep(1.0)  # writes go on locally, marking the dirty map
+        assert procs.status("src", "vol")["dirty_bytes"] > 0
+        before = st["resync_bytes_sent"]
+        procs.target("dst", port)
+        st = procs.wait_state("src", "vol", "in_sync")
+        resync_done = time.monotonic()
+    finally:
+        stop.set()
+        t.join(30)
+    st = procs.wait_state("src", "vol", "in_sync")
+    # Resent bytes are bounded by the regions written since shortly before the kill (in-flight ones too).
+    touched = {off // REGION for ts, off in log if killed_at - 0.5 <= ts <= resync_done}
+    resent = st["resync_bytes_sent"] - before
+    assert 0 < resent <= len(touched) * REGION
+    res = procs.run("--data-dir", str(procs.tmp / "src"), "verify", "vol", "--json")
+    assert '"differing_bytes": 0' in res.stdout
+    src, dst = images(procs)
+    assert src == dst
+
+
+def test_source_crash_resyncs_only_the_activity_log_not_the_volume(procs):
+    _, _, srv, sock = mirrored(procs, "256M")
+    procs.wait_state("src", "vol", "in_sync")
+    h = client(sock)
+    rng = random.Random(3)
+    for _ in range(200):  # writes confined to three 4 MiB extents
+        h.pwrite(rng.randbytes(4096), rng.choice([0, 100, 200]) * MiB + rng.randrange(0, 1024) * 4096)
+    Procs.kill9(srv)
+    _, sock = procs.serve("src", "vol")  # the mirror resumes from the persisted configuration
+    st = procs.wait_state("src", "vol", "in_sync")
+    assert st["initial_sync"]["done"]
+    assert st["resync_regions_sent"] <= 3 * 64  # the logged extents, not the 4096 regions of the volume
+    src, dst = images(procs)
+    assert src == dst
+
+
+def test_wrong_key_is_refused_by_both_daemons(procs):
+    (procs.tmp / "right").write_text("a-long-enough-key-0123456789\n")
+    (procs.tmp / "wrong").write_text("another-key-that-is-long-enough\n")
+    mirrored(procs, "16M", "--psk-file", str(procs.tmp / "wrong"),
+             target_args=("--psk-file", str(procs.tmp / "right")))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (procs.status("src", "vol") or {}).get("last_error"):
+        time.sleep(0.1)
+    st = procs.status("src", "vol")
+    assert "wrong pre-shared key" in st["last_error"] and st["state"] == "disconnected"
+    assert "wrong pre-shared key" in (procs.tmp / "target.log").read_text()
+    assert not (procs.tmp / "dst" / "vol.img").exists()
+
+
+def test_verify_finds_planted_differences_and_repair_resends_only_them(procs):
+    _, _, _, sock = mirrored(procs, "32M")
+    h = client(sock)
+    rng = random.Random(5)
+    h.pwrite(rng.randbytes(8 * MiB), 0)
+    h.flush()
+    procs.wait_state("src", "vol", "in_sync")
+    fd = os.open(procs.tmp / "dst" / "vol.img", os.O_WRONLY)
+    for off in (10, 3 * MiB + 5, 3 * MiB + REGION + 1, 20 * MiB):  # the last one in a hole
+        os.pwrite(fd, b"\x5a", off)
+    os.close(fd)
+    data = ["--data-dir", str(procs.tmp / "src")]
+    res = procs.run(*data, "verify", "vol", check=False)
+    assert res.returncode == 1 and "3 differing ranges" in res.stdout, res.stdout
+    res = procs.run(*data, "verify", "vol", "--repair", "--json")
+    import json
+
+    rep = json.loads(res.stdout)
+    assert rep["repaired"] and rep["differing_blocks"] == 4
+    assert rep["ranges"] == [[0, REGION], [3 * MiB, 2 * REGION], [20 * MiB, REGION]]
+    assert rep["resent_bytes"] == 3 * REGION  # the hole goes back as a zero frame, not bytes
+    assert procs.run(*data, "verify", "vol").returncode == 0
+    src, dst = images(procs)
+    assert src == dst
