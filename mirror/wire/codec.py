@@ -212,7 +212,8 @@ class FrameReader:
         self.commit(len(data))
 
     def frames(self) -> list[Event]:
-        """Every complete frame in the buffer, decoded; RemoteProtocolError on the first bad one."""
+        """Every complete frame in the buffer, decoded. A bad frame raises RemoteProtocolError, once the
+        good frames before it have been returned."""
         out: list[Event] = []
         view, start, end = self._view, self._start, self._end
         try:
@@ -229,10 +230,14 @@ class FrameReader:
                 payload = view[start + HEADER_SIZE:start + total]
                 if _xxh(payload, _xxh(view[start:start + 24])) != check:
                     raise RemoteProtocolError("bad frame: checksum mismatch (corrupt link or not a vdisk mirror)")
-                start += total
                 out.append(self._decode(ftype, flags, a, b, payload))
+                start += total
             else:
                 self._need = HEADER_SIZE
+        except RemoteProtocolError:
+            if not out:
+                raise
+            # Hand out the good frames before the bad one; the next call raises on it.
         finally:
             self._start = start
         if start == end:

@@ -82,6 +82,11 @@ class Link:
         """At least one event (or raise: RemoteProtocolError when the peer hangs up)."""
         reader = self.conn.reader
         while True:
+            if reader.buffered:  # complete frames may be left from the last call (or a bad one)
+                events = self.conn.next_events()
+                await self.send_control()  # handshake replies queued by the connection
+                if events:
+                    return events
             try:
                 n = self.raw.recv_into(reader.buffer())
             except BlockingIOError:
@@ -92,17 +97,13 @@ class Link:
             if n == 0:
                 raise RemoteProtocolError(f"{self.peer} closed the connection")
             reader.commit(n)
-            events = self.conn.next_events()
-            if events:
-                return events
-            await self.send_control()  # handshake replies queued by the connection
 
     async def send_control(self) -> None:
         data = self.conn.data_to_send()
         if data:
             with self.outbox.lock:
                 self.outbox.put_locked([data])
-        await self.drain()
+            await self.drain()
 
     async def drain(self) -> None:
         """Send everything queued, waiting for the socket as needed."""
