@@ -223,8 +223,10 @@ class ActivityLog:
                     self._hot[e] = n - 1
 
     def clear(self) -> None:
-        """Forget idle extents (call after the dirty map is saved and everything is acknowledged)."""
+        """Forget idle extents, saving the dirty map first (under the lock, so a write that is marked
+        in the map after the save still has its extent counted in flight and stays logged)."""
         with self._lock:
+            self._before_evict()
             for e in [e for e, n in self._hot.items() if n == 0]:
                 del self._hot[e]
             self._write_locked(evict=False)

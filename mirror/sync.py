@@ -434,7 +434,13 @@ class SyncReplicator:
 
     async def _resync(self, link: Link) -> None:
         cursor = 0
+        saved = time.monotonic()
         while True:
+            if time.monotonic() - saved > 1.0:
+                # Progress survives a crash: bits cleared for frames still in flight are covered by
+                # their extents in the activity log, which a restart marks dirty again.
+                await trio.to_thread.run_sync(self.al.clear)  # saves the map, then drops idle extents
+                saved = time.monotonic()
             r = self.dirty.next_set(cursor)
             if r is None:
                 if self.dirty.count:  # regions skipped while local writes landed: go round again
