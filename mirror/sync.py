@@ -321,6 +321,8 @@ class SyncReplicator:
     async def _session(self) -> None:
         conn = Connection(Role.SOURCE, self.config.psk)
         link = await connect(self.config.host, self.config.port, conn, self.config.timeout)
+        self.outbox.clear()
+        link.outbox = self.outbox  # the sender task drains the outbox that on_write fills
         try:
             conn.start(Hello(PROTOCOL_VERSION, self.ident.uuid, self.ident.name, self.ident.size,
                              self.ident.block_size, self.ident.generation, b"", "sync", ()))

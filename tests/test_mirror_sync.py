@@ -247,3 +247,14 @@ async def test_initial_sync_resumes_from_the_files_a_crash_leaves(rig, tmp_path)
     assert again.resync_bytes_sent == remaining
     assert again.pairing.initial_sync_done
     assert rig.source_bytes() == rig.replica_bytes()
+
+
+async def test_big_writes_do_not_wait_for_a_keepalive_to_be_sent(rig):
+    await rig.start_target()
+    rep = await rig.start_mirror(keepalive=30)  # a stuck outbox would only move with the next ping
+    await until(lambda: rep.state == "in_sync")
+    for size in (1 << 20, 4 << 20, 8 << 20):
+        data = random.Random(size).randbytes(size)
+        with trio.fail_after(2):
+            await rig.write(0, data)
+        assert rig.replica_bytes()[:size] == data
