@@ -52,8 +52,8 @@ class Rig:
         self.target_scope.cancel()
 
     async def start_mirror(self, psk: bytes | None = None, **over) -> SyncReplicator:
-        cfg = SyncConfig("127.0.0.1", self.port, psk=psk, timeout=2, keepalive=0.2, backoff_min=0.05,
-                         backoff_max=0.2, **{**self.cfg, **over})
+        opts = {"timeout": 2, "keepalive": 0.2, "backoff_min": 0.05, "backoff_max": 0.2, **self.cfg, **over}
+        cfg = SyncConfig("127.0.0.1", self.port, psk=psk, **opts)
         dirty = DirtyMap.load(SIZE, 64 << 10, self.tmp / "vol.dirty")
         al = ActivityLog(self.tmp / "vol.al", extent=self.al_extent, before_evict=dirty.save)
         ident = VolumeIdentity(self.meta.uuid, "vol", SIZE, 4096, 1)
