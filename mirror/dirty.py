@@ -49,7 +49,7 @@ class DirtyMap:
     # -- bits -----------------------------------------------------------------------------------
     def span(self, offset: int, length: int) -> range:
         """The regions covering a byte range."""
-        return range(offset // self.region, (offset + max(length, 1) - 1) // self.region + 1)
+        return range(offset // self.region, min((offset + max(length, 1) - 1) // self.region + 1, self.regions))
 
     def mark(self, offset: int, length: int) -> None:
         with self._lock:
@@ -201,6 +201,12 @@ class ActivityLog:
         """Before issuing a write: its extents are hot (durably), and counted as in flight."""
         first, last = offset // self.extent, (offset + max(length, 1) - 1) // self.extent
         with self._lock:
+            if first == last:  # the common case: one extent, already hot (no I/O)
+                n = self._hot.get(first)
+                if n is not None:
+                    self._hot[first] = n + 1
+                    self._hot.move_to_end(first)
+                    return
             new = False
             for e in range(first, last + 1):
                 n = self._hot.get(e)

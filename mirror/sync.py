@@ -15,8 +15,9 @@ dirty), reading them under the outbox lock so no host write can slip between rea
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +29,16 @@ from blockdev.errors import BlockError
 
 from .dirty import ActivityLog, DirtyMap
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
-from .wire.codec import MAX_PAYLOAD, encode_flush, encode_ping, encode_write, encode_zero
+from .wire.codec import (
+    F_FUA, MAX_PAYLOAD, T_WRITE, encode_flush, encode_ping, encode_write, encode_zero, frame_header,
+)
 from .wire.events import PROTOCOL_VERSION, Ack, Bye, HashQuery, HashReply, Hello, Welcome
 from .wire.link import Link, Outbox, connect
 
 log = logging.getLogger("vdisk.mirror")
 _ZEROS = bytes(1 << 20)
 HOST, RESYNC, FLUSH = 0, 1, 2
+EAGER_SEND = 64 << 10  # queued bytes after which the trio thread sends without waiting for its batch
 
 
 @dataclass(frozen=True)
@@ -117,11 +121,12 @@ class SyncReplicator:
         self._lock = self.outbox.lock  # one lock: sequence numbers, wire order and pending agree
         self._link: Link | None = None
         self._pending: deque[_Entry] = deque()
-        self._local: Counter[tuple[int, int]] = Counter()  # local writes still landing
+        self._local: dict[tuple[int, int], int] = {}  # local writes still landing: (offset, length) -> count
         self._blocked: list[tuple[float, Completion]] = []
         self._seq = 0
         self._acked = 0
         self._token: trio.lowlevel.TrioToken | None = None
+        self._trio_thread = -1
         self._kick_scheduled = False
         self._send_event = trio.Event()
         self._ack_event = trio.Event()
@@ -140,29 +145,45 @@ class SyncReplicator:
 
     # -- the Replicator protocol (any thread) ----------------------------------------------------
     def on_write(self, offset: int, data: memoryview | bytes, fua: bool) -> WriteResult:
+        # The hot path of every host write: kept to one lock, no per-write allocations beyond the
+        # header, the Completion and the pending entry (≈ the 3 µs per write DESIGN.md measured).
         n = len(data)
         self.al.begin(offset, n)
+        c = Completion()
         with self._lock:
-            self._local[(offset, n)] += 1
+            local = self._local
+            key = (offset, n)
+            local[key] = local.get(key, 0) + 1
             if self._link is None:
                 return self._offline_locked(offset, n)
-            # Zero-copy: the front end keeps ``data`` alive until the Completion finishes (the NBD
-            # server pins its receive buffer), and a frame is sent or dropped before that.
-            view = memoryview(data)
-            c = Completion()
-            for pos in range(0, max(n, 1), MAX_PAYLOAD):
-                self._seq += 1
-                last = pos + MAX_PAYLOAD >= n
-                self.outbox.put_locked(encode_write(self._seq, offset + pos, view[pos:pos + MAX_PAYLOAD], fua))
-                self._pending.append(_Entry(self._seq, c if last else None, offset + pos,
-                                            min(MAX_PAYLOAD, n - pos), HOST))
-        self._kick()
+            outbox = self.outbox
+            queued = outbox.bytes
+            if n <= MAX_PAYLOAD:
+                seq = self._seq = self._seq + 1
+                # Zero-copy: the front end keeps ``data`` alive until the Completion finishes (the
+                # NBD server pins its receive buffer), and a frame is sent or dropped before that.
+                outbox.put_pair_locked(frame_header(T_WRITE, data, F_FUA if fua else 0, seq, offset), data)
+                self._pending.append(_Entry(seq, c, offset, n, HOST))
+            else:
+                view = memoryview(data)
+                for pos in range(0, n, MAX_PAYLOAD):
+                    self._seq += 1
+                    last = pos + MAX_PAYLOAD >= n
+                    outbox.put_locked(encode_write(self._seq, offset + pos, view[pos:pos + MAX_PAYLOAD], fua))
+                    self._pending.append(_Entry(self._seq, c if last else None, offset + pos,
+                                                min(MAX_PAYLOAD, n - pos), HOST))
+        # On the trio thread, send at once when the link is idle (no batch to wait for) or enough is
+        # queued that the replica can start on it while the rest of the host's batch is parsed.
+        if (not queued or queued >= EAGER_SEND) and threading.get_ident() == self._trio_thread:
+            self._send_direct()
+        else:
+            self._kick()
         return c
 
     def on_zero(self, offset: int, length: int, fua: bool, trim: bool) -> WriteResult:
         self.al.begin(offset, length)
         with self._lock:
-            self._local[(offset, length)] += 1
+            self._local[(offset, length)] = self._local.get((offset, length), 0) + 1
             if self._link is None:
                 return self._offline_locked(offset, length)
             self._seq += 1
@@ -190,10 +211,9 @@ class SyncReplicator:
     def local_done(self, offset: int, length: int, ok: bool) -> None:
         with self._lock:
             key = (offset, length)
-            if self._local[key] <= 1:
-                del self._local[key]
-            else:
-                self._local[key] -= 1
+            left = self._local.pop(key, 1) - 1
+            if left:
+                self._local[key] = left
         if not ok:  # the replica may now hold what the volume does not
             self.dirty.mark(offset, length)
 
@@ -221,6 +241,9 @@ class SyncReplicator:
 
     def _send_now(self) -> None:
         self._kick_scheduled = False
+        self._send_direct()
+
+    def _send_direct(self) -> None:
         link = self._link
         if link is None:
             return
@@ -297,6 +320,7 @@ class SyncReplicator:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, sync, mirror; on link loss degrade (or block) and reconnect with backoff. Forever."""
         self._token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_blocked)
             task_status.started()
@@ -479,8 +503,9 @@ class SyncReplicator:
         if not self.pairing.initial_sync_done:
             self.pairing = Pairing(self.pairing.replica_id, True, self.pairing.sync_total)
             self._save_pairing(self.pairing)
+        # The activity log keeps its hot extents (as DRBD's does): clearing them here would cost an
+        # fdatasync on the next write to each, in the host's latency.
         self.dirty.save()
-        self.al.clear()
         self._release_blocked()
 
     def _send_chunk(self, first: int) -> int:

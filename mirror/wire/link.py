@@ -32,6 +32,12 @@ class Outbox:
         self._bufs.extend(bufs)
         self.bytes += sum(len(b) for b in bufs)
 
+    def put_pair_locked(self, header: bytes, payload: Buffer) -> None:
+        """Append one frame given as header and payload (the per-write fast path)."""
+        self._bufs.append(header)
+        self._bufs.append(payload)
+        self.bytes += len(header) + len(payload)
+
     def clear(self) -> None:
         with self.lock:
             self.clear_locked()
