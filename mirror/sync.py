@@ -133,7 +133,6 @@ class SyncReplicator:
         self._dirty_event = trio.Event()
         self._send_error: BaseException | None = None
         self._resync_inflight = 0
-        self._skip_zero = False
         self._hash_waiters: dict[int, tuple[trio.Event, list[bytes]]] = {}
         self._next_req = 0
         self._last_rx = 0.0
@@ -395,9 +394,6 @@ class SyncReplicator:
             self.pairing = Pairing(welcome.replica_id, False, self.dirty.dirty_bytes)
             self.dirty.save(force=True)
             self._save_pairing(self.pairing)
-        # Zero regions need not be sent to a brand-new sparse replica, but only in its first session:
-        # afterwards a region may hold data sent earlier.
-        self._skip_zero = welcome.created
 
     def _mark_allocated(self) -> None:
         size, pos = self.ident.size, 0
@@ -545,7 +541,8 @@ class SyncReplicator:
         return last + 1
 
     def _read_frames(self, offset: int, length: int) -> list[tuple[int, int, memoryview | None]]:
-        """(offset, length, data or None for zeroes) covering a range, merged; zero runs dropped if allowed."""
+        """(offset, length, data or None for zeroes) covering a range, merged. Zero runs go as zero
+        frames (a few bytes on the wire): even a brand-new replica may hold data there by now."""
         out: list[tuple[int, int, memoryview | None]] = []
         pos, end = offset, offset + length
         while pos < end:
@@ -558,9 +555,7 @@ class SyncReplicator:
                     buf = memoryview(bytearray(n))
                     self.image.pread(buf, pos)
                     data = None if buf == memoryview(_ZEROS)[:n] else buf
-                if data is None and self._skip_zero:
-                    pass
-                elif out and (out[-1][2] is None) == (data is None) and out[-1][0] + out[-1][1] == pos:
+                if out and (out[-1][2] is None) == (data is None) and out[-1][0] + out[-1][1] == pos:
                     o, m, prev = out[-1]
                     out[-1] = (o, m + n, None if data is None else memoryview(bytes(prev) + bytes(data)))
                 else:

@@ -130,7 +130,7 @@ async def test_initial_sync_copies_only_allocated_data_and_keeps_concurrent_writ
     rng = random.Random(2)
     for i in range(0, SIZE, 2 * MiB):  # 8 allocated MiB, half the volume never touched
         rig.image.pwrite(rng.randbytes(MiB), i)
-    rig.image.pwrite(bytes(256 << 10), 3 * MiB)  # allocated but zero: not sent to a fresh replica
+    rig.image.pwrite(bytes(256 << 10), 3 * MiB)  # allocated but zero: a zero frame, no bytes
     await rig.start_target()
     rep = await rig.start_mirror()
     await until(lambda: rep.state == "syncing")
