@@ -1,123 +1,120 @@
 #!/usr/bin/env python3
-"""Sync-mirror benchmark: the same fio jobs against an unmirrored volume and a sync-mirrored one
-(target daemon on loopback, same host), interleaved, one run each; prints ratios. Also measures
-verify hashing (xxh3-128 Merkle leaves) on cached data.
+"""Sync-mirror benchmark: the foundation benchmark's fio write jobs (scripts/bench_nbd.py) against an
+unmirrored volume and a sync-mirrored one (target daemon on loopback), interleaved; prints ratios.
+Also measures verify hashing (xxh3-128 Merkle leaves) on cached data, one core.
 
-    .venv/bin/python scripts/bench_mirror.py [--runtime 8] [--size 256M] [--json]
+    .venv/bin/python scripts/bench_mirror.py [--runtime 5] [--repeat 1] [--size 512M] [--json]
 
-Page-cache state is pinned the same way for every side (DESIGN.md): each image is prefilled with
-1 MiB writes, fsynced and evicted before each job.
+Page-cache state is pinned the same way for every side (DESIGN.md): each image is written with 1 MiB
+pwrites, synced, evicted and read back before the daemons start (bench_nbd.prepare_image); between
+runs every image (source and replica) is synced, evicted and read back again.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import signal
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from bench_nbd import JOBS, NAME, prepare_image, run_fio  # noqa: E402  (the foundation's jobs)
 
 from tests.mirror_procs import Procs  # noqa: E402  (the same daemon helpers as the e2e tests)
 
-JOBS = {
-    "seq 1M QD8 write": ["--rw=write", "--bs=1M", "--iodepth=8"],
-    "rand 4K QD32 write": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
-}
-TARGETS = {"seq 1M QD8 write": 0.7, "rand 4K QD32 write": 0.6}
+TARGETS = {"seqwrite": 0.7, "randwrite": 0.6}  # issue 5: mirrored / unmirrored
 
 
-def prefill_and_evict(path: Path, size: int, fill: bool) -> None:
-    fd = os.open(path, os.O_RDWR)
+def settle(path: Path) -> None:
+    """Same cache state for every side: synced, evicted, read back (fully cached, clean)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        if fill:
-            block = os.urandom(1 << 20)
-            for off in range(0, size, 1 << 20):
-                os.pwrite(fd, block, off)
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while os.read(fd, 1 << 20):
+            pass
     finally:
         os.close(fd)
 
 
-def fio(sock: str, name: str, args: list[str], size: str, runtime: int) -> dict[str, float]:
-    res = subprocess.run(
-        ["fio", f"--name={name}", "--ioengine=nbd", f"--uri=nbd+unix:///{name}?socket={sock}", f"--size={size}",
-         f"--runtime={runtime}", "--time_based", "--randrepeat=0", "--output-format=json", *args],
-        capture_output=True, text=True, timeout=runtime + 120)
-    if res.returncode != 0:
-        raise SystemExit(f"fio failed: {res.stderr}")
-    w = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]["write"]  # the nbd engine prints a line first
-    return {"iops": w["iops"], "mbps": w["bw_bytes"] / 1e6, "lat_us": w["clat_ns"]["mean"] / 1000}
-
-
 def hash_speed(path: Path, size: int) -> float:
+    """GB/s of leaf_digests over a cached image (best of three)."""
     from blockdev.image.file import FileImage
     from mirror.verify import leaf_digests
 
     img = FileImage(path, readonly=True)
     try:
-        leaf_digests(img, size, 64 << 10)  # warm the cache
-        t0 = time.perf_counter()
-        leaf_digests(img, size, 64 << 10)
-        return size / (time.perf_counter() - t0) / 1e9
+        best = 0.0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            leaf_digests(img, size, 64 << 10)
+            best = max(best, size / (time.perf_counter() - t0) / 1e9)
+        return best
     finally:
         img.close()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runtime", type=int, default=8)
-    ap.add_argument("--size", default="256M")
+    ap.add_argument("--runtime", type=float, default=5.0)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--size", default="512M")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     from vdisk.units import parse_size
 
     size = parse_size(a.size)
+    jobs = [JOBS["seqwrite"], JOBS["randwrite"]]
+    runs: dict[str, dict[str, list[tuple[float, float]]]] = {j.name: {"plain": [], "mirrored": []} for j in jobs}
     with tempfile.TemporaryDirectory(prefix="vdisk-bench-mirror-") as tmp:
         procs = Procs(Path(tmp))
         try:
-            data = ["--data-dir", str(Path(tmp) / "src")]
-            for name in ("plain", "mirrored"):
-                procs.run(*data, "create", name, "--size", a.size)
-                prefill_and_evict(Path(tmp) / "src" / f"{name}.img", size, True)
+            for side in ("plain", "src"):
+                procs.run("--data-dir", str(Path(tmp) / side), "create", NAME, "--size", a.size)
+                prepare_image(Path(tmp) / side / f"{NAME}.img", size)
             _, port = procs.target("dst")
-            p1, sock_plain = procs.serve("src", "plain")
-            p2, sock_mirr = procs.serve("src", "mirrored")
-            procs.run(*data, "mirror", "mirrored", "--to", f"127.0.0.1:{port}", "--mode", "sync", "--wait")
-            images = {"plain": [Path(tmp) / "src" / "plain.img"],
-                      "mirrored": [Path(tmp) / "src" / "mirrored.img", Path(tmp) / "dst" / "mirrored.img"]}
-            results: dict[str, dict[str, dict[str, float]]] = {}
-            for job, args in JOBS.items():
-                results[job] = {}
-                for name, sock in (("plain", sock_plain), ("mirrored", sock_mirr)):
-                    for img in images[name]:
-                        prefill_and_evict(img, size, False)
-                    results[job][name] = fio(sock, name, args, a.size, a.runtime)
-            gbps = hash_speed(Path(tmp) / "src" / "plain.img", size)
+            _, sock_plain = procs.serve("plain", NAME)
+            _, sock_mirr = procs.serve("src", NAME)
+            procs.run("--data-dir", str(Path(tmp) / "src"), "mirror", NAME, "--to", f"127.0.0.1:{port}",
+                      "--mode", "sync", "--wait")
+            images = {"plain": [Path(tmp) / "plain" / f"{NAME}.img"],
+                      "mirrored": [Path(tmp) / "src" / f"{NAME}.img", Path(tmp) / "dst" / f"{NAME}.img"]}
+            socks = {"plain": Path(sock_plain), "mirrored": Path(sock_mirr)}
+            for r in range(a.repeat):
+                for job in jobs:
+                    order = ("plain", "mirrored") if r % 2 == 0 else ("mirrored", "plain")
+                    for side in order:
+                        for img in images[side]:
+                            settle(img)
+                        runs[job.name][side].append(run_fio(job, socks[side], a.runtime))
+            st = procs.status("src", NAME)
+            gbps = hash_speed(Path(tmp) / "plain" / f"{NAME}.img", size)
         finally:
             procs.kill_all()
-    out = {"setup": "source and target daemons on one 2-core host (loopback TCP)", "runtime_s": a.runtime,
-           "jobs": results, "ratios": {j: r["mirrored"]["iops"] / r["plain"]["iops"] for j, r in results.items()},
-           "verify_hash_gb_per_s": gbps}
+    med = {j: {s: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for s, v in d.items()}
+           for j, d in runs.items()}
+    ratios = {j: m["mirrored"][0] / m["plain"][0] for j, m in med.items()}
+    out = {"setup": f"source and target daemons on one {os.cpu_count()}-CPU host, loopback TCP",
+           "runtime_s": a.runtime, "repeat": a.repeat, "size": a.size, "median": med, "ratios": ratios,
+           "verify_hash_gb_per_s": gbps, "mirror_state_after": st.get("state")}
     if a.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{'job':<22} {'unmirrored':>22} {'sync mirror':>22} {'ratio':>7} {'target':>7}")
-    for job, r in results.items():
-        p, m = r["plain"], r["mirrored"]
-        fmt = (lambda x: f"{x['iops']:8.0f} IOPS {x['mbps']:7.1f} MB/s")
-        print(f"{job:<22} {fmt(p):>22} {fmt(m):>22} {out['ratios'][job]:6.2f}x {TARGETS[job]:6.2f}x")
-    print(f"verify hashing (cached, 1 core): {gbps:.2f} GB/s (target 1.0)")
-    print(out["setup"])
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {out['setup']}, runtime {a.runtime:g}s, repeat {a.repeat}")
+    print(f"{'job':<22} {'unmirrored':>24} {'sync mirror':>24} {'ratio':>6} {'target':>6}")
+    for job in jobs:
+        (pi, pm), (mi, mm) = med[job.name]["plain"], med[job.name]["mirrored"]
+        print(f"{job.label:<22} {pi:10.0f} IOPS {pm:7.1f} MiB/s {mi:10.0f} IOPS {mm:7.1f} MiB/s "
+              f"{ratios[job.name]:5.2f}x {TARGETS[job.name]:5.2f}x")
+    print(f"verify hashing, cached data, one core: {gbps:.2f} GB/s (target >= 1.0)")
+    print(f"mirror state after the runs: {st.get('state')}")
     return 0
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

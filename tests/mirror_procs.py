@@ -55,7 +55,7 @@ class Procs:
         return p, int(line.rsplit(":", 1)[1])
 
     def serve(self, data: str, name: str) -> tuple[subprocess.Popen[bytes], str]:
-        sock = str(self.tmp / f"{name}.sock")
+        sock = str(self.tmp / f"{data}-{name}.sock")
         p, _ = self.start("--data-dir", str(self.tmp / data), "serve", name, "--nbd", f"unix:{sock}", "-v",
                           log="serve.log", ready=r"serving ")
         return p, sock

@@ -46,7 +46,8 @@ def client(sock: str):
 
 @pytest.mark.skipif(shutil.which("fio") is None and not os.environ.get("CI"), reason="fio is not installed")
 def test_fio_randwrite_with_verify_then_source_and_replica_are_byte_exact(procs):
-    _, _, _, sock = mirrored(procs)
+    rep_sock = str(procs.tmp / "replica.sock")
+    _, _, _, sock = mirrored(procs, target_args=("--nbd", f"unix:{rep_sock}"))
     procs.wait_state("src", "vol", "in_sync")
     import subprocess
 
@@ -62,6 +63,12 @@ def test_fio_randwrite_with_verify_then_source_and_replica_are_byte_exact(procs)
     procs.wait_state("src", "vol", "in_sync")
     src, dst = images(procs)
     assert src == dst
+    # A DR host reads the replica over NBD, read-only even while the source mirrors into it.
+    r = client(rep_sock)
+    assert r.is_read_only() and r.pread(1 << 20, 16 * MiB) == src[16 * MiB:17 * MiB]
+    with pytest.raises(nbd.Error):
+        r.pwrite(b"x" * 512, 0)
+    r.shutdown()
 
 
 def test_every_acknowledged_write_is_on_the_replica_when_the_source_is_killed(procs):
