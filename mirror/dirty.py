@@ -20,19 +20,13 @@ from pathlib import Path
 
 import xxhash
 
+from blockdev.volume import write_atomic
+
 _NONZERO = re.compile(rb"[^\x00]")
 _MAP_HEAD = struct.Struct(">8sQQ")  # magic, volume size, region size
 _MAP_MAGIC = b"VDDIRTY1"
 _AL_HEAD = struct.Struct(">8sQQI")  # magic, sequence, extent size, count
 _AL_MAGIC = b"VDALOG01"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirtyMap:
@@ -43,6 +37,7 @@ class DirtyMap:
         self.regions = (size + region - 1) // region
         self._bits = bytearray((self.regions + 7) // 8)
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._count = 0
         self._unsaved = False
 
@@ -123,16 +118,13 @@ class DirtyMap:
         """Write the map atomically if it changed since the last save."""
         if self.path is None or not (self._unsaved or force):
             return
-        with self._lock:
-            data = _MAP_HEAD.pack(_MAP_MAGIC, self.size, self.region) + bytes(self._bits)
-            self._unsaved = False
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data + xxhash.xxh3_64_digest(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path)
+        # One save at a time (threads: flush, eviction, periodic): an older snapshot must never
+        # land after a newer one, and the temp file is shared.
+        with self._save_lock:
+            with self._lock:
+                data = _MAP_HEAD.pack(_MAP_MAGIC, self.size, self.region) + bytes(self._bits)
+                self._unsaved = False
+            write_atomic(self.path, data + xxhash.xxh3_64_digest(data))
 
     @classmethod
     def load(cls, size: int, region: int, path: Path) -> "DirtyMap":
