@@ -28,6 +28,7 @@ from blockdev.backend import EXTENT_HOLE, Backend, Completion, WriteResult
 from blockdev.errors import BlockError
 
 from .dirty import ActivityLog, DirtyMap
+from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
 from .wire.codec import (
     F_FUA, MAX_PAYLOAD, T_WRITE, encode_flush, encode_ping, encode_write, encode_zero, frame_header,
@@ -134,6 +135,7 @@ class SyncReplicator:
         self._send_error: BaseException | None = None
         self._resync_inflight = 0
         self._hash_waiters: dict[int, tuple[trio.Event, list[bytes]]] = {}
+        self._verify_first: str | None = None  # replica id to pair with once a Merkle compare is done
         self._next_req = 0
         self._last_rx = 0.0
         self.state = "disconnected"
@@ -388,12 +390,17 @@ class SyncReplicator:
 
     def _pair(self, welcome: Welcome) -> None:
         p = self.pairing
-        if welcome.replica_id != p.replica_id or welcome.created:
-            # A replica we have never filled: copy every allocated region (the rest is zero on both).
+        self._verify_first = None
+        if welcome.created:
+            # A brand-new (sparse) replica: copy every allocated region (the rest is zero on both).
             self._mark_allocated()
             self.pairing = Pairing(welcome.replica_id, False, self.dirty.dirty_bytes)
             self.dirty.save(force=True)
             self._save_pairing(self.pairing)
+        elif welcome.replica_id != p.replica_id:
+            # An existing replica we did not fill (restored from elsewhere, or paired before a
+            # --stop): compare Merkle trees first and resend only the blocks that differ.
+            self._verify_first = welcome.replica_id
 
     def _mark_allocated(self) -> None:
         size, pos = self.ident.size, 0
@@ -455,6 +462,15 @@ class SyncReplicator:
         self._dirty_event.set()
 
     async def _resync(self, link: Link) -> None:
+        if self._verify_first is not None:
+            report = await compare(self.image, self.ident.size, self.dirty.region, self.query_hashes)
+            for b in report.differing_blocks:
+                self.dirty.mark_region(b)
+            self.dirty.save(force=True)  # before the pairing that relies on it
+            self.pairing = Pairing(self._verify_first, False, self.dirty.dirty_bytes)
+            self._save_pairing(self.pairing)
+            self._verify_first = None
+            log.info("mirror %s: existing replica differs in %d blocks", self.ident.name, len(report.differing_blocks))
         cursor = 0
         saved = time.monotonic()
         while True:

@@ -258,3 +258,24 @@ async def test_big_writes_do_not_wait_for_a_keepalive_to_be_sent(rig):
         with trio.fail_after(2):
             await rig.write(0, data)
         assert rig.replica_bytes()[:size] == data
+
+
+async def test_an_existing_replica_we_did_not_fill_is_compared_not_copied(rig, tmp_path):
+    rng = random.Random(8)
+    rig.image.pwrite(rng.randbytes(SIZE), 0)
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    rig.layer.attach(None)
+    rig.mirror_scope.cancel()
+    await until(lambda: not rig.server.active)
+    # Unmirrored changes (as after `mirror --stop`, or a replica restored from a backup):
+    rig.image.pwrite(b"\x01" * 4096, 3 << 20)
+    rig.image.trim(1 << 20, 8 << 20)  # a hole on the source where the replica has data
+    (tmp_path / "vol.dirty").unlink()
+    fresh = await rig.start_mirror()  # no pairing: does not know this replica
+    await until(lambda: fresh.state == "in_sync" and fresh.statistics().in_flight == 0)
+    assert rig.source_bytes() == rig.replica_bytes()
+    assert fresh.resync_regions_sent == 1 + 16  # the changed block and the trimmed MiB, not 16 MiB
+    assert fresh.resync_bytes_sent == 64 << 10  # the trimmed MiB went as a zero frame
+    assert fresh.pairing.replica_id is not None and fresh.pairing.initial_sync_done
