@@ -160,7 +160,9 @@ class ActivityLog:
         self.path, self.extent, self.capacity = path, extent, capacity
         self._before_evict = before_evict
         self._hot: OrderedDict[int, int] = OrderedDict()  # extent -> writes in flight
+        self._gen: dict[int, int] = {}  # extent -> writes begun (tells a re-used extent from an idle one)
         self._lock = threading.Lock()
+        self._io = threading.Lock()
         self._seq = 0
         self._slot_size = _AL_HEAD.size + 8 * capacity * 4 + 8  # room for in-flight extents beyond capacity
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -198,6 +200,7 @@ class ActivityLog:
                 if n is not None:
                     self._hot[first] = n + 1
                     self._hot.move_to_end(first)
+                    self._gen[first] += 1
                     return
             new = False
             for e in range(first, last + 1):
@@ -205,11 +208,13 @@ class ActivityLog:
                 if n is None:
                     new = True
                     self._hot[e] = 1
+                    self._gen[e] = 1
                 else:
                     self._hot[e] = n + 1
                     self._hot.move_to_end(e)
-            if new:
-                self._write_locked(evict=True)
+                    self._gen[e] += 1
+        if new:
+            self._commit(all_idle=False)
 
     def end(self, offset: int, length: int) -> None:
         """The write is on the replica, or recorded in the dirty map: no longer in flight."""
@@ -221,35 +226,45 @@ class ActivityLog:
                     self._hot[e] = n - 1
 
     def clear(self) -> None:
-        """Forget idle extents, saving the dirty map first (under the lock, so a write that is marked
-        in the map after the save still has its extent counted in flight and stays logged)."""
-        with self._lock:
-            self._before_evict()
-            for e in [e for e, n in self._hot.items() if n == 0]:
-                del self._hot[e]
-            self._write_locked(evict=False)
+        """Forget idle extents (the dirty map is saved first)."""
+        self._commit(all_idle=True)
 
     @property
     def hot(self) -> int:
         return len(self._hot)
 
-    def _write_locked(self, evict: bool) -> None:
-        if self._fd < 0:  # closed: the mirror was stopped
-            return
-        if evict and len(self._hot) > self.capacity:
-            idle = [e for e, n in self._hot.items() if n == 0][: len(self._hot) - self.capacity]
+    def _commit(self, all_idle: bool) -> None:
+        """Write the hot set durably, dropping idle extents (all, or the oldest beyond capacity).
+
+        The I/O happens outside ``_lock``, so ``end`` (called on the trio thread for every ack) never
+        waits for an fdatasync; ``_io`` keeps log writes in sequence order. An extent is dropped only
+        if no write began in it since it was seen idle before the dirty map was saved: every write
+        that ended before that save has its dirty bits in it.
+        """
+        with self._io:
+            if self._fd < 0:  # closed: the mirror was stopped
+                return
+            with self._lock:
+                idle = [(e, self._gen[e]) for e, n in self._hot.items() if n == 0]
+                if not all_idle:
+                    idle = idle[: max(0, len(self._hot) - self.capacity)]
             if idle:
                 self._before_evict()  # the dirty map must hold their bits before they leave the log
-                for e in idle:
-                    del self._hot[e]
-        extents = list(self._hot)[: self.capacity * 4]
-        self._seq += 1
-        body = _AL_HEAD.pack(_AL_MAGIC, self._seq, self.extent, len(extents)) + struct.pack(f">{len(extents)}Q", *extents)
-        os.pwrite(self._fd, body + xxhash.xxh3_64_digest(body), (self._seq % 2) * self._slot_size)
-        os.fdatasync(self._fd)
-        self.writes += 1
+            with self._lock:
+                for e, gen in idle:
+                    if self._hot.get(e) == 0 and self._gen[e] == gen:
+                        del self._hot[e]
+                        del self._gen[e]
+                extents = list(self._hot)[: self.capacity * 4]
+                self._seq += 1
+                seq = self._seq
+            body = _AL_HEAD.pack(_AL_MAGIC, seq, self.extent, len(extents)) + struct.pack(f">{len(extents)}Q", *extents)
+            os.pwrite(self._fd, body + xxhash.xxh3_64_digest(body), (seq % 2) * self._slot_size)
+            os.fdatasync(self._fd)
+            self.writes += 1
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._io:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
