@@ -155,7 +155,7 @@ class ActivityLog:
     leaves the previous slot valid.
     """
 
-    def __init__(self, path: Path, extent: int = 4 << 20, capacity: int = 256,
+    def __init__(self, path: Path, extent: int = 4 << 20, capacity: int = 1024,
                  before_evict: Callable[[], None] = lambda: None) -> None:
         self.path, self.extent, self.capacity = path, extent, capacity
         self._before_evict = before_evict

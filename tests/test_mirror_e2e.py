@@ -155,6 +155,8 @@ def test_source_crash_resyncs_only_the_activity_log_not_the_volume(procs):
     for _ in range(200):  # writes confined to three 4 MiB extents
         h.pwrite(rng.randbytes(4096), rng.choice([0, 100, 200]) * MiB + rng.randrange(0, 1024) * 4096)
     Procs.kill9(srv)
+    st = procs.status("src", "vol")  # nobody serves it: read from the metadata and the dirty map
+    assert st["state"] == "disconnected" and st["mode"] == "sync" and st["initial_sync"]["done"]
     _, sock = procs.serve("src", "vol")  # the mirror resumes from the persisted configuration
     st = procs.wait_state("src", "vol", "in_sync")
     assert st["initial_sync"]["done"]
