@@ -127,7 +127,7 @@ class DirtyMap:
             write_atomic(self.path, data + xxhash.xxh3_64_digest(data))
 
     @classmethod
-    def load(cls, size: int, region: int, path: Path) -> "DirtyMap":
+    def load(cls, size: int, region: int, path: Path) -> DirtyMap:
         """The saved map, or an empty one if none exists; a corrupt or mismatched file marks everything."""
         m = cls(size, region, path)
         try:
@@ -138,7 +138,7 @@ class DirtyMap:
         ok = len(raw) == _MAP_HEAD.size + len(m._bits) + 8 and xxhash.xxh3_64_digest(body) == check
         if ok and _MAP_HEAD.unpack_from(body) == (_MAP_MAGIC, size, region):
             m._bits[:] = body[_MAP_HEAD.size:]
-            m._count = sum(bin(b).count("1") for b in m._bits)
+            m._count = sum(b.bit_count() for b in m._bits)
         else:
             m.mark(0, size)  # unknown state: assume everything differs rather than trust it
         return m

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from blockdev.backend import EXTENT_HOLE, Backend, Completion, WriteResult
 from blockdev.errors import BlockError
@@ -31,7 +32,14 @@ from .dirty import ActivityLog, DirtyMap
 from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
 from .wire.codec import (
-    F_FUA, MAX_PAYLOAD, T_WRITE, encode_flush, encode_ping, encode_write, encode_zero, frame_header,
+    F_FUA,
+    MAX_PAYLOAD,
+    T_WRITE,
+    encode_flush,
+    encode_ping,
+    encode_write,
+    encode_zero,
+    frame_header,
 )
 from .wire.events import PROTOCOL_VERSION, Ack, Bye, HashQuery, HashReply, Hello, Welcome
 from .wire.link import Link, Outbox, connect
@@ -92,7 +100,7 @@ class MirrorStats:
 
 
 class _Entry:
-    __slots__ = ("seq", "completion", "offset", "length", "kind")
+    __slots__ = ("completion", "kind", "length", "offset", "seq")
 
     def __init__(self, seq: int, completion: Completion | None, offset: int, length: int, kind: int) -> None:
         self.seq, self.completion, self.offset, self.length, self.kind = seq, completion, offset, length, kind
@@ -504,7 +512,7 @@ class SyncReplicator:
             while self._resync_inflight > self.config.resync_window:
                 self._ack_event = trio.Event()
                 await self._ack_event.wait()
-            await trio.sleep(0)  # let the front ends run between chunks
+            await trio.lowlevel.checkpoint()  # let the front ends run between chunks
 
     async def _wait_acked(self) -> None:
         while True:

@@ -23,7 +23,7 @@ from blockdev.volume import VolumeBusy, VolumeError, VolumeStore, validate_name
 
 from .verify import MerkleTree, build_tree, tree_height
 from .wire import Connection, PeerError, PeerSilent, RemoteProtocolError, Role, WireError
-from .wire.codec import FrameReader, encode, encode_ack, encode_hash_reply
+from .wire.codec import FrameReader, encode, encode_ack
 from .wire.events import Bye, Flush, HashQuery, HashReply, Hello, Ping, Welcome, Write, Zero
 from .wire.link import Link
 
@@ -91,7 +91,7 @@ class TargetServer:
             image = self.store.open_image(name)
             meta = self.store.update(name, replica={
                 "source_uuid": hello.volume_uuid, "source_name": hello.name, "generation": hello.generation,
-                "last_connected": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+                "last_connected": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
             link.conn.accept(Welcome(meta.uuid, name, created, hello.generation))
             await link.send_control()
             self.active[name] = link.peer

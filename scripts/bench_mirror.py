@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_nbd import JOBS, NAME, prepare_image, run_fio  # noqa: E402  (the foundation's jobs)
+from bench_nbd import JOBS, NAME, prepare_image, run_fio
 
-from tests.mirror_procs import Procs  # noqa: E402  (the same daemon helpers as the e2e tests)
+from tests.mirror_procs import Procs
 
 TARGETS = {"seqwrite": 0.7, "randwrite": 0.6}  # issue 5: mirrored / unmirrored
 

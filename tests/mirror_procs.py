@@ -25,7 +25,8 @@ class Procs:
         return [sys.executable, "-m", "vdisk.cli", *args]
 
     def run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(self.cmd(*args), env=self.env, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(self.cmd(*args), env=self.env, capture_output=True, text=True, timeout=timeout,
+                             check=False)
         if check and res.returncode != 0:
             raise AssertionError(f"vdisk {' '.join(args)} failed ({res.returncode}): {res.stderr}")
         return res
@@ -33,10 +34,9 @@ class Procs:
     def start(self, *args: str, log: str, ready: str, timeout: float = 20) -> tuple[subprocess.Popen[bytes], str]:
         """Start a daemon; wait for a stdout line matching ``ready`` (a regex); (process, the line)."""
         out = self.tmp / log
-        f = open(out, "ab")
-        start = out.stat().st_size
-        p = subprocess.Popen(self.cmd(*args), env=self.env, stdout=f, stderr=subprocess.STDOUT)
-        f.close()
+        with open(out, "ab") as f:
+            start = out.stat().st_size
+            p = subprocess.Popen(self.cmd(*args), env=self.env, stdout=f, stderr=subprocess.STDOUT)
         self.procs.append(p)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -11,8 +11,7 @@ from blockdev.volume import VolumeStore
 from mirror.dirty import ActivityLog, DirtyMap
 from mirror.sync import Pairing, SyncConfig, SyncReplicator, VolumeIdentity
 from mirror.target import TargetConfig, TargetServer
-from mirror.wire import Connection, Role
-from mirror.wire import codec
+from mirror.wire import Connection, Role, codec
 from mirror.wire.events import PROTOCOL_VERSION, Hello
 
 SIZE = 4 << 20

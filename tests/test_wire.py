@@ -7,10 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror.wire import AuthError, Connection, PeerError, RemoteProtocolError, Role, State, WireError
-from mirror.wire import codec
+from mirror.wire import AuthError, Connection, PeerError, RemoteProtocolError, Role, State, WireError, codec
 from mirror.wire.events import (
-    PROTOCOL_VERSION, Ack, Flush, HashQuery, HashReply, Hello, Ping, Welcome, Write, Zero,
+    PROTOCOL_VERSION,
+    Ack,
+    Flush,
+    HashQuery,
+    HashReply,
+    Hello,
+    Ping,
+    Welcome,
+    Write,
+    Zero,
 )
 
 UUID = "0b0e5d4e-6a43-4f0e-9d57-6d2a7f1c1e11"
@@ -139,7 +147,7 @@ def same(a, b) -> bool:
 @given(split=st.integers(min_value=1, max_value=20000), n=st.integers(min_value=1, max_value=30))
 @settings(max_examples=80, deadline=None)
 def test_data_frames_parse_identically_at_every_split(split, n):
-    src, tgt = handshake(None, None)
+    _, tgt = handshake(None, None)
     data, want = data_stream(n)
     got = []
     for i in range(0, len(data), split):

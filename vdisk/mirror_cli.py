@@ -112,7 +112,13 @@ def _wait_in_sync(control: str, args: argparse.Namespace) -> None:
     """Until the replica is in sync; a rich progress bar of the initial sync on a terminal."""
     deadline = time.monotonic() + args.wait_timeout
     if sys.stdout.isatty() and not args.json:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                       TransferSpeedColumn(), TimeRemainingColumn()) as bar:
@@ -171,8 +177,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if control is None:
         raise ControlError(f"volume {args.name!r} is not served: verify runs inside `vdisk serve`")
     rep = call(control, "verify", timeout=3600, name=args.name, repair=args.repair)["verify"]
-    lines = [f"{args.name}: {len(rep['ranges'])} differing ranges, {format_size(rep['differing_bytes'])} "
-             f"({rep['digests_exchanged']} digests exchanged)"]
+    lines = [(f"{args.name}: {len(rep['ranges'])} differing ranges, {format_size(rep['differing_bytes'])} "
+              f"({rep['digests_exchanged']} digests exchanged)")]
     lines += [f"  differs at {off}+{n}" for off, n in rep["ranges"][:50]]
     if args.repair and rep["ranges"]:
         lines.append(f"  repaired: {rep['repaired']} ({format_size(rep.get('resent_bytes', 0))} resent)")

@@ -76,7 +76,7 @@ def check_section(section: dict[str, Any]) -> SyncConfig:
 class MirrorManager:
     """Runs one replicator per mirrored volume of a daemon."""
 
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.running: dict[str, tuple[SyncReplicator, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
@@ -105,7 +105,7 @@ class MirrorManager:
                 for name in list(self.running):
                     self._stop(name)
 
-    async def start(self, vol: "ServedVolume", section: dict[str, Any]) -> SyncReplicator:
+    async def start(self, vol: ServedVolume, section: dict[str, Any]) -> SyncReplicator:
         config = check_section(section)
         self._stop(vol.name)
         meta = vol.meta
@@ -159,7 +159,7 @@ class MirrorManager:
         return dataclasses.asdict(entry[0].statistics()) if entry else None
 
     # -- control commands ------------------------------------------------------------------------
-    def _volume(self, req: dict[str, Any]) -> "ServedVolume":
+    def _volume(self, req: dict[str, Any]) -> ServedVolume:
         vol = self.daemon.volumes.get(str(req.get("name")))
         if vol is None:
             raise ControlError(f"volume {req.get('name')!r} is not served by this daemon")

@@ -3,5 +3,15 @@ from .connection import Connection, Role, State
 from .errors import AuthError, LocalProtocolError, PeerError, PeerSilent, RemoteProtocolError, WireError
 from .events import PROTOCOL_VERSION
 
-__all__ = ["Connection", "Role", "State", "AuthError", "LocalProtocolError", "PeerError", "PeerSilent",
-           "RemoteProtocolError", "WireError", "PROTOCOL_VERSION"]
+__all__ = [
+           "PROTOCOL_VERSION",
+           "AuthError",
+           "Connection",
+           "LocalProtocolError",
+           "PeerError",
+           "PeerSilent",
+           "RemoteProtocolError",
+           "Role",
+           "State",
+           "WireError",
+]

@@ -18,7 +18,20 @@ import xxhash
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import (
-    Ack, Auth, Bye, Challenge, ErrorMsg, Event, Flush, HashQuery, HashReply, Hello, Ping, Welcome, Write, Zero,
+    Ack,
+    Auth,
+    Bye,
+    Challenge,
+    ErrorMsg,
+    Event,
+    Flush,
+    HashQuery,
+    HashReply,
+    Hello,
+    Ping,
+    Welcome,
+    Write,
+    Zero,
 )
 
 HEADER = struct.Struct(">IBBHQQQ")

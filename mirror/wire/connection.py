@@ -26,8 +26,21 @@ from collections.abc import Callable
 from .codec import FrameReader, encode
 from .errors import AuthError, LocalProtocolError, PeerError, RemoteProtocolError, WireError
 from .events import (
-    PROTOCOL_VERSION, Ack, Auth, Bye, Challenge, ErrorMsg, Event, Flush, HashQuery, HashReply, Hello, Ping,
-    Welcome, Write, Zero,
+    PROTOCOL_VERSION,
+    Ack,
+    Auth,
+    Bye,
+    Challenge,
+    ErrorMsg,
+    Event,
+    Flush,
+    HashQuery,
+    HashReply,
+    Hello,
+    Ping,
+    Welcome,
+    Write,
+    Zero,
 )
 
 NONCE_SIZE = 32
@@ -177,7 +190,7 @@ class Connection:
         self._nonce = self._rand(NONCE_SIZE)
         proof = _mac(self._psk, b"vdisk-mirror target", hello.nonce, self._nonce, hello.volume_uuid) if self._psk else b""
         self._out.append(encode(Challenge(PROTOCOL_VERSION, self._nonce, proof, self._psk is not None)))
-        return None  # the application sees the Hello once the source has authenticated
+        # the application sees the Hello once the source has authenticated
 
     def _on_challenge(self, ch: Challenge) -> None:
         assert self.hello is not None
@@ -197,7 +210,6 @@ class Connection:
                 raise AuthError("authentication failed: wrong pre-shared key (the target's proof does not match)")
             proof = _mac(self._psk, b"vdisk-mirror source", ch.nonce, self._nonce, self.hello.volume_uuid)
         self._out.append(encode(Auth(proof)))
-        return None
 
     def _on_auth(self, auth: Auth) -> None:
         assert self.hello is not None

@@ -80,7 +80,8 @@ class Link:
         self.outbox = Outbox()
         self.peer = ""
         try:
-            self.peer = "%s:%s" % sock.getpeername()[:2]
+            host, port = sock.getpeername()[:2]
+            self.peer = f"{host}:{port}"
         except (OSError, TypeError):
             pass
 
