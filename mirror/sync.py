@@ -443,6 +443,9 @@ class SyncReplicator:
                 self._blocked += [(deadline, c) for c in held]
                 held = []
         self._resync_inflight = 0
+        for event, _box in self._hash_waiters.values():  # a verify in progress fails now, not in 60 s
+            event.set()
+        self._hash_waiters.clear()
         self.state = "degraded" if self.connects else "disconnected"
         try:
             self.dirty.save()
@@ -607,7 +610,7 @@ class SyncReplicator:
         self._send_control([encode(HashQuery(req, leaf_size, level, tuple(indices)))])
         with trio.move_on_after(max(60.0, self.config.timeout)) as scope:
             await event.wait()
-        if scope.cancelled_caught or len(box[0]) != 16 * len(indices):
+        if scope.cancelled_caught or not box or len(box[0]) != 16 * len(indices):
             self._hash_waiters.pop(req, None)
             raise PeerSilent("the target did not answer a verify query")
         return box[0]

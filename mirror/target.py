@@ -49,6 +49,7 @@ class TargetServer:
         self.active: dict[str, str] = {}  # replica name -> source peer
         self.applied_bytes = 0
         self._ro: dict[str, FileImage] = {}
+        self._sessions: dict[str, tuple[trio.CancelScope, trio.Event]] = {}  # source uuid -> its link's
 
     # -- listening -------------------------------------------------------------------------------
     async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -73,6 +74,8 @@ class TargetServer:
         link = Link(stream.socket, Connection(Role.TARGET, self.config.psk, reader=FrameReader(RECV_BUFFER)))
         name: str | None = None
         lock = image = None
+        session: tuple[trio.CancelScope, trio.Event] | None = None
+        session_uuid = ""
         try:
             with trio.move_on_after(self.config.timeout) as scope:
                 events = await link.receive()
@@ -80,6 +83,9 @@ class TargetServer:
                 raise PeerSilent(f"source {link.peer} did not complete the handshake")
             hello = events[0]
             assert isinstance(hello, Hello)
+            await self._take_over(hello.volume_uuid, link.peer)
+            session_uuid = hello.volume_uuid
+            session = self._sessions[hello.volume_uuid] = (trio.CancelScope(), trio.Event())
             try:
                 name, created = self._replica_for(hello)
                 lock = self.store.lock(name)
@@ -96,7 +102,8 @@ class TargetServer:
             await link.send_control()
             self.active[name] = link.peer
             log.info("source %s mirrors %s (%s) into replica %s", link.peer, hello.name, hello.volume_uuid, name)
-            await self._apply(link, image, hello.size)
+            with session[0]:
+                await self._apply(link, image, hello.size)
         except Refused as e:
             log.warning("refused source %s: %s", link.peer, e)
             await link.close(message=str(e))
@@ -116,8 +123,23 @@ class TargetServer:
                 image.close()
             if lock is not None:
                 lock.release()
+            if session is not None:
+                session[1].set()
+                if self._sessions.get(session_uuid) is session:
+                    del self._sessions[session_uuid]
         with trio.CancelScope(shield=True):
             await link.close()
+
+    async def _take_over(self, uuid: str, peer: str) -> None:
+        """A source that reconnects (authenticated) replaces its previous link: after a partition
+        the old one may look alive here until it times out, and would keep the replica locked."""
+        old = self._sessions.get(uuid)
+        if old is None:
+            return
+        log.warning("source %s reconnects for %s: dropping its previous link", peer, uuid)
+        old[0].cancel()
+        with trio.move_on_after(5):
+            await old[1].wait()
 
     def _replica_for(self, hello: Hello) -> tuple[str, bool]:
         """(name, created): the replica of this source uuid, created (sparse) if there is none."""

@@ -175,3 +175,15 @@ async def test_a_target_that_stops_acking_is_declared_silent_and_the_write_degra
     assert c.exception is None  # degrade: completed locally once the link was declared dead
     assert "went silent" in rep.last_error and rep.state == "degraded"
     assert list(rep.dirty) == [0]  # and its region is marked for resync
+
+
+async def test_a_reconnecting_source_takes_over_from_its_stale_link(tmp_path, nursery):
+    server, port = await start_target(nursery, tmp_path, timeout=30)
+    stale = await raw_handshake(port)  # e.g. a link cut by a partition: still open on the target
+    assert list(server.active) == ["vol"]
+    fresh = await raw_handshake(port)  # the same source, authenticated again: accepted at once
+    await fresh.send_all(codec.encode_flush(1))
+    with trio.fail_after(5):
+        data = await fresh.receive_some(65536)
+    assert codec.HEADER.unpack_from(data)[1] == codec.T_ACK
+    assert await read_error(stale) == b""  # the stale link was closed by the target
