@@ -166,6 +166,11 @@ class ActivityLog:
         self._seq = 0
         self._slot_size = _AL_HEAD.size + 8 * capacity * 4 + 8  # room for in-flight extents beyond capacity
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(self._fd).st_size < 2 * self._slot_size:
+            # Allocated once: a later update then overwrites blocks in place, and its fdatasync need
+            # not commit the filesystem journal (which would also flush the volume's dirty data).
+            os.pwrite(self._fd, bytes(2 * self._slot_size - os.fstat(self._fd).st_size), os.fstat(self._fd).st_size)
+            os.fsync(self._fd)
         self.writes = 0  # log updates (each one fdatasync): statistics
 
     def recover(self) -> list[int]:
