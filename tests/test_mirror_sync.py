@@ -279,3 +279,27 @@ async def test_an_existing_replica_we_did_not_fill_is_compared_not_copied(rig, t
     assert fresh.resync_regions_sent == 1 + 16  # the changed block and the trimmed MiB, not 16 MiB
     assert fresh.resync_bytes_sent == 64 << 10  # the trimmed MiB went as a zero frame
     assert fresh.pairing.replica_id is not None and fresh.pairing.initial_sync_done
+
+
+async def test_fua_and_flush_are_durable_on_the_replica_before_the_host_ack(rig, monkeypatch):
+    from blockdev.image.file import FileImage
+
+    synced: list[str] = []
+    real_flush = FileImage.flush
+
+    def flush(self):  # record fdatasyncs of the replica image (the target applies inline)
+        synced.append(self.path)
+        return real_flush(self)
+
+    monkeypatch.setattr(FileImage, "flush", flush)
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    replica = str(rig.dst.image_path("vol"))
+    synced.clear()
+    await rig.write(0, b"a" * 4096)
+    assert replica not in synced  # a plain write is acked once applied, without an fdatasync
+    await rig.write(4096, b"b" * 4096, fua=True)
+    assert synced.count(replica) == 1
+    await wait(rig.layer.flush())
+    assert synced.count(replica) == 2
