@@ -96,10 +96,11 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         keep = {k: old[k] for k in ("replica_id", "initial_sync_done", "sync_total") if k in old and old.get("to") == args.to}
         store.update(args.name, mirror={**section, **keep})
         reply, where = {}, "saved; it starts with `vdisk serve`"
-    if args.wait and control:
-        _wait_in_sync(control, args)
     emit(args, {"name": args.name, "mirror": section, **reply},
          f"mirror {args.name} -> {args.to} ({args.mode}, on link loss: {args.on_link_loss}) {where}")
+    if args.wait and control:
+        sys.stdout.flush()
+        _wait_in_sync(control, args)
     return 0
 
 
