@@ -349,7 +349,7 @@ class SyncReplicator:
                         self.last_error = str(e)
                         log.warning("mirror %s -> %s:%s: %s", self.ident.name, self.config.host,
                                     self.config.port, e)
-                    except Exception as e:  # noqa: BLE001 - a bug here must not stop the volume being served
+                    except Exception as e:  # a bug here must not stop the volume being served
                         # The session's writes are in the dirty map (_link_down); reconnect and resync.
                         self.last_error = f"internal error: {e!r}"
                         log.exception("mirror %s: internal error", self.ident.name)
