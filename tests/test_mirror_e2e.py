@@ -68,6 +68,9 @@ def test_fio_randwrite_with_verify_then_source_and_replica_are_byte_exact(procs)
     with pytest.raises(nbd.Error):
         r.pwrite(b"x" * 512, 0)
     r.shutdown()
+    res = procs.run("--data-dir", str(procs.tmp / "dst"), "serve", "vol", "--nbd",
+                    f"unix:{procs.tmp / 'rw.sock'}", check=False)
+    assert res.returncode != 0 and "being served" in res.stderr  # nobody can open it writable
 
 
 def test_every_acknowledged_write_is_on_the_replica_when_the_source_is_killed(procs):
