@@ -4,7 +4,8 @@
 down, initial sync, verify found a difference), cleared as resync sends them. Saved atomically.
 
 ``ActivityLog`` (after DRBD's): the set of "hot" extents (4 MiB) that may have writes in flight. An
-extent is made durable in the log *before* a write to it is issued, and leaves the log only when no
+extent is made durable in the log *before* a write to it is issued (``admit``; the front end's
+thread never waits for that fdatasync, the write is issued when it is done), and leaves the log only when no
 write to it is in flight and the dirty map is saved. After a crash, dirty = saved map | logged extents:
 everything that may differ, and usually a tiny fraction of the volume.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import xxhash
 
+from blockdev.backend import Completion
 from blockdev.volume import write_atomic
 
 _NONZERO = re.compile(rb"[^\x00]")
@@ -163,6 +165,11 @@ class ActivityLog:
         self._gen: dict[int, int] = {}  # extent -> writes begun (tells a re-used extent from an idle one)
         self._lock = threading.Lock()
         self._io = threading.Lock()
+        self._unlogged: set[int] = set()  # hot extents not yet in a durable log write
+        self._waiters: list[tuple[Completion, int, int]] = []
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._closing = False
         self._seq = 0
         self._slot_size = _AL_HEAD.size + 8 * capacity * 4 + 8  # room for in-flight extents beyond capacity
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -196,30 +203,72 @@ class ActivityLog:
     def byte_range(self, e: int) -> tuple[int, int]:
         return e * self.extent, self.extent
 
-    def begin(self, offset: int, length: int) -> None:
-        """Before issuing a write: its extents are hot (durably), and counted as in flight."""
+    def admit(self, offset: int, length: int) -> Completion | None:
+        """Count a write in flight in its extents. None if they are already durably logged (the
+        common case, no I/O); else a Completion that finishes once they are (the log is written by
+        its own thread, several admissions per fdatasync), and fails if the log cannot be written."""
         first, last = offset // self.extent, (offset + max(length, 1) - 1) // self.extent
         with self._lock:
-            if first == last:  # the common case: one extent, already hot (no I/O)
-                n = self._hot.get(first)
-                if n is not None:
-                    self._hot[first] = n + 1
-                    self._hot.move_to_end(first)
+            hot = self._hot
+            if first == last:  # the common case: one extent, already hot and logged
+                n = hot.get(first)
+                if n is not None and first not in self._unlogged:
+                    hot[first] = n + 1
+                    hot.move_to_end(first)
                     self._gen[first] += 1
-                    return
-            new = False
+                    return None
+            wait = False
             for e in range(first, last + 1):
-                n = self._hot.get(e)
+                n = hot.get(e)
                 if n is None:
-                    new = True
-                    self._hot[e] = 1
+                    hot[e] = 1
                     self._gen[e] = 1
+                    self._unlogged.add(e)
                 else:
-                    self._hot[e] = n + 1
-                    self._hot.move_to_end(e)
+                    hot[e] = n + 1
+                    hot.move_to_end(e)
                     self._gen[e] += 1
-        if new:
-            self._commit(all_idle=False)
+                wait = wait or e in self._unlogged
+            if not wait:
+                return None
+            c = Completion()
+            self._waiters.append((c, offset, length))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._log_writer, name="vdisk-activity-log", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return c
+
+    def begin(self, offset: int, length: int) -> None:
+        """``admit``, waiting for the log if needed (for callers that may block)."""
+        c = self.admit(offset, length)
+        if c is not None:
+            done = threading.Event()
+            c.add_done_callback(lambda _exc: done.set())
+            done.wait()
+            if c.exception is not None:
+                raise c.exception
+
+    def _log_writer(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiters and not self._closing:
+                    self._wake.wait()
+                if self._closing and not self._waiters:
+                    return
+                waiters, self._waiters = self._waiters, []
+                logged = set(self._unlogged)
+            try:
+                self._commit(all_idle=False)  # its snapshot holds every extent admitted so far
+            except OSError as e:
+                for c, offset, length in waiters:
+                    self.end(offset, length)
+                    c.finish(e)
+                continue
+            with self._lock:
+                self._unlogged -= logged
+            for c, _offset, _length in waiters:
+                c.finish()
 
     def end(self, offset: int, length: int) -> None:
         """The write is on the replica, or recorded in the dirty map: no longer in flight."""
@@ -269,6 +318,9 @@ class ActivityLog:
             self.writes += 1
 
     def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
         with self._io:
             if self._fd >= 0:
                 os.close(self._fd)

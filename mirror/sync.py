@@ -25,7 +25,7 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from blockdev.backend import EXTENT_HOLE, Backend, Completion, WriteResult
+from blockdev.backend import EXTENT_HOLE, Backend, Completion, WriteResult, wait
 from blockdev.errors import BlockError
 
 from .dirty import ActivityLog, DirtyMap
@@ -153,11 +153,17 @@ class SyncReplicator:
         self.resync_regions_sent = 0
 
     # -- the Replicator protocol (any thread) ----------------------------------------------------
+    def admit(self, offset: int, length: int) -> WriteResult:
+        """Before a write: its extents must be in the activity log (usually they are already)."""
+        return self.al.admit(offset, length)
+
+    def withdraw(self, offset: int, length: int) -> None:
+        self.al.end(offset, length)
+
     def on_write(self, offset: int, data: memoryview | bytes, fua: bool) -> WriteResult:
         # The hot path of every host write: kept to one lock, no per-write allocations beyond the
         # header, the Completion and the pending entry (≈ the 3 µs per write DESIGN.md measured).
         n = len(data)
-        self.al.begin(offset, n)
         c = Completion()
         with self._lock:
             local = self._local
@@ -191,7 +197,6 @@ class SyncReplicator:
         return c
 
     def on_zero(self, offset: int, length: int, fua: bool, trim: bool) -> WriteResult:
-        self.al.begin(offset, length)
         with self._lock:
             self._local[(offset, length)] = self._local.get((offset, length), 0) + 1
             if self._link is None:
@@ -515,7 +520,9 @@ class SyncReplicator:
                 self.state = "syncing"
                 cursor = 0
                 continue
-            cursor = self._send_chunk(r)
+            first, last, offset, length = self._chunk(r)
+            await wait(self.al.admit(offset, length))  # the log write must not stall the trio thread
+            cursor = self._send_chunk(first, last, offset, length)
             while self._resync_inflight > self.config.resync_window:
                 self._ack_event = trio.Event()
                 await self._ack_event.wait()
@@ -541,22 +548,25 @@ class SyncReplicator:
         self.dirty.save()
         self._release_blocked()
 
-    def _send_chunk(self, first: int) -> int:
-        """Send dirty regions starting at ``first`` (contiguous, up to one chunk); the next cursor."""
+    def _chunk(self, first: int) -> tuple[int, int, int, int]:
+        """Contiguous dirty regions from ``first``, up to one chunk: (first, last, offset, length)."""
         d = self.dirty
         last = first
         limit = first + max(1, self.config.resync_chunk // d.region)
         while last + 1 < min(limit, d.regions) and d.test(last + 1):
             last += 1
         offset = first * d.region
-        end = min((last + 1) * d.region, self.ident.size)
-        length = end - offset
+        return first, last, offset, min((last + 1) * d.region, self.ident.size) - offset
+
+    def _send_chunk(self, first: int, last: int, offset: int, length: int) -> int:
+        """Read and queue a chunk (its extents admitted to the activity log); the next cursor."""
+        d = self.dirty
+        end = offset + length
         with self._lock:
-            if self._link is None:
+            if self._link is None or any(o < end and offset < o + n for o, n in self._local):
+                # Link gone, or a write is landing there (the chunk is read once it has landed).
+                self.al.end(offset, length)
                 return last + 1
-            if any(o < end and offset < o + n for o, n in self._local):
-                return last + 1  # a write is landing there; it will be read once it has
-            self.al.begin(offset, length)
             for r in range(first, last + 1):
                 d.clear_region(r)
             frames = self._read_frames(offset, length)

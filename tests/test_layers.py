@@ -112,6 +112,12 @@ class _RecordingReplicator:
     def local_done(self, offset, length, ok):  # type: ignore[no-untyped-def]
         self.local.append((offset, length, ok))
 
+    def admit(self, offset, length):  # type: ignore[no-untyped-def]
+        return None  # the range is always admitted at once here
+
+    def withdraw(self, offset, length):  # type: ignore[no-untyped-def]
+        self.ops.append(("withdraw", offset, length))
+
 
 def test_mirror_seam_sees_every_write_op_and_waits_for_the_replica() -> None:
     img = MemoryImage(1 << 16)

@@ -303,3 +303,24 @@ async def test_fua_and_flush_are_durable_on_the_replica_before_the_host_ack(rig,
     assert synced.count(replica) == 1
     await wait(rig.layer.flush())
     assert synced.count(replica) == 2
+
+
+async def test_a_write_to_a_cold_extent_waits_for_the_activity_log_without_blocking_the_caller(rig, tmp_path):
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    gate_open = __import__("threading").Event()
+    real_commit = rep.al._commit
+
+    def slow_commit(all_idle):  # an fdatasync that takes a while (a busy disk)
+        gate_open.wait(5)
+        real_commit(all_idle)
+
+    rep.al._commit = slow_commit
+    res = rig.layer.pwrite(b"c" * 4096, 12 << 20)  # a cold extent: returns at once, not yet issued
+    assert res is not None and not res.done
+    assert rig.source_bytes()[12 << 20:(12 << 20) + 4096] == bytes(4096)  # nothing written before the log
+    gate_open.set()
+    await wait(res)
+    assert rig.replica_bytes()[12 << 20:(12 << 20) + 4096] == b"c" * 4096
+    assert (12 << 20) // rep.al.extent in ActivityLog(tmp_path / "vol.al").recover()
