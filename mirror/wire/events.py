@@ -1,13 +1,14 @@
 """The messages of the replication protocol.
 
 Handshake and control messages are frozen dataclasses carried as JSON (rare, can afford richness).
-Data-path messages (Write, Zero, Flush, Ack, Ping) are slotted frozen dataclasses decoded straight
-from binary headers; ``Write.data`` is a zero-copy view into the receive buffer, valid until the next
+Data-path messages (Write, Zero, Flush, Ack, Ping) are immutable named tuples (cheap to build, one
+per frame) decoded straight from binary headers; ``Write.data`` is a zero-copy view into the receive buffer, valid until the next
 ``receive``/``buffer`` call of the reader that produced it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 PROTOCOL_VERSION = 1
 
@@ -62,16 +63,27 @@ class ErrorMsg:
     code: str = "error"
 
 
-@dataclass(frozen=True, slots=True)
-class Write:
+# Data-path events are immutable named tuples: building one costs ≈ 0.3 µs, a frozen slotted
+# dataclass ≈ 2.4 µs, and the target builds one per frame. Equality also compares the type, so
+# Ack(5) != Flush(5).
+
+
+def _typed_eq(self: tuple, other: object) -> bool:
+    return type(self) is type(other) and tuple.__eq__(self, other)  # type: ignore[arg-type]
+
+
+def _typed_ne(self: tuple, other: object) -> bool:
+    return not _typed_eq(self, other)
+
+
+class Write(NamedTuple):
     seq: int
     offset: int
     data: memoryview
     fua: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Zero:
+class Zero(NamedTuple):
     """Make a range read back as zeroes; ``trim`` allows punching a hole."""
 
     seq: int
@@ -81,25 +93,28 @@ class Zero:
     trim: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Flush:
+class Flush(NamedTuple):
     """Make everything up to ``seq`` durable on the replica before acknowledging it."""
 
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(NamedTuple):
     """Cumulative: every data frame with a sequence number <= ``seq`` is applied (durable if asked)."""
 
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
-class Ping:
+class Ping(NamedTuple):
     """Keep-alive; answered with an Ack of the last applied seq."""
 
     token: int
+
+
+for _cls in (Write, Zero, Flush, Ack, Ping):
+    _cls.__eq__ = _typed_eq  # type: ignore[method-assign,assignment]
+    _cls.__ne__ = _typed_ne  # type: ignore[method-assign,assignment]
+    _cls.__hash__ = tuple.__hash__  # type: ignore[method-assign,assignment]
 
 
 @dataclass(frozen=True)
