@@ -54,7 +54,7 @@ def test_fio_randwrite_with_verify_then_source_and_replica_are_byte_exact(procs)
         ["fio", "--name=mirror", "--ioengine=nbd", f"--uri=nbd+unix:///vol?socket={sock}", "--rw=randwrite",
          "--bsrange=4k-256k", "--size=48M", "--iodepth=16", "--verify=crc32c", "--verify_fatal=1",
          "--do_verify=1", "--randrepeat=0", "--output-format=terse"],
-        capture_output=True, text=True, timeout=120, check=False)
+        capture_output=True, text=True, timeout=120, check=False, cwd=procs.tmp)  # fio's state file lands there
     assert res.returncode == 0, res.stdout + res.stderr
     h = client(sock)
     h.flush()
