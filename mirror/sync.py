@@ -19,7 +19,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -29,6 +28,7 @@ from blockdev.backend import EXTENT_HOLE, Backend, Completion, WriteResult, wait
 from blockdev.errors import BlockError
 
 from .dirty import ActivityLog, DirtyMap
+from .records import MirrorStats, Pairing, SyncConfig, VolumeIdentity
 from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
 from .wire.codec import (
@@ -50,70 +50,11 @@ HOST, RESYNC, FLUSH = 0, 1, 2
 EAGER_SEND = 1 << 20  # queued bytes after which the trio thread sends without waiting for its batch
 
 
-@dataclass(frozen=True)
-class SyncConfig:
-    """How to reach the replica and what to do without it. Timeouts in seconds."""
-
-    host: str
-    port: int
-    on_link_loss: str = "degrade"  # or "block"
-    psk: bytes | None = None
-    block_timeout: float = 30.0
-    timeout: float = 10.0      # silence after which the target is declared gone
-    keepalive: float = 1.0
-    backoff_min: float = 0.2
-    backoff_max: float = 5.0
-    resync_chunk: int = 1 << 20
-    resync_window: int = 16 << 20  # resync bytes in flight before waiting for acks
-
-
-@dataclass(frozen=True)
-class VolumeIdentity:
-    uuid: str
-    name: str
-    size: int
-    block_size: int
-    generation: int
-
-
-@dataclass(frozen=True)
-class MirrorStats:
-    """A snapshot for `vdisk status` (served over the control socket)."""
-
-    mode: str
-    state: str
-    target: str
-    on_link_loss: str
-    dirty_bytes: int
-    in_flight: int
-    acked_seq: int
-    sent_seq: int
-    resync_bytes_sent: int
-    resync_regions_sent: int
-    initial_sync: dict[str, Any]
-    blocked: int
-    connects: int
-    al_hot: int
-    al_writes: int
-    replica: str | None
-    last_error: str | None
-
-
 class _Entry:
     __slots__ = ("completion", "kind", "length", "offset", "seq")
 
     def __init__(self, seq: int, completion: Completion | None, offset: int, length: int, kind: int) -> None:
         self.seq, self.completion, self.offset, self.length, self.kind = seq, completion, offset, length, kind
-
-
-@dataclass
-class Pairing:
-    """What the source remembers about its replica (persisted in the volume's ``mirror`` section)."""
-
-    replica_id: str | None = None
-    initial_sync_done: bool = False
-    sync_total: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SyncReplicator:

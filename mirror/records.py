@@ -1,0 +1,64 @@
+"""What the sync replicator is configured with, remembers, and reports: plain records, no logic."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """How to reach the replica and what to do without it. Timeouts in seconds."""
+
+    host: str
+    port: int
+    on_link_loss: str = "degrade"  # or "block"
+    psk: bytes | None = None
+    block_timeout: float = 30.0
+    timeout: float = 10.0      # silence after which the target is declared gone
+    keepalive: float = 1.0
+    backoff_min: float = 0.2
+    backoff_max: float = 5.0
+    resync_chunk: int = 1 << 20
+    resync_window: int = 16 << 20  # resync bytes in flight before waiting for acks
+
+
+@dataclass(frozen=True)
+class VolumeIdentity:
+    uuid: str
+    name: str
+    size: int
+    block_size: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class MirrorStats:
+    """A snapshot for `vdisk status` (served over the control socket)."""
+
+    mode: str
+    state: str
+    target: str
+    on_link_loss: str
+    dirty_bytes: int
+    in_flight: int
+    acked_seq: int
+    sent_seq: int
+    resync_bytes_sent: int
+    resync_regions_sent: int
+    initial_sync: dict[str, Any]
+    blocked: int
+    connects: int
+    al_hot: int
+    al_writes: int
+    replica: str | None
+    last_error: str | None
+
+
+@dataclass
+class Pairing:
+    """What the source remembers about its replica (persisted in the volume's ``mirror`` section)."""
+
+    replica_id: str | None = None
+    initial_sync_done: bool = False
+    sync_total: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
