@@ -1,7 +1,9 @@
 """`vdisk demo`: the main job in one self-contained command.
 
-In a temporary data directory: create a volume, serve it over NBD with a real `vdisk serve` daemon,
-write and read data through libnbd (a real NBD client), check it, show the volume, shut down.
+In a temporary directory: start a replica target, create a volume, serve it over NBD with a real
+`vdisk serve` daemon, mirror it to the target in sync mode, write and read data through libnbd (a real
+NBD client), show the mirror status, and compare the replica (read through the target's read-only
+NBD export) with the source.
 """
 from __future__ import annotations
 
@@ -44,19 +46,35 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 
     raise RuntimeError(f"vdisk serve did not listen on {path} within {timeout:.0f}s")
 
 
+def start_target(data: Path, nbd_sock: Path) -> tuple[subprocess.Popen[str], str]:
+    """A `vdisk target` on a free loopback port; returns it and its HOST:PORT."""
+    proc = subprocess.Popen(_vdisk("target", "--listen", "127.0.0.1:0", "--nbd", f"unix:{nbd_sock}", data_dir=data),
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("target listening on tcp:"):
+        proc.kill()
+        raise RuntimeError(f"vdisk target did not start: {line!r}")
+    print(line, end="")
+    return proc, line.split()[3].removeprefix("tcp:").rstrip(",")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     import nbd  # libnbd's python bindings (Debian python3-libnbd), exposed in the venv
 
     con = Console()
     with tempfile.TemporaryDirectory(prefix="vdisk-demo-") as tmp:
-        data = Path(tmp)
-        sock = data / "demo.sock"
+        data, replicas = Path(tmp) / "source", Path(tmp) / "replicas"
+        sock, replica_sock = Path(tmp) / "demo.sock", Path(tmp) / "replicas.sock"
         con.rule("[bold]vdisk demo")
-        con.print(f"data directory: {data}")
+        con.print(f"source data directory: {data}; replica site: {replicas}")
+        target, target_addr = start_target(replicas, replica_sock)
         subprocess.run(_vdisk("create", "demo", "--size", "256M", data_dir=data), check=True)
         serve = subprocess.Popen(_vdisk("serve", "demo", "--nbd", f"unix:{sock}", data_dir=data))
         try:
             wait_for_socket(sock, serve)
+            subprocess.run(_vdisk("mirror", "demo", "--to", target_addr, "--mode", "sync", "--wait", data_dir=data),
+                           check=True)
             uri = f"nbd+unix:///demo?socket={sock}"
             h = nbd.NBD()
             h.connect_uri(uri)
@@ -79,13 +97,27 @@ def run_demo(args: argparse.Namespace) -> int:
             con.print(f"write-zeroes of 4 MiB: reads back zero: {zeroed}")
             h.shutdown()
             con.print(subprocess.run(_vdisk("list", data_dir=data), capture_output=True, text=True).stdout)
+            con.print("[bold]vdisk status demo")
+            subprocess.run(_vdisk("status", "demo", data_dir=data), check=True)
+            r = nbd.NBD()
+            r.connect_uri(f"nbd+unix:///demo?socket={replica_sock}")
+            replica = b"".join(r.pread(1 << 20, (16 << 20) + off) for off in range(0, len(payload), 1 << 20))
+            expected = bytes(4 << 20) + payload[4 << 20:]  # the source after the write-zeroes
+            same = replica == expected and r.pread(26, 0) == b"hello from the vdisk demo\n"
+            con.print(f"replica read through the target's read-only NBD export: "
+                      f"{'[green]identical to the source' if same else '[red]DIFFERENT'} "
+                      f"(every write was acknowledged only once the replica had it)")
+            r.shutdown()
+            ok = ok and same
         finally:
             serve.terminate()
             serve.wait(timeout=30)
-        con.print(f"daemon stopped (exit status {serve.returncode}); image flushed")
-        img = data / "demo.img"
+            target.terminate()
+            target.wait(timeout=30)
+        con.print(f"daemons stopped (exit status {serve.returncode}, {target.returncode}); images flushed")
+        img = replicas / "demo.img"
         with open(img, "rb") as f:
             first = f.read(26)
-        con.print(f"raw image starts with: {first!r}")
+        con.print(f"the replica's raw image starts with: {first!r}")
         con.rule()
         return 0 if ok and zeroed else 1
