@@ -239,11 +239,14 @@ class VolumeStore:
         finally:
             os.close(fd)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, sidecars: tuple[str, ...] = ()) -> None:
+        """Remove the volume; ``sidecars`` are suffixes of files other packages keep beside it."""
         img, meta_path, lock_path = self._paths(name)
         self.meta(name)
         lk = self.lock(name)
         try:
+            for suffix in sidecars:
+                (self.root / f"{name}{suffix}").unlink(missing_ok=True)
             img.unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)
             lock_path.unlink(missing_ok=True)

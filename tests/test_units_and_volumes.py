@@ -92,3 +92,15 @@ def test_corrupt_metadata_gives_a_clear_error(tmp_path: Path) -> None:
 def test_size_must_be_a_multiple_of_512(tmp_path: Path) -> None:
     with pytest.raises(VolumeError, match="multiple of 512"):
         VolumeStore(tmp_path).create("v", 1000)
+
+
+def test_delete_removes_the_sidecar_files_other_packages_keep(tmp_path: Path) -> None:
+    from vdisk.mirroring import MIRROR_SIDECARS
+
+    store = VolumeStore(tmp_path)
+    store.create("v", 1 << 20)
+    store.create("v.b", 1 << 20)  # a name that starts like the other must keep its files
+    for suffix in MIRROR_SIDECARS:
+        (tmp_path / f"v{suffix}").write_bytes(b"x")
+    store.delete("v", sidecars=MIRROR_SIDECARS)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["v.b.img", "v.b.json"]

@@ -89,8 +89,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    from .mirroring import MIRROR_SIDECARS
+
     store = store_of(args)
-    store.delete(args.name)
+    store.delete(args.name, sidecars=MIRROR_SIDECARS)
     emit(args, {"deleted": args.name}, f"deleted volume {args.name}")
     return 0
 

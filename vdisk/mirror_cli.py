@@ -16,7 +16,7 @@ from blockdev.volume import VolumeStore
 
 from .cli import emit, store_of
 from .control import ControlError, call
-from .mirroring import POLICIES, check_section, parse_hostport, read_psk
+from .mirroring import MIRROR_SIDECARS, POLICIES, check_section, parse_hostport, read_psk
 from .units import format_size
 
 
@@ -78,7 +78,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
             call(control, "mirror", name=args.name, stop=True)
         else:
             store.update(args.name, mirror=None)
-            for suffix in (".mirror-dirty", ".mirror-al"):
+            for suffix in MIRROR_SIDECARS:
                 (store.root / f"{args.name}{suffix}").unlink(missing_ok=True)
         emit(args, {"stopped": args.name}, f"mirror of {args.name} stopped")
         return 0

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vdisk.mirror")
 REGION = 64 << 10
 POLICIES = ("degrade", "block")
+MIRROR_SIDECARS = (".mirror-dirty", ".mirror-al")  # dirty map, activity log: NAME + suffix
 
 
 def parse_hostport(text: str, listen: bool = False) -> tuple[str, int]:
@@ -85,7 +86,8 @@ class MirrorManager:
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         root = self.daemon.store.root
-        return root / f"{name}.mirror-dirty", root / f"{name}.mirror-al"
+        dirty, al = MIRROR_SIDECARS
+        return root / f"{name}{dirty}", root / f"{name}{al}"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the configured mirrors (before any front end accepts writes), then keep them."""
