@@ -1,0 +1,97 @@
+"""FUSE export: each served volume as the regular file ``MOUNTPOINT/NAME`` (pyfuse3 on trio).
+
+``serve_fuse`` is a trio task: it mounts, reports readiness through ``task_status.started``, serves
+until cancelled and always unmounts on the way out (cancellation, error or signal in the daemon).
+pyfuse3 keeps one session per process, so a process has at most one FUSE mountpoint.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .adapter import Adapter, AdapterError, DrainingWait
+from .files import Exports, VolumeFiles
+from .workers import WorkerPool
+
+__all__ = ["FuseMountError", "serve_fuse", "VolumeFiles"]
+
+log = logging.getLogger("blockdev.fuse")
+# pyfuse3's session is process-global; this guard turns a second mount into a clear error.
+_one_session = threading.Lock()
+# Enough tasks that a write waiting on a worker thread or a sync replica does not stall the rest.
+MAX_TASKS = 8
+
+
+class FuseMountError(OSError):
+    """The FUSE export could not be mounted; the message is for the user."""
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """A clear error for the usual mistakes, before libfuse reports only 'mount failed'."""
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise FuseMountError(errno.ENOENT, f"FUSE mountpoint {mountpoint} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise FuseMountError(e.errno, f"{mountpoint} is a dead FUSE mount (its server was killed); "
+                                 f"run `fusermount3 -u -z {mountpoint}` or `vdisk umount`") from None
+        raise
+    if not os.path.isdir(mountpoint):
+        raise FuseMountError(errno.ENOTDIR, f"FUSE mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise FuseMountError(errno.EBUSY, f"{mountpoint} is already a mountpoint")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise FuseMountError(errno.ENODEV, "/dev/fuse is missing or not accessible")
+
+
+def mount_options() -> set[str]:
+    options = set(pyfuse3.default_options) | {"fsname=vdisk", "subtype=vdisk"}
+    if os.getuid() == 0:
+        options.add("allow_other")  # so a loop device or another user's tools can open the file
+    return options
+
+
+async def serve_fuse(mountpoint: str | os.PathLike[str], exports: Exports, *,
+                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Mount ``exports()`` at ``mountpoint`` and serve it until cancelled; unmount on exit."""
+    path = Path(mountpoint).absolute()
+    check_mountpoint(path)
+    if not _one_session.acquire(blocking=False):
+        raise FuseMountError(errno.EBUSY, "this process already serves a FUSE mountpoint")
+    workers = WorkerPool()
+    adapter: Adapter | None = None
+    drain: DrainingWait | None = None
+    try:
+        files = VolumeFiles(exports, workers)
+        try:
+            pyfuse3.init(files, str(path), mount_options())
+        except RuntimeError as e:
+            raise FuseMountError(errno.EIO, f"cannot mount FUSE at {path}: {e}") from None
+        try:
+            try:
+                adapter = Adapter(files.fallocate, files.lseek)
+                adapter.install()
+                drain = DrainingWait(adapter)
+                drain.install()
+            except AdapterError as e:
+                # Still a correct export; only fallocate/lseek and the fast request loop are missing.
+                log.warning("FUSE adapter not installed (%s): no punch-hole/zero-range, slower", e)
+            task_status.started(str(path))
+            await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+        finally:
+            if drain is not None:
+                drain.uninstall()
+            if adapter is not None:
+                adapter.uninstall()
+            # Unmount even on cancellation: a mountpoint without a server hangs or fails its users.
+            pyfuse3.close(unmount=True)
+    finally:
+        workers.close()
+        _one_session.release()
