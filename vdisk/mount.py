@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from blockdev.fuse.mounts import is_mountpoint, mount_source
 from blockdev.volume import VolumeError, VolumeStore, validate_name, write_json_atomic
 
 READY_TIMEOUT = 20.0
@@ -97,27 +98,6 @@ def run(cmd: list[str], what: str) -> str:
         msg = (p.stderr or p.stdout).strip().splitlines()
         raise MountError(f"{what} failed ({' '.join(cmd)}): {msg[-1] if msg else f'exit {p.returncode}'}")
     return p.stdout.strip()
-
-
-def mount_source(path: str) -> str | None:
-    """What is mounted on ``path`` (the top mount), or None. Sees dead (ENOTCONN) FUSE mounts too."""
-    target = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            if _unescape(parts[4]) == target:
-                found = _unescape(parts[parts.index("-") + 2])
-    return found
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal (\\040)."""
-    return os.fsdecode(field.encode().decode("unicode_escape").encode("latin-1"))
-
-
-def is_mountpoint(path: str) -> bool:
-    return mount_source(path) is not None
 
 
 def process_start(pid: int) -> str | None:

@@ -16,6 +16,7 @@ import pyfuse3
 import trio
 
 from .adapter import Adapter, AdapterError, DrainingWait
+from .mounts import is_mountpoint
 from .files import Exports, VolumeFiles
 from .workers import WorkerPool
 
@@ -34,19 +35,15 @@ class FuseMountError(OSError):
 
 def check_mountpoint(mountpoint: Path) -> None:
     """A clear error for the usual mistakes, before libfuse reports only 'mount failed'."""
+    if is_mountpoint(mountpoint):  # before any stat: stat on our own mount would deadlock
+        raise FuseMountError(errno.EBUSY, f"{mountpoint} is already a mountpoint (a dead FUSE mount left by "
+                             f"a killed server goes with `fusermount3 -u -z {mountpoint}` or `vdisk umount`)")
     try:
-        st = os.stat(mountpoint)
+        os.stat(mountpoint)
     except FileNotFoundError:
         raise FuseMountError(errno.ENOENT, f"FUSE mountpoint {mountpoint} does not exist") from None
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            raise FuseMountError(e.errno, f"{mountpoint} is a dead FUSE mount (its server was killed); "
-                                 f"run `fusermount3 -u -z {mountpoint}` or `vdisk umount`") from None
-        raise
     if not os.path.isdir(mountpoint):
         raise FuseMountError(errno.ENOTDIR, f"FUSE mountpoint {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise FuseMountError(errno.EBUSY, f"{mountpoint} is already a mountpoint")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise FuseMountError(errno.ENODEV, "/dev/fuse is missing or not accessible")
 
