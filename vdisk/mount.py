@@ -246,16 +246,31 @@ def stop_daemon(rec: MountRecord, timeout: float = STOP_TIMEOUT) -> None:
         raise MountError(f"the vdisk daemon (pid {rec.pid}) does not exit")
 
 
+def loop_busy(loop: str) -> bool:
+    """True while something (a filesystem, even a lazily detached one) holds the loop device."""
+    try:
+        os.close(os.open(loop, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+    except OSError as e:
+        return e.errno == errno.EBUSY
+    return False
+
+
 def umount_record(store: VolumeStore, rec: MountRecord, lazy: bool = False, force: bool = False) -> None:
     """Undo ``rec`` in reverse order; each step checks the system, not only the record."""
     if force:
         # A wedged daemon would make the filesystem umount wait forever; killing it aborts its FUSE
         # connection, so every pending and later request fails at once instead.
-        stop_daemon(replace(rec), timeout=0.5)
-    if is_mountpoint(rec.dir) and rec.loop and mount_source(rec.dir) == rec.loop:
+        stop_daemon(rec, timeout=0.5)
+    if rec.loop and mount_source(rec.dir) == rec.loop:
         run(["umount", *(["-l"] if lazy or force else []), rec.dir], f"unmounting {rec.dir}"
             + ("" if lazy or force else " (close files using it, or use --lazy)"))
+    if rec.mounted:
+        rec = save_record(store, replace(rec, mounted=False))
     if rec.loop and loop_backing(rec.loop) == rec.fuse_file:
+        if loop_busy(rec.loop) and not force:
+            # Stopping the daemon now would lose what the still-open files write: keep serving.
+            raise MountError(f"{rec.dir} is detached, but files opened on it keep {rec.loop} busy; the volume "
+                             f"stays served until they are closed: then run `vdisk umount {rec.name}` again")
         run(["losetup", "-d", rec.loop], f"detaching {rec.loop}")
     stop_daemon(rec)
     if is_mountpoint(rec.fuse_dir):  # left by a daemon killed with -9

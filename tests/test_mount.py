@@ -1,0 +1,177 @@
+"""`vdisk mount` / `vdisk umount` end to end: real loop devices, ext4, e2fsck, NBD read-back, recovery."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+
+from tests.fusekit import leaks, require_fuse_host, served, sweep, vdisk
+
+SIZE = "64M"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """A data dir with volume ``vol``; whatever a test leaves mounted, attached or running is a failure."""
+    require_fuse_host()
+    home = tmp_path / "home"
+    vdisk(home, "create", "vol", "--size", SIZE)
+    try:
+        yield home
+    finally:
+        assert not sweep(tmp_path, home), "leaked mounts, loop devices or daemons"
+
+
+def record(home: Path, name: str = "vol") -> dict:
+    return json.loads((home / f"{name}.mount.json").read_text())
+
+
+def write_tree(root: Path) -> dict[str, str]:
+    """A small tree of files of assorted sizes; returns relative path -> sha256."""
+    hashes = {}
+    for i in range(40):
+        sub = root / f"d{i % 5}" / f"e{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        data = hashlib.sha256(str(i).encode()).digest() * (1 + i * i * 37)
+        (sub / f"f{i}.bin").write_bytes(data)
+        hashes[str((sub / f"f{i}.bin").relative_to(root))] = hashlib.sha256(data).hexdigest()
+    return hashes
+
+
+def read_tree(root: Path, names: dict[str, str]) -> dict[str, str]:
+    return {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in names}
+
+
+def test_mkfs_copy_umount_then_nbd_and_a_remount_see_the_same_data(home: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    vdisk(home, "mount", "vol", str(mnt), "--mkfs", "ext4")
+    rec = record(home)
+    assert rec["mounted"] and rec["loop"].startswith("/dev/loop")
+    written = write_tree(mnt)
+    vdisk(home, "umount", str(mnt))
+    assert not leaks(tmp_path, home) and not (home / "vol.mount.json").exists()
+
+    sock = tmp_path / "vol.sock"
+    with served(home, "vol", tmp_path / "fuse", sock):
+        fuse_file = tmp_path / "fuse" / "vol"
+        fsck = subprocess.run(["e2fsck", "-fn", str(fuse_file)], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        h = nbd.NBD()
+        h.connect_unix(str(sock))
+        size = h.get_size()
+        via_nbd = hashlib.sha256()
+        for off in range(0, size, 4 << 20):
+            via_nbd.update(h.pread(min(4 << 20, size - off), off))
+        h.shutdown()
+        via_fuse = hashlib.sha256(fuse_file.read_bytes()).hexdigest()
+    assert via_nbd.hexdigest() == via_fuse == hashlib.sha256((home / "vol.img").read_bytes()).hexdigest()
+
+    vdisk(home, "mount", "vol", str(mnt))  # no --mkfs: the filesystem is still there
+    try:
+        assert read_tree(mnt, written) == written
+    finally:
+        vdisk(home, "umount", "vol")  # by volume name as well as by directory
+
+
+def test_refusals_are_clear_and_leave_nothing_behind(home: Path, tmp_path: Path) -> None:
+    mnt, other = tmp_path / "mnt", tmp_path / "other"
+    mnt.mkdir()
+    other.mkdir()
+
+    def refused(*args: str) -> str:
+        """Fails with a message, and the system (mounts, loops, daemons, records) is as it was."""
+        before = leaks(tmp_path, home), sorted(home.glob("*.mount.json"))
+        p = vdisk(home, *args, check=False)
+        assert p.returncode == 1, f"vdisk {' '.join(args)}: exit {p.returncode}"
+        assert (leaks(tmp_path, home), sorted(home.glob("*.mount.json"))) == before
+        return p.stderr
+
+    assert "does not exist" in refused("mount", "vol", str(tmp_path / "missing"))
+    assert "no volume named 'nope'" in refused("mount", "nope", str(mnt))
+    assert "mkfs.nosuchfs is not installed" in refused("mount", "vol", str(mnt), "--mkfs", "nosuchfs")
+    assert "is not a vdisk mount" in refused("umount", str(mnt))
+    assert not (home / "vol.mount.json").exists()
+
+    with served(home, "vol", tmp_path / "fuse"):
+        assert "is busy: it is being served by pid" in refused("mount", "vol", str(mnt))
+
+    vdisk(home, "mount", "vol", str(mnt), "--mkfs", "ext4")
+    try:
+        assert "already mounted on" in refused("mount", "vol", str(other))
+        vdisk(home, "create", "vol2", "--size", SIZE)
+        assert "already a mountpoint" in refused("mount", "vol2", str(mnt))
+    finally:
+        vdisk(home, "umount", str(mnt))
+    assert not leaks(tmp_path, home)
+
+
+def test_a_failed_mount_is_undone_step_by_step(home: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = vdisk(home, "mount", "vol", str(mnt), check=False)  # a blank volume has no filesystem
+    assert p.returncode == 1 and "use --mkfs ext4" in p.stderr
+    assert not leaks(tmp_path, home)
+    assert not (home / "vol.mount.json").exists() and not (home / ".vol.fuse").exists()
+
+
+def test_umount_recovers_after_the_daemon_is_killed(home: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    vdisk(home, "mount", "vol", str(mnt), "--mkfs", "ext4")
+    written = write_tree(mnt)
+    os.sync()
+    os.kill(record(home)["pid"], signal.SIGKILL)
+    time.sleep(0.2)
+    # A dead server fails I/O at once (ENOTCONN, EIO through the loop device): nothing hangs.
+    t0 = time.monotonic()
+    dead = subprocess.run(["ls", str(home / ".vol.fuse")], capture_output=True, text=True, timeout=10)
+    assert dead.returncode != 0 and "not connected" in dead.stderr and time.monotonic() - t0 < 5
+    assert "its daemon is gone" in vdisk(home, "mount", "vol", str(mnt), check=False).stderr
+
+    vdisk(home, "umount", str(mnt), timeout=60)
+    assert not leaks(tmp_path, home) and not (home / "vol.mount.json").exists()
+    vdisk(home, "mount", "vol", str(mnt))  # the data synced before the kill survived
+    try:
+        assert read_tree(mnt, written) == written
+    finally:
+        vdisk(home, "umount", str(mnt))
+
+
+def test_busy_umount_is_refused_and_a_lazy_one_keeps_serving_open_files(home: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    vdisk(home, "mount", "vol", str(mnt), "--mkfs", "ext4")
+    with open(mnt / "held", "w") as held:
+        p = vdisk(home, "umount", str(mnt), check=False)
+        assert p.returncode == 1 and "--lazy" in p.stderr
+        assert record(home)["mounted"] and (mnt / "held").exists()  # nothing was torn down
+        p = vdisk(home, "umount", str(mnt), "--lazy", check=False)
+        assert p.returncode == 1 and "stays served until they are closed" in p.stderr
+        left = leaks(tmp_path, home)
+        assert str(mnt) not in left.get("mounts", []) and left["daemons"] and left["loops"]
+        held.write("written after a lazy umount")
+    vdisk(home, "umount", "vol")
+    assert not leaks(tmp_path, home)
+    vdisk(home, "mount", "vol", str(mnt))
+    try:
+        assert (mnt / "held").read_text() == "written after a lazy umount"
+    finally:
+        vdisk(home, "umount", str(mnt))
+
+
+def test_force_umount_of_a_wedged_daemon_does_not_hang(home: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    vdisk(home, "mount", "vol", str(mnt), "--mkfs", "ext4")
+    os.kill(record(home)["pid"], signal.SIGSTOP)  # alive but answering nothing
+    vdisk(home, "umount", str(mnt), "--force", timeout=60)
+    assert not leaks(tmp_path, home)
