@@ -73,7 +73,7 @@ async def serve_fuse(mountpoint: str | os.PathLike[str], exports: Exports, *,
             raise FuseMountError(errno.EIO, f"cannot mount FUSE at {path}: {e}") from None
         try:
             try:
-                adapter = Adapter(files.fallocate, files.lseek)
+                adapter = Adapter(files)
                 adapter.install()
                 drain = DrainingWait(adapter)
                 drain.install()

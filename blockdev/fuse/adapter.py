@@ -1,13 +1,17 @@
-"""A contained adapter over pyfuse3 3.5 internals: two things pyfuse3 cannot do through its API.
+"""A contained adapter over pyfuse3 3.5 internals: what pyfuse3 cannot do through its API.
 
-1. **fallocate and lseek handlers.** pyfuse3 fills libfuse's ``fuse_lowlevel_ops`` without them, so
-   the kernel gets ENOSYS for punch-hole / zero-range (and loop discard) and SEEK_DATA/SEEK_HOLE.
-   libfuse copies the ops table into the session at ``fuse_session_new``; after ``pyfuse3.init`` we
-   find that copy (pyfuse3 keeps the session pointer and its own table in module statics, which we
-   locate through the extension's ELF symbol table), check it is byte-identical to pyfuse3's table,
-   and fill the two empty slots with ctypes callbacks. They run inside ``fuse_session_process_buf``
-   on the trio thread, synchronously; replies go out through libfuse's ``fuse_reply_*`` (thread-safe),
-   so a write that completes later (a sync mirror) replies from whichever thread completes it.
+1. **Our own slots in libfuse's ops table.** libfuse copies ``fuse_lowlevel_ops`` into the session at
+   ``fuse_session_new``; after ``pyfuse3.init`` we find that copy (pyfuse3 keeps the session pointer
+   and its own table in module statics, located through the extension's ELF symbol table), check it is
+   byte-identical to pyfuse3's table, and change four slots:
+   - ``fallocate`` and ``lseek`` (pyfuse3 has neither: punch-hole / zero-range, loop discard and
+     SEEK_DATA/SEEK_HOLE would get ENOSYS);
+   - ``write``: a ctypes callback instead of pyfuse3's coroutine, so a write costs no task switch and
+     a big one is finished (pwrite + reply) by a worker thread without crossing back into trio;
+   - ``write_buf`` cleared: libfuse then stops splicing write payloads through a pipe (one copy less).
+   The callbacks run inside ``fuse_session_process_buf`` on the trio thread, synchronously; replies go
+   out through libfuse's ``fuse_reply_*`` (thread-safe), so an op that completes later (a sync mirror's
+   Completion) replies from whichever thread completes it, and never before.
 
 2. **Request-loop drain.** pyfuse3's loop passes through trio's scheduler twice per request (a
    trio.Lock and ``wait_readable`` on /dev/fuse). Its loop looks up ``_wait_fuse_readable`` as a
@@ -17,7 +21,8 @@
    Every ``CHECKPOINT_EVERY`` drained requests we yield once so NBD and the control socket still run.
 
 Everything here is version-checked (``SUPPORTED_PYFUSE3``, libfuse 3.x table layout) and refuses
-loudly rather than guessing; the FUSE export still works without it, minus fallocate/lseek and speed.
+loudly rather than guessing; without it the export still works through pyfuse3's own handlers, minus
+fallocate/lseek and the speed.
 """
 from __future__ import annotations
 
@@ -27,8 +32,9 @@ import errno
 import logging
 import select
 import struct
-from collections.abc import Callable
+import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import pyfuse3
 import trio
@@ -38,6 +44,8 @@ log = logging.getLogger("blockdev.fuse")
 SUPPORTED_PYFUSE3 = frozenset({"3.5.0"})
 # libfuse 3 (fuse_lowlevel.h) only ever appends to fuse_lowlevel_ops; slot indices, 0-based.
 OPS_SLOTS = 44
+SLOT_WRITE = 16
+SLOT_WRITE_BUF = 36
 SLOT_FALLOCATE = 40
 SLOT_LSEEK = 43
 # Slots pyfuse3 3.5 fills and leaves empty: a cheap check that we found the right table.
@@ -45,8 +53,6 @@ _PYFUSE3_FILLED = (0, 2, 4, 15, 16, 35, 36, 38, 41)
 _PYFUSE3_EMPTY = (1, 21, 31, 32, 33, 34, 37, 39, SLOT_FALLOCATE, 42, SLOT_LSEEK)
 CHECKPOINT_EVERY = 64
 
-FallocateFn = Callable[[int, int, int, int, Callable[[int], None]], None]
-LseekFn = Callable[[int, int, int], int]
 
 
 class AdapterError(RuntimeError):
@@ -106,12 +112,17 @@ _libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
 _libfuse.fuse_reply_err.restype = ctypes.c_int
 _libfuse.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
 _libfuse.fuse_reply_lseek.restype = ctypes.c_int
+_libfuse.fuse_reply_write.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libfuse.fuse_reply_write.restype = ctypes.c_int
 _libfuse.fuse_session_fd.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_session_fd.restype = ctypes.c_int
 _libfuse.fuse_session_exited.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_session_exited.restype = ctypes.c_int
 _libfuse.fuse_pkgversion.restype = ctypes.c_char_p
 
+# void (*write)(fuse_req_t, fuse_ino_t, const char *buf, size_t size, off_t off, struct fuse_file_info *)
+_WRITE_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
+                            ctypes.c_int64, ctypes.c_void_p)
 # void (*fallocate)(fuse_req_t, fuse_ino_t, int mode, off_t, off_t length, struct fuse_file_info *)
 _FALLOCATE_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64,
                                 ctypes.c_int64, ctypes.c_void_p)
@@ -124,29 +135,80 @@ def libfuse_version() -> str:
     return _libfuse.fuse_pkgversion().decode()
 
 
+class Reply:
+    """Exactly one reply to one FUSE request, from any thread (libfuse's reply calls are thread-safe)."""
+
+    __slots__ = ("_req", "_lock")
+
+    def __init__(self, req: int) -> None:
+        self._req = req
+        self._lock = threading.Lock()
+
+    def _take(self) -> int:
+        with self._lock:
+            req, self._req = self._req, 0
+        return req
+
+    def error(self, err: int) -> None:
+        """Reply with ``err`` (0 is success for ops that return no data)."""
+        if req := self._take():
+            _libfuse.fuse_reply_err(req, err)
+
+    def written(self, count: int) -> None:
+        if req := self._take():
+            _libfuse.fuse_reply_write(req, count)
+
+    def offset(self, pos: int) -> None:
+        if req := self._take():
+            _libfuse.fuse_reply_lseek(req, pos)
+
+
+class Handlers(Protocol):
+    """What the adapter calls; each replies through ``reply`` now or later (another thread may)."""
+
+    def write_direct(self, inode: int, data: memoryview, offset: int, reply: Reply) -> None:
+        """``data`` is libfuse's request buffer: valid only until this call returns."""
+
+    def fallocate(self, inode: int, mode: int, offset: int, length: int, reply: Reply) -> None: ...
+    def lseek(self, inode: int, offset: int, whence: int, reply: Reply) -> None: ...
+
+
 class Adapter:
     """Installed once per mount, after ``pyfuse3.init``; ``uninstall`` before ``pyfuse3.close``."""
 
-    def __init__(self, fallocate: FallocateFn, lseek: LseekFn) -> None:
+    def __init__(self, handlers: Handlers) -> None:
         if not libfuse_version().startswith("3."):
             raise AdapterError(f"libfuse {libfuse_version()} is not libfuse 3")
         self._statics = Pyfuse3Statics.locate()
-        self._fallocate, self._lseek = fallocate, lseek
+        self._handlers = handlers
         # The C function pointers must outlive the session: keep them on self.
+        self._c_write = _WRITE_T(self._on_write)
         self._c_fallocate = _FALLOCATE_T(self._on_fallocate)
         self._c_lseek = _LSEEK_T(self._on_lseek)
         self.session = 0
         self._ops = 0
+        self._saved: dict[int, int | None] = {}
 
     def install(self) -> None:
-        """Fill the fallocate and lseek slots of the live session's ops table."""
+        """Point the write, fallocate and lseek slots of the live session's ops table at our handlers."""
         self.session = ctypes.c_void_p.from_address(self._statics.session).value or 0
         if not self.session:
             raise AdapterError("pyfuse3 has no session: call pyfuse3.init first")
         self._ops = self._find_ops_copy()
         slots = (ctypes.c_void_p * OPS_SLOTS).from_address(self._ops)
-        slots[SLOT_FALLOCATE] = ctypes.cast(self._c_fallocate, ctypes.c_void_p).value
-        slots[SLOT_LSEEK] = ctypes.cast(self._c_lseek, ctypes.c_void_p).value
+        new = {
+            # Without write_buf libfuse neither asks for splice reads nor uses them: a write's payload
+            # is read straight into the request buffer instead of into a pipe and out again.
+            SLOT_WRITE_BUF: None,
+            # Writes skip pyfuse3's coroutine and the trio hop: big ones go to a worker thread that
+            # replies itself (see VolumeFiles.write_direct).
+            SLOT_WRITE: ctypes.cast(self._c_write, ctypes.c_void_p).value,
+            SLOT_FALLOCATE: ctypes.cast(self._c_fallocate, ctypes.c_void_p).value,
+            SLOT_LSEEK: ctypes.cast(self._c_lseek, ctypes.c_void_p).value,
+        }
+        for slot, ptr in new.items():
+            self._saved[slot] = slots[slot]
+            slots[slot] = ptr
 
     def _find_ops_copy(self) -> int:
         """Address of libfuse's copy of pyfuse3's ops table inside the session struct."""
@@ -165,38 +227,45 @@ class Adapter:
     def uninstall(self) -> None:
         if self._ops:
             slots = (ctypes.c_void_p * OPS_SLOTS).from_address(self._ops)
-            slots[SLOT_FALLOCATE] = None
-            slots[SLOT_LSEEK] = None
+            for slot, ptr in self._saved.items():
+                slots[slot] = ptr
             self._ops = 0
 
     def fd(self) -> int:
         return _libfuse.fuse_session_fd(self.session)
 
     # -- callbacks from libfuse (trio thread, inside fuse_session_process_buf) --------------------
-    def _on_fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, _fi: int) -> None:
-        replied = [False]
-
-        def reply(err: int) -> None:
-            if not replied[0]:  # exactly one reply per request, whatever happens
-                replied[0] = True
-                _libfuse.fuse_reply_err(req, err)
-
+    # A ctypes callback must not raise: the kernel would wait for a reply forever.
+    def _on_write(self, req: int, ino: int, buf: int, size: int, offset: int, _fi: int) -> None:
+        reply = Reply(req)
         try:
-            self._fallocate(ino, mode, offset, length, reply)
-        except BaseException as e:  # a ctypes callback must not raise: the kernel waits for a reply
+            view = memoryview((ctypes.c_char * size).from_address(buf)).cast("B") if size else memoryview(b"")
+            self._handlers.write_direct(ino, view, offset, reply)
+        except pyfuse3.FUSEError as e:
+            reply.error(e.errno)
+        except BaseException:
+            log.exception("write handler failed")
+            reply.error(errno.EIO)
+
+    def _on_fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, _fi: int) -> None:
+        reply = Reply(req)
+        try:
+            self._handlers.fallocate(ino, mode, offset, length, reply)
+        except pyfuse3.FUSEError as e:
+            reply.error(e.errno)
+        except BaseException:
             log.exception("fallocate handler failed")
-            reply(getattr(e, "errno", None) or errno.EIO)
+            reply.error(errno.EIO)
 
     def _on_lseek(self, req: int, ino: int, offset: int, whence: int, _fi: int) -> None:
+        reply = Reply(req)
         try:
-            pos = self._lseek(ino, offset, whence)
+            self._handlers.lseek(ino, offset, whence, reply)
         except pyfuse3.FUSEError as e:
-            _libfuse.fuse_reply_err(req, e.errno)
+            reply.error(e.errno)
         except BaseException:
             log.exception("lseek handler failed")
-            _libfuse.fuse_reply_err(req, errno.EIO)
-        else:
-            _libfuse.fuse_reply_lseek(req, pos)
+            reply.error(errno.EIO)
 
 
 class DrainingWait:

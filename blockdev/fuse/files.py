@@ -18,6 +18,7 @@ import pyfuse3
 
 from ..backend import EXTENT_HOLE, Backend, wait
 from ..errors import to_errno
+from .adapter import Reply
 from .workers import BIG_WRITE, WorkerPool
 
 ROOT = pyfuse3.ROOT_INODE
@@ -190,21 +191,27 @@ class VolumeFiles(pyfuse3.Operations):
             raise fuse_error(e) from None
         return buf
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        backend = self.backend(fh)
-        room = backend.size() - off
-        if room <= 0:
+    def _writable_range(self, backend: Backend, offset: int, length: int) -> int:
+        """How many of ``length`` bytes at ``offset`` fit: a short write at the disk's end, ENOSPC past it."""
+        room = backend.size() - offset
+        if room <= 0 or offset < 0:
             raise pyfuse3.FUSEError(errno.ENOSPC)
-        data = memoryview(buf)[:room] if len(buf) > room else buf  # a short write, as at a disk's end
+        return min(length, room)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        """pyfuse3's write path, used when the adapter is not installed (see write_direct)."""
+        backend = self.backend(fh)
+        n = self._writable_range(backend, off, len(buf))
+        data = memoryview(buf)[:n]
         try:
-            if len(data) >= BIG_WRITE:
+            if n >= BIG_WRITE:
                 result = await self._workers.run(backend.pwrite, data, off)
             else:
                 result = backend.pwrite(data, off)
             await wait(result)
         except Exception as e:
             raise fuse_error(e) from None
-        return len(data)
+        return n
 
     async def _flush(self, fh: int) -> None:
         backend = self.backend(fh)
@@ -224,63 +231,78 @@ class VolumeFiles(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         return None
 
-    # -- through the adapter (synchronous ctypes callbacks, see adapter.py) ----------------------------
-    def fallocate(self, inode: int, mode: int, offset: int, length: int, reply: Callable[[int], None]) -> None:
-        """Punch-hole -> trim, zero-range -> write_zeroes; plain allocation inside the disk is a no-op."""
+    # -- through the adapter (synchronous ctypes callbacks on the trio thread, see adapter.py) ---------
+    def write_direct(self, inode: int, data: memoryview, offset: int, reply: Reply) -> None:
+        """Copy the payload out of libfuse's buffer (a Completion may hold it), write, reply when done."""
+        backend = self.backend(inode)
+        n = self._writable_range(backend, offset, len(data))
+        payload = bytes(data[:n])
+        if n >= BIG_WRITE:
+            self._workers.submit(self._write_and_reply, backend, payload, offset, reply)
+        else:
+            self._write_and_reply(backend, payload, offset, reply)
+
+    @staticmethod
+    def _write_and_reply(backend: Backend, payload: bytes, offset: int, reply: Reply) -> None:
+        n = len(payload)
         try:
-            backend = self.backend(inode)
-        except pyfuse3.FUSEError as e:
-            return reply(e.errno)
+            result = backend.pwrite(payload, offset)
+        except Exception as e:
+            return reply.error(to_errno(e))
+        if result is None:
+            return reply.written(n)
+        result.add_done_callback(lambda exc: reply.written(n) if exc is None else reply.error(to_errno(exc)))
+        return None
+
+    def fallocate(self, inode: int, mode: int, offset: int, length: int, reply: Reply) -> None:
+        """Punch-hole -> trim, zero-range -> write_zeroes; plain allocation inside the disk is a no-op."""
+        backend = self.backend(inode)
         size = backend.size()
         known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
         if mode & ~known or offset < 0 or length <= 0:
-            return reply(errno.EOPNOTSUPP if mode & ~known else errno.EINVAL)
+            return reply.error(errno.EOPNOTSUPP if mode & ~known else errno.EINVAL)
         if offset + length > size and not mode & FALLOC_FL_KEEP_SIZE:
-            return reply(errno.EPERM)  # would grow the file
+            return reply.error(errno.EPERM)  # would grow the file
         length = min(length, size - offset)
-        if length <= 0:
-            return reply(0)
+        if length <= 0 or not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            return reply.error(0)
         try:
             if mode & FALLOC_FL_PUNCH_HOLE:
                 if not backend.can_trim():
-                    return reply(errno.EPERM if not backend.can_write() else errno.EOPNOTSUPP)
+                    return reply.error(errno.EPERM if not backend.can_write() else errno.EOPNOTSUPP)
                 result = backend.trim(length, offset)
-            elif mode & FALLOC_FL_ZERO_RANGE:
-                result = backend.write_zeroes(length, offset, may_trim=False)
             else:
-                return reply(0)
+                result = backend.write_zeroes(length, offset, may_trim=False)
         except Exception as e:
-            return reply(to_errno(e))
+            return reply.error(to_errno(e))
         if result is None:
-            return reply(0)
-        result.add_done_callback(lambda exc: reply(0 if exc is None else to_errno(exc)))
+            return reply.error(0)
+        result.add_done_callback(lambda exc: reply.error(0 if exc is None else to_errno(exc)))
         return None
 
-    def lseek(self, inode: int, offset: int, whence: int) -> int:
+    def lseek(self, inode: int, offset: int, whence: int, reply: Reply) -> None:
         """SEEK_DATA / SEEK_HOLE from the backend's extents (the kernel handles the other whences)."""
         backend = self.backend(inode)
         size = backend.size()
         if offset >= size or offset < 0:
-            raise pyfuse3.FUSEError(errno.ENXIO)
+            return reply.error(errno.ENXIO)
         if whence not in (SEEK_DATA, SEEK_HOLE):
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            return reply.error(errno.EINVAL)
         if not backend.can_extents():
-            return offset if whence == SEEK_DATA else size
+            return reply.offset(offset if whence == SEEK_DATA else size)
         pos = offset
         while pos < size:
             try:
                 runs = backend.extents(size - pos, pos)
             except Exception as e:
-                raise fuse_error(e) from None
+                return reply.error(to_errno(e))
             for length, flags in runs:
-                is_hole = bool(flags & EXTENT_HOLE)
-                if is_hole == (whence == SEEK_HOLE):
-                    return pos
+                if bool(flags & EXTENT_HOLE) == (whence == SEEK_HOLE):
+                    return reply.offset(pos)
                 pos += length
                 if pos >= size:
                     break
             if not runs:
                 break
-        if whence == SEEK_HOLE:
-            return size  # the end of the file counts as a hole
-        raise pyfuse3.FUSEError(errno.ENXIO)
+        # The end of the file counts as a hole; there is no data after the last extent.
+        return reply.offset(size) if whence == SEEK_HOLE else reply.error(errno.ENXIO)

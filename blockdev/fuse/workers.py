@@ -2,11 +2,13 @@
 
 A ``trio.to_thread`` hop costs ≈ 250 µs; a plain thread fed by a queue and answering through
 ``run_sync_soon`` costs ≈ 80 µs, which is noise next to a 1 MiB write and wasted on a 4 KiB one: only
-writes of ``BIG_WRITE`` bytes or more come here. In-flight jobs are bounded by the caller (each FUSE
-task awaits its own job, and pyfuse3 runs a bounded number of tasks).
+writes of ``BIG_WRITE`` bytes or more come here. In-flight jobs are bounded upstream: by the FUSE
+requests the kernel has outstanding (its max_background) for ``submit``, by pyfuse3's task count for
+``run``.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -16,6 +18,12 @@ import outcome
 import trio
 
 BIG_WRITE = 128 * 1024
+log = logging.getLogger("blockdev.fuse")
+
+
+def _ignore(result: outcome.Outcome) -> None:
+    if isinstance(result, outcome.Error):  # submit()'s jobs catch their own errors: this is a bug
+        log.error("worker job failed", exc_info=result.error)
 
 
 class WorkerPool:
@@ -51,6 +59,10 @@ class WorkerPool:
         with trio.CancelScope(shield=True):
             await event.wait()
         return box[0].unwrap()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on a worker; it reports its own result (a FUSE reply), nothing waits here."""
+        self._jobs.put((fn, args, _ignore))
 
     def close(self) -> None:
         for _ in self._threads:
