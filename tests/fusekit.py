@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +48,23 @@ def vdisk(home: Path, *args: str, check: bool = True, timeout: float = 120) -> s
     if check and p.returncode != 0:
         raise AssertionError(f"vdisk {' '.join(args)} exited {p.returncode}: {p.stderr.strip()}")
     return p
+
+
+VERIFY = ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--direct=1", "--randrepeat=0",
+          "--verify_state_save=0"]
+
+
+def fio(*args: str) -> dict:
+    """Run fio (JSON output, in /tmp so that nothing lands in the checkout); fail on any job error."""
+    if shutil.which("fio") is None:
+        pytest.fail("fio is not installed (scripts/setup.sh installs it)")
+    p = subprocess.run(["fio", "--output-format=json", *args], capture_output=True, text=True, timeout=240,
+                       cwd=tempfile.gettempdir())
+    assert p.returncode == 0, p.stderr + p.stdout[-2000:]
+    out = json.loads(p.stdout[p.stdout.index("{"):])
+    for job in out["jobs"]:
+        assert job["error"] == 0, job
+    return out
 
 
 def wait_for(pred, timeout: float = 20.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

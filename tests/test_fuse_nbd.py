@@ -1,10 +1,8 @@
 """FUSE and NBD on one daemon: coherence, concurrent writers, fio with verify (file and loop device)."""
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -13,7 +11,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.fusekit import require_fuse_host, served, sweep, vdisk
+from tests.fusekit import VERIFY, fio, require_fuse_host, served, sweep, vdisk
 
 
 SIZE = 64 << 20
@@ -106,20 +104,6 @@ def test_concurrent_fuse_and_nbd_writers_to_distinct_regions_are_byte_exact(daem
     h.shutdown()
     assert via_fuse == bytes(model)
     assert via_nbd == bytes(model)
-
-
-def fio(*args: str) -> dict:
-    if shutil.which("fio") is None:
-        pytest.fail("fio is not installed (scripts/setup.sh installs it)")
-    p = subprocess.run(["fio", "--output-format=json", *args], capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr + p.stdout[-2000:]
-    out = json.loads(p.stdout[p.stdout.index("{"):])
-    for job in out["jobs"]:
-        assert job["error"] == 0, job
-    return out
-
-
-VERIFY = ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--direct=1", "--randrepeat=0"]
 
 
 def test_fio_psync_with_verify_on_the_fuse_file(daemon: tuple[Path, Path]) -> None:

@@ -15,18 +15,33 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .adapter import Adapter, AdapterError, DrainingWait
+from .adapter import Adapter, AdapterError
+from .loop import SessionLoop
 from .mounts import is_mountpoint
 from .files import Exports, VolumeFiles
 from .workers import WorkerPool
 
-__all__ = ["FuseMountError", "serve_fuse", "VolumeFiles"]
+__all__ = ["FuseExport", "FuseMountError", "serve_fuse", "VolumeFiles"]
 
 log = logging.getLogger("blockdev.fuse")
 # pyfuse3's session is process-global; this guard turns a second mount into a clear error.
 _one_session = threading.Lock()
-# Enough tasks that a write waiting on a worker thread or a sync replica does not stall the rest.
-MAX_TASKS = 8
+# Enough tasks that a request waiting (a sync replica's Completion) does not stall the rest.
+MAX_TASKS = 8  # pyfuse3's loop (the fallback)
+LOOP_TASKS = 4  # ours: big writes no longer hold a task, only a buffer
+
+
+class FuseExport:
+    """What ``serve_fuse`` reports when ready: where it is mounted and how its loop runs."""
+
+    def __init__(self, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        self.loop: SessionLoop | None = None
+
+    def statistics(self) -> dict[str, object]:
+        loop = self.loop
+        return {"mountpoint": str(self.mountpoint), "adapter": loop is not None,
+                "drained": loop.drained if loop else 0, "waited": loop.waited if loop else 0}
 
 
 class FuseMountError(OSError):
@@ -56,39 +71,48 @@ def mount_options() -> set[str]:
 
 
 async def serve_fuse(mountpoint: str | os.PathLike[str], exports: Exports, *,
-                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+                     task_status: trio.TaskStatus[FuseExport] = trio.TASK_STATUS_IGNORED) -> None:
     """Mount ``exports()`` at ``mountpoint`` and serve it until cancelled; unmount on exit."""
     path = Path(mountpoint).absolute()
     check_mountpoint(path)
     if not _one_session.acquire(blocking=False):
         raise FuseMountError(errno.EBUSY, "this process already serves a FUSE mountpoint")
-    workers = WorkerPool()
-    adapter: Adapter | None = None
-    drain: DrainingWait | None = None
     try:
+        workers = WorkerPool()
         files = VolumeFiles(exports, workers)
         try:
             pyfuse3.init(files, str(path), mount_options())
         except RuntimeError as e:
+            workers.close()
             raise FuseMountError(errno.EIO, f"cannot mount FUSE at {path}: {e}") from None
+        adapter: Adapter | None = None
+        loop: SessionLoop | None = None
+        export = FuseExport(path)
         try:
             try:
                 adapter = Adapter(files)
                 adapter.install()
-                drain = DrainingWait(adapter)
-                drain.install()
+                loop = SessionLoop(adapter, tasks=LOOP_TASKS)
+                files.pin = loop.pin
+                export.loop = loop
             except AdapterError as e:
-                # Still a correct export; only fallocate/lseek and the fast request loop are missing.
+                # Still a correct export through pyfuse3's own loop and handlers, without
+                # fallocate/lseek and slower.
                 log.warning("FUSE adapter not installed (%s): no punch-hole/zero-range, slower", e)
-            task_status.started(str(path))
-            await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+            task_status.started(export)
+            if loop is not None:
+                await loop.run()
+            else:
+                await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
         finally:
-            if drain is not None:
-                drain.uninstall()
+            # Workers may still reply to requests and use pinned buffers: stop them before the
+            # session (and with it the reply channel) goes away.
+            workers.close()
+            if loop is not None:
+                loop.spares.free_all()
             if adapter is not None:
                 adapter.uninstall()
             # Unmount even on cancellation: a mountpoint without a server hangs or fails its users.
             pyfuse3.close(unmount=True)
     finally:
-        workers.close()
         _one_session.release()

@@ -13,12 +13,9 @@
    out through libfuse's ``fuse_reply_*`` (thread-safe), so an op that completes later (a sync mirror's
    Completion) replies from whichever thread completes it, and never before.
 
-2. **Request-loop drain.** pyfuse3's loop passes through trio's scheduler twice per request (a
-   trio.Lock and ``wait_readable`` on /dev/fuse). Its loop looks up ``_wait_fuse_readable`` as a
-   module global on every iteration, so we replace that one function: when /dev/fuse already has a
-   request queued (``poll`` with a zero timeout) we return at once, and the caller reads it with no
-   scheduler pass in between (so no other task can take it first). Measured 2.4x at 4K QD32.
-   Every ``CHECKPOINT_EVERY`` drained requests we yield once so NBD and the control socket still run.
+2. **The request loop** (loop.py) calls libfuse itself instead of ``pyfuse3.main``; what pyfuse3's
+   handlers leave in its ``py_retval`` static (the coroutine its loop would await) is taken from there
+   with ``take_retval``.
 
 Everything here is version-checked (``SUPPORTED_PYFUSE3``, libfuse 3.x table layout) and refuses
 loudly rather than guessing; without it the export still works through pyfuse3's own handlers, minus
@@ -30,14 +27,13 @@ import ctypes
 import ctypes.util
 import errno
 import logging
-import select
 import struct
 import threading
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import pyfuse3
-import trio
 
 log = logging.getLogger("blockdev.fuse")
 
@@ -51,7 +47,6 @@ SLOT_LSEEK = 43
 # Slots pyfuse3 3.5 fills and leaves empty: a cheap check that we found the right table.
 _PYFUSE3_FILLED = (0, 2, 4, 15, 16, 35, 36, 38, 41)
 _PYFUSE3_EMPTY = (1, 21, 31, 32, 33, 34, 37, 39, SLOT_FALLOCATE, 42, SLOT_LSEEK)
-CHECKPOINT_EVERY = 64
 
 
 
@@ -92,6 +87,7 @@ class Pyfuse3Statics:
 
     session: int  # address of `struct fuse_session *session`
     fuse_ops: int  # address of pyfuse3's `struct fuse_lowlevel_ops fuse_ops`
+    py_retval: int  # address of `object py_retval`: the coroutine a handler leaves to be awaited
 
     @classmethod
     def locate(cls) -> "Pyfuse3Statics":
@@ -99,15 +95,22 @@ class Pyfuse3Statics:
         if version not in SUPPORTED_PYFUSE3:
             raise AdapterError(f"pyfuse3 {version} is not one of {sorted(SUPPORTED_PYFUSE3)}")
         path = pyfuse3.__file__
-        names = {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_session", "__pyx_v_7pyfuse3_fuse_ops"}
+        names = {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_session", "__pyx_v_7pyfuse3_fuse_ops",
+                 "__pyx_v_7pyfuse3_py_retval"}
         syms = elf_symbols(path, names)
         lib = ctypes.CDLL(path)  # the already-loaded extension: dlopen returns the same handle
         base = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value - syms["PyInit_pyfuse3"]
-        return cls(session=base + syms["__pyx_v_7pyfuse3_session"], fuse_ops=base + syms["__pyx_v_7pyfuse3_fuse_ops"])
+        return cls(session=base + syms["__pyx_v_7pyfuse3_session"],
+                   fuse_ops=base + syms["__pyx_v_7pyfuse3_fuse_ops"],
+                   py_retval=base + syms["__pyx_v_7pyfuse3_py_retval"])
 
 
 # -- libfuse entry points ------------------------------------------------------------------------------
-_libfuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3", use_errno=True)
+def libfuse_path() -> str:
+    return ctypes.util.find_library("fuse3") or "libfuse3.so.3"
+
+
+_libfuse = ctypes.CDLL(libfuse_path(), use_errno=True)
 _libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
 _libfuse.fuse_reply_err.restype = ctypes.c_int
 _libfuse.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
@@ -131,36 +134,53 @@ _LSEEK_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int
                             ctypes.c_void_p)
 
 
+_incref = ctypes.pythonapi.Py_IncRef
+_incref.argtypes = [ctypes.py_object]
+_decref = ctypes.pythonapi.Py_DecRef
+_decref.argtypes = [ctypes.py_object]
+
+
 def libfuse_version() -> str:
     return _libfuse.fuse_pkgversion().decode()
+
+
+class ReplyGate:
+    """Closed when the session goes away: a reply after that (a Completion finishing during the
+    daemon's shutdown) must not reach libfuse, whose request and session memory is freed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = True
+
+    def close(self) -> None:
+        with self.lock:
+            self.open = False
 
 
 class Reply:
     """Exactly one reply to one FUSE request, from any thread (libfuse's reply calls are thread-safe)."""
 
-    __slots__ = ("_req", "_lock")
+    __slots__ = ("_req", "_gate")
 
-    def __init__(self, req: int) -> None:
+    def __init__(self, req: int, gate: ReplyGate) -> None:
         self._req = req
-        self._lock = threading.Lock()
+        self._gate = gate
 
-    def _take(self) -> int:
-        with self._lock:
+    def _send(self, fn: Callable[..., int], *args: int) -> None:
+        with self._gate.lock:
             req, self._req = self._req, 0
-        return req
+            if req and self._gate.open:
+                fn(req, *args)
 
     def error(self, err: int) -> None:
         """Reply with ``err`` (0 is success for ops that return no data)."""
-        if req := self._take():
-            _libfuse.fuse_reply_err(req, err)
+        self._send(_libfuse.fuse_reply_err, err)
 
     def written(self, count: int) -> None:
-        if req := self._take():
-            _libfuse.fuse_reply_write(req, count)
+        self._send(_libfuse.fuse_reply_write, count)
 
     def offset(self, pos: int) -> None:
-        if req := self._take():
-            _libfuse.fuse_reply_lseek(req, pos)
+        self._send(_libfuse.fuse_reply_lseek, pos)
 
 
 class Handlers(Protocol):
@@ -188,6 +208,8 @@ class Adapter:
         self.session = 0
         self._ops = 0
         self._saved: dict[int, int | None] = {}
+        self.gate = ReplyGate()
+        self._retval = ctypes.c_void_p.from_address(self._statics.py_retval)  # a live view of the static
 
     def install(self) -> None:
         """Point the write, fallocate and lseek slots of the live session's ops table at our handlers."""
@@ -195,6 +217,7 @@ class Adapter:
         if not self.session:
             raise AdapterError("pyfuse3 has no session: call pyfuse3.init first")
         self._ops = self._find_ops_copy()
+        self.take_retval()  # pyfuse3's own loop leaves its last (awaited) coroutine there
         slots = (ctypes.c_void_p * OPS_SLOTS).from_address(self._ops)
         new = {
             # Without write_buf libfuse neither asks for splice reads nor uses them: a write's payload
@@ -225,11 +248,29 @@ class Adapter:
         return self.session + hits[0]
 
     def uninstall(self) -> None:
+        """Before ``pyfuse3.close``: no more replies through us, pyfuse3's table back as it was."""
+        self.gate.close()
         if self._ops:
             slots = (ctypes.c_void_p * OPS_SLOTS).from_address(self._ops)
             for slot, ptr in self._saved.items():
                 slots[slot] = ptr
             self._ops = 0
+
+    def take_retval(self) -> object | None:
+        """What pyfuse3's handler for the request just processed left to be awaited, reset to None.
+
+        This is what pyfuse3's own loop does with its ``py_retval``; the static owns one reference,
+        which moves to None here (the caller gets its own reference to the object).
+        """
+        slot = self._retval
+        ptr = slot.value
+        if not ptr or ptr == id(None):
+            return None
+        obj = ctypes.cast(ptr, ctypes.py_object).value
+        _incref(None)
+        slot.value = id(None)
+        _decref(obj)
+        return obj
 
     def fd(self) -> int:
         return _libfuse.fuse_session_fd(self.session)
@@ -237,7 +278,7 @@ class Adapter:
     # -- callbacks from libfuse (trio thread, inside fuse_session_process_buf) --------------------
     # A ctypes callback must not raise: the kernel would wait for a reply forever.
     def _on_write(self, req: int, ino: int, buf: int, size: int, offset: int, _fi: int) -> None:
-        reply = Reply(req)
+        reply = Reply(req, self.gate)
         try:
             view = memoryview((ctypes.c_char * size).from_address(buf)).cast("B") if size else memoryview(b"")
             self._handlers.write_direct(ino, view, offset, reply)
@@ -248,7 +289,7 @@ class Adapter:
             reply.error(errno.EIO)
 
     def _on_fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, _fi: int) -> None:
-        reply = Reply(req)
+        reply = Reply(req, self.gate)
         try:
             self._handlers.fallocate(ino, mode, offset, length, reply)
         except pyfuse3.FUSEError as e:
@@ -258,7 +299,7 @@ class Adapter:
             reply.error(errno.EIO)
 
     def _on_lseek(self, req: int, ino: int, offset: int, whence: int, _fi: int) -> None:
-        reply = Reply(req)
+        reply = Reply(req, self.gate)
         try:
             self._handlers.lseek(ino, offset, whence, reply)
         except pyfuse3.FUSEError as e:
@@ -266,45 +307,3 @@ class Adapter:
         except BaseException:
             log.exception("lseek handler failed")
             reply.error(errno.EIO)
-
-
-class DrainingWait:
-    """Replacement for pyfuse3's ``_wait_fuse_readable`` that skips the scheduler when a request waits."""
-
-    def __init__(self, adapter: Adapter) -> None:
-        self.adapter = adapter
-        self._poll = select.poll()
-        self._poll.register(adapter.fd(), select.POLLIN)
-        self._fd = adapter.fd()
-        self._lock = trio.Lock()
-        self._streak = 0
-        self.drained = 0  # requests taken without a scheduler pass (statistics)
-        self.waited = 0
-        self._original: object = None
-
-    def install(self) -> None:
-        self._original = pyfuse3._wait_fuse_readable  # type: ignore[attr-defined]
-        pyfuse3._wait_fuse_readable = self  # type: ignore[attr-defined]
-
-    def uninstall(self) -> None:
-        if self._original is not None:
-            pyfuse3._wait_fuse_readable = self._original  # type: ignore[attr-defined]
-            self._original = None
-
-    async def __call__(self) -> bool:
-        while True:
-            if _libfuse.fuse_session_exited(self.adapter.session):
-                return False
-            if self._streak < CHECKPOINT_EVERY and self._poll.poll(0):
-                # Queued now, and nothing runs between our return and pyfuse3's read of it.
-                self._streak += 1
-                self.drained += 1
-                return True
-            self._streak = 0
-            try:
-                async with self._lock:
-                    await trio.lowlevel.wait_readable(self._fd)
-            except trio.ClosedResourceError:  # pyfuse3.terminate() closes the fd's wait
-                return False
-            self.waited += 1
-            # Loop: re-check with poll(0), since another task may have taken the request meanwhile.

@@ -45,6 +45,8 @@ class VolumeFiles(pyfuse3.Operations):
         super().__init__()
         self._exports = exports
         self._workers = workers
+        # Set by serve_fuse when our request loop runs: pins the current request buffer (loop.py).
+        self.pin: Callable[[], Callable[[], None]] | None = None
         self._inodes: dict[str, int] = {}  # stable for the life of the mount
         self._names: dict[int, str] = {}
         self._started_ns = time.time_ns()
@@ -233,25 +235,37 @@ class VolumeFiles(pyfuse3.Operations):
 
     # -- through the adapter (synchronous ctypes callbacks on the trio thread, see adapter.py) ---------
     def write_direct(self, inode: int, data: memoryview, offset: int, reply: Reply) -> None:
-        """Copy the payload out of libfuse's buffer (a Completion may hold it), write, reply when done."""
+        """A write from libfuse's request buffer: small ones copied and written inline, big ones
+        written in place by a worker while the loop pins that buffer (``pin``, from loop.py)."""
         backend = self.backend(inode)
         n = self._writable_range(backend, offset, len(data))
-        payload = bytes(data[:n])
-        if n >= BIG_WRITE:
-            self._workers.submit(self._write_and_reply, backend, payload, offset, reply)
+        if n >= BIG_WRITE and self.pin is not None:
+            # Zero-copy: the buffer stays valid until release(), which runs after the reply and,
+            # with a Completion, after it finishes (the op table's rule for payloads).
+            self._workers.submit(self._write_and_reply, backend, data[:n], offset, reply, self.pin())
         else:
-            self._write_and_reply(backend, payload, offset, reply)
+            self._write_and_reply(backend, bytes(data[:n]), offset, reply, None)
 
     @staticmethod
-    def _write_and_reply(backend: Backend, payload: bytes, offset: int, reply: Reply) -> None:
+    def _write_and_reply(backend: Backend, payload: bytes | memoryview, offset: int, reply: Reply,
+                         release: Callable[[], None] | None) -> None:
         n = len(payload)
+
+        def finish(exc: BaseException | None) -> None:
+            if exc is None:
+                reply.written(n)
+            else:
+                reply.error(to_errno(exc))
+            if release is not None:
+                release()
+
         try:
             result = backend.pwrite(payload, offset)
         except Exception as e:
-            return reply.error(to_errno(e))
+            return finish(e)
         if result is None:
-            return reply.written(n)
-        result.add_done_callback(lambda exc: reply.written(n) if exc is None else reply.error(to_errno(exc)))
+            return finish(None)
+        result.add_done_callback(finish)
         return None
 
     def fallocate(self, inode: int, mode: int, offset: int, length: int, reply: Reply) -> None:
