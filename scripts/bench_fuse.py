@@ -26,17 +26,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from bench_nbd import parse_size, prepare_image, stop_server, wait_socket  # noqa: E402
+from bench_nbd import parse_size, prepare_image, stop_server, wait_socket
 
-from blockdev.fuse.mounts import is_mountpoint  # noqa: E402
+from blockdev.fuse.mounts import is_mountpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "bench"
@@ -105,11 +104,11 @@ def exported(side: str, work: Path, img: Path) -> Iterator[Path]:
         yield file
     finally:
         if is_mountpoint(mnt) and side == "nbdfuse":
-            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
         for proc in reversed(procs):
             stop_server(proc)
         if is_mountpoint(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
 
 
 @contextmanager
@@ -131,6 +130,23 @@ def run_fio(job: Job, target: Path, size: int, runtime: float) -> tuple[float, f
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     d = json.loads(out[out.index("{"):])["jobs"][0]["write" if "write" in job.rw else "read"]
     return d["iops"], d["bw_bytes"] / (1 << 20)
+
+
+def summary(jobs: list[Job], sides: list[str], results: dict[tuple[str, str], list[tuple[float, float]]]) -> str:
+    """A markdown table: medians per side, and per-round ratios of vdisk to each other side."""
+    others = [o for o in sides if o != "vdisk"] if "vdisk" in sides else []
+    lines = ["| job | " + " | ".join(f"{s} IOPS | {s} MiB/s" for s in sides) + "".join(
+        f" | vdisk/{o}" for o in others) + " |", "|---" * (1 + 2 * len(sides) + len(others)) + "|"]
+    for job in jobs:
+        runs = {s: results[(job.name, s)] for s in sides}
+        cells = [job.label]
+        for s in sides:
+            cells += [f"{statistics.median(r[0] for r in runs[s]):.0f}", f"{statistics.median(r[1] for r in runs[s]):.1f}"]
+        for o in others:
+            ratios = [v[0] / w[0] for v, w in zip(runs["vdisk"], runs[o])]
+            cells.append(f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -173,20 +189,15 @@ def main() -> int:
                         else:
                             iops, mibs = run_fio(job, file, args.size, args.runtime)
                     results.setdefault((job.name, side), []).append((iops, mibs))
-                    print(f"{job.label:<24} run {rep + 1} {side:<8} {iops:>9.0f} IOPS {mibs:>8.1f} MiB/s",
-                          flush=True)
+                    print(f"{job.label:<24} run {rep + 1} {side:<8} {iops:>9.0f} IOPS {mibs:>8.1f} MiB/s"
+                          f"   (load {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    others = [o for o in sides if o != "vdisk"] if "vdisk" in sides else []
-    print("\n| job | " + " | ".join(f"{s} IOPS | {s} MiB/s" for s in sides) + " | "
-          + " | ".join(f"vdisk/{o}" for o in others) + " |")
-    print("|---" * (1 + 2 * len(sides) + len(others)) + "|")
-    for job in jobs:
-        med = {s: [statistics.median(r[i] for r in results[(job.name, s)]) for i in (0, 1)] for s in sides}
-        print(f"| {job.label} | " + " | ".join(f"{med[s][0]:.0f} | {med[s][1]:.1f}" for s in sides) + " | "
-              + " | ".join(f"{med['vdisk'][0] / med[o][0]:.2f}x" for o in others) + " |")
-    print("\n(medians of the runs above; ratios are of IOPS)")
+    print()
+    print(summary(jobs, sides, results))
+    print("\nIOPS, MiB/s: medians of the runs above. vdisk/X: median of the per-round ratios (a round runs the")
+    print("sides back to back, under the same machine load), with their range in brackets.")
     return 0
 
 

@@ -43,7 +43,7 @@ def env() -> dict[str, str]:
 
 
 def vdisk(home: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([sys.executable, "-m", "vdisk.cli", "--data-dir", str(home), *args], env=env(),
+    p = subprocess.run([sys.executable, "-m", "vdisk.cli", "--data-dir", str(home), *args], check=False, env=env(),
                        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and p.returncode != 0:
         raise AssertionError(f"vdisk {' '.join(args)} exited {p.returncode}: {p.stderr.strip()}")
@@ -58,7 +58,7 @@ def fio(*args: str) -> dict:
     """Run fio (JSON output, in /tmp so that nothing lands in the checkout); fail on any job error."""
     if shutil.which("fio") is None:
         pytest.fail("fio is not installed (scripts/setup.sh installs it)")
-    p = subprocess.run(["fio", "--output-format=json", *args], capture_output=True, text=True, timeout=240,
+    p = subprocess.run(["fio", "--output-format=json", *args], check=False, capture_output=True, text=True, timeout=240,
                        cwd=tempfile.gettempdir())
     assert p.returncode == 0, p.stderr + p.stdout[-2000:]
     out = json.loads(p.stdout[p.stdout.index("{"):])
@@ -98,7 +98,7 @@ def served(home: Path, name: str, fuse_dir: Path, nbd_sock: Path | None = None) 
                 proc.kill()
                 proc.wait()
         if os.path.ismount(fuse_dir) or _dead_mount(fuse_dir):
-            subprocess.run(["fusermount3", "-u", "-z", str(fuse_dir)], capture_output=True)
+            subprocess.run(["fusermount3", "-u", "-z", str(fuse_dir)], check=False, capture_output=True)
         assert not (os.path.ismount(fuse_dir) or _dead_mount(fuse_dir)), "FUSE mount left after SIGTERM"
 
 
@@ -149,14 +149,14 @@ def sweep(base: Path, home: Path) -> dict[str, list]:
     """Undo whatever a failed test left (top mounts first), and return what was found."""
     found = leaks(base, home)
     for mnt in sorted(found.get("mounts", []), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
+        subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
     for loop in found.get("loops", []):
-        subprocess.run(["losetup", "-d", loop], capture_output=True)
+        subprocess.run(["losetup", "-d", loop], check=False, capture_output=True)
     for pid in found.get("daemons", []):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     for mnt in mounts_under(base):
-        subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False, capture_output=True)
     return found

@@ -22,7 +22,6 @@ from blockdev.fuse import adapter as adapter_mod
 from blockdev.image.file import FileImage, fallocate
 from blockdev.layers import FaultLayer, ReadOnlyLayer, StatsLayer
 from blockdev.layers.faults import Fault
-
 from tests.fusekit import VERIFY, fio, require_fuse_host
 
 SIZE = 16 << 20
@@ -62,6 +61,11 @@ async def exported(tmp_path: Path, volumes: dict[str, Backend]) -> AsyncIterator
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """Blocking file I/O must leave the trio thread free to serve it."""
     return await trio.to_thread.run_sync(fn, *args)
+
+
+def read_head(path: Path, n: int = 2) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
 
 
 def errno_of(fn: Callable[..., Any], *args: Any) -> int:
@@ -209,9 +213,8 @@ async def test_read_only_export_refuses_opening_for_write(tmp_path: Path, image:
     async with exported(tmp_path, {"vol": ReadOnlyLayer(image)}) as mnt:
         err = await in_thread(errno_of, os.open, mnt / "vol", os.O_RDWR)
         mode = (await in_thread(os.stat, mnt / "vol")).st_mode & 0o777
-        with open(tmp_path / "vol.img", "r+b") as f:
-            f.write(b"ro")
-        head = await in_thread(lambda: open(mnt / "vol", "rb").read(2))
+        image.pwrite(b"ro", 0)  # written below the read-only layer: reads must see it
+        head = await in_thread(read_head, mnt / "vol")
     assert err == errno.EROFS and mode == 0o400 and head == b"ro"
 
 

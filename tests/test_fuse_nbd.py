@@ -13,7 +13,6 @@ import pytest
 
 from tests.fusekit import VERIFY, fio, require_fuse_host, served, sweep, vdisk
 
-
 SIZE = 64 << 20
 HALF = SIZE // 2
 
@@ -74,7 +73,7 @@ def test_concurrent_fuse_and_nbd_writers_to_distinct_regions_are_byte_exact(daem
                 os.pwrite(fd, data, off)
                 model[off:off + len(data)] = data
             os.close(fd)
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
             errors.append(e)
 
     def nbd_writer(seed: int, base: int) -> None:
@@ -85,7 +84,7 @@ def test_concurrent_fuse_and_nbd_writers_to_distinct_regions_are_byte_exact(daem
                 model[off:off + len(data)] = data
             h.flush()
             h.shutdown()
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
             errors.append(e)
 
     threads = [threading.Thread(target=fuse_writer, args=(1, 0)),

@@ -91,7 +91,7 @@ def all_records(store: VolumeStore) -> list[MountRecord]:
 def run(cmd: list[str], what: str) -> str:
     """Run a system tool; MountError with its stderr on failure."""
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+        p = subprocess.run(cmd, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     except FileNotFoundError:
         raise MountError(f"{what}: {cmd[0]} is not installed") from None
     if p.returncode != 0:

@@ -16,12 +16,12 @@ import pyfuse3
 import trio
 
 from .adapter import Adapter, AdapterError
+from .files import Exports, VolumeFiles
 from .loop import SessionLoop
 from .mounts import is_mountpoint
-from .files import Exports, VolumeFiles
 from .workers import WorkerPool
 
-__all__ = ["FuseExport", "FuseMountError", "serve_fuse", "VolumeFiles"]
+__all__ = ["FuseExport", "FuseMountError", "VolumeFiles", "serve_fuse"]
 
 log = logging.getLogger("blockdev.fuse")
 # pyfuse3's session is process-global; this guard turns a second mount into a clear error.

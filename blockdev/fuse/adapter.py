@@ -29,8 +29,8 @@ import errno
 import logging
 import struct
 import threading
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import pyfuse3
@@ -90,7 +90,7 @@ class Pyfuse3Statics:
     py_retval: int  # address of `object py_retval`: the coroutine a handler leaves to be awaited
 
     @classmethod
-    def locate(cls) -> "Pyfuse3Statics":
+    def locate(cls) -> Pyfuse3Statics:
         version = getattr(pyfuse3, "__version__", "?")
         if version not in SUPPORTED_PYFUSE3:
             raise AdapterError(f"pyfuse3 {version} is not one of {sorted(SUPPORTED_PYFUSE3)}")
@@ -160,7 +160,7 @@ class ReplyGate:
 class Reply:
     """Exactly one reply to one FUSE request, from any thread (libfuse's reply calls are thread-safe)."""
 
-    __slots__ = ("_req", "_gate")
+    __slots__ = ("_gate", "_req")
 
     def __init__(self, req: int, gate: ReplyGate) -> None:
         self._req = req

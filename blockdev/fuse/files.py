@@ -189,7 +189,7 @@ class VolumeFiles(pyfuse3.Operations):
         buf = bytearray(n)
         try:
             backend.pread(memoryview(buf), off)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (any op error becomes an errno)
             raise fuse_error(e) from None
         return buf
 
@@ -211,7 +211,7 @@ class VolumeFiles(pyfuse3.Operations):
             else:
                 result = backend.pwrite(data, off)
             await wait(result)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (any op error becomes an errno)
             raise fuse_error(e) from None
         return n
 
@@ -221,7 +221,7 @@ class VolumeFiles(pyfuse3.Operations):
             return
         try:
             await wait(backend.flush())
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (any op error becomes an errno)
             raise fuse_error(e) from None
 
     async def flush(self, fh: int) -> None:
@@ -261,7 +261,7 @@ class VolumeFiles(pyfuse3.Operations):
 
         try:
             result = backend.pwrite(payload, offset)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (any op error becomes an errno)
             return finish(e)
         if result is None:
             return finish(None)
@@ -287,7 +287,7 @@ class VolumeFiles(pyfuse3.Operations):
                 result = backend.trim(length, offset)
             else:
                 result = backend.write_zeroes(length, offset, may_trim=False)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (any op error becomes an errno)
             return reply.error(to_errno(e))
         if result is None:
             return reply.error(0)
@@ -308,7 +308,7 @@ class VolumeFiles(pyfuse3.Operations):
         while pos < size:
             try:
                 runs = backend.extents(size - pos, pos)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 (any op error becomes an errno)
                 return reply.error(to_errno(e))
             for length, flags in runs:
                 if bool(flags & EXTENT_HOLE) == (whence == SEEK_HOLE):

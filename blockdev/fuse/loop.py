@@ -79,7 +79,7 @@ class SpareBuffers:
 class _Pin:
     """One pinned request buffer: released by a worker, maybe before the loop has handed it over."""
 
-    __slots__ = ("_spares", "_lock", "_mem", "_released")
+    __slots__ = ("_lock", "_mem", "_released", "_spares")
 
     def __init__(self, spares: SpareBuffers) -> None:
         self._spares = spares
