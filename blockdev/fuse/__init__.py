@@ -15,11 +15,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from ..nbd.server import WorkerPool
 from .adapter import Adapter, AdapterError
-from .files import Exports, VolumeFiles
+from .files import WORKERS, Exports, VolumeFiles
 from .loop import SessionLoop
 from .mounts import is_mountpoint
-from .workers import WorkerPool
 
 __all__ = ["FuseExport", "FuseMountError", "VolumeFiles", "serve_fuse"]
 
@@ -78,7 +78,7 @@ async def serve_fuse(mountpoint: str | os.PathLike[str], exports: Exports, *,
     if not _one_session.acquire(blocking=False):
         raise FuseMountError(errno.EBUSY, "this process already serves a FUSE mountpoint")
     try:
-        workers = WorkerPool()
+        workers = WorkerPool(WORKERS)
         files = VolumeFiles(exports, workers)
         try:
             pyfuse3.init(files, str(path), mount_options())

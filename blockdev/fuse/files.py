@@ -9,18 +9,22 @@ Files are opened with ``direct_io``: no kernel page cache, so FUSE and NBD see e
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pyfuse3
+import trio
 
 from ..backend import EXTENT_HOLE, Backend, wait
 from ..errors import to_errno
+from ..nbd.server import WorkerPool  # the NBD server's plain worker threads, shared
 from .adapter import Reply
-from .workers import BIG_WRITE, WorkerPool
 
+log = logging.getLogger("blockdev.fuse")
 ROOT = pyfuse3.ROOT_INODE
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -31,6 +35,37 @@ SEEK_DATA, SEEK_HOLE = 3, 4
 CACHE_TIMEOUT = 3600.0
 
 Exports = Callable[[], dict[str, Backend]]
+# Writes this big go to a worker thread so that the pwrite overlaps the next request. A thread hand-off
+# costs tens of µs: noise next to a 1 MiB write, too much for a 4 KiB one (DESIGN.md).
+BIG_WRITE = 128 * 1024
+WORKERS = 2
+
+
+async def run_on(pool: WorkerPool, fn: Callable[..., Any], *args: Any) -> Any:
+    """Await ``fn(*args)`` run on ``pool`` from trio: one run_sync_soon crossing back."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    box: list[tuple[Any, BaseException | None]] = []
+
+    def finished(result: Any, exc: BaseException | None) -> None:
+        box.append((result, exc))
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    pool.submit(fn, args, finished)
+    with trio.CancelScope(shield=True):  # the thread still uses the caller's buffer
+        await done.wait()
+    result, exc = box[0]
+    if exc is not None:
+        raise exc
+    return result
+
+
+def _unexpected(_result: Any, exc: BaseException | None) -> None:
+    if exc is not None:  # jobs submitted here report their own errors (as FUSE replies): a bug
+        log.error("FUSE worker job failed", exc_info=exc)
 
 
 def fuse_error(exc: BaseException) -> pyfuse3.FUSEError:
@@ -207,7 +242,7 @@ class VolumeFiles(pyfuse3.Operations):
         data = memoryview(buf)[:n]
         try:
             if n >= BIG_WRITE:
-                result = await self._workers.run(backend.pwrite, data, off)
+                result = await run_on(self._workers, backend.pwrite, data, off)
             else:
                 result = backend.pwrite(data, off)
             await wait(result)
@@ -242,7 +277,7 @@ class VolumeFiles(pyfuse3.Operations):
         if n >= BIG_WRITE and self.pin is not None:
             # Zero-copy: the buffer stays valid until release(), which runs after the reply and,
             # with a Completion, after it finishes (the op table's rule for payloads).
-            self._workers.submit(self._write_and_reply, backend, data[:n], offset, reply, self.pin())
+            self._workers.submit(self._write_and_reply, (backend, data[:n], offset, reply, self.pin()), _unexpected)
         else:
             self._write_and_reply(backend, bytes(data[:n]), offset, reply, None)
 
