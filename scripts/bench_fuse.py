@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -167,6 +168,8 @@ def main() -> int:
             print(f"bench_fuse: {tool} not found (scripts/setup.sh installs it)", file=sys.stderr)
             return 1
 
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C, so every mount, loop device and server is undone.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="bench-fuse-"))
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     try:

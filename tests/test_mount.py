@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbd
@@ -28,6 +29,16 @@ def home(tmp_path: Path) -> Iterator[Path]:
         yield home
     finally:
         assert not sweep(tmp_path, home), "leaked mounts, loop devices or daemons"
+
+
+@contextmanager
+def mounted(home: Path, mnt: Path, *extra: str) -> Iterator[None]:
+    """`vdisk mount vol MNT` for the block, always unmounted."""
+    vdisk(home, "mount", "vol", str(mnt), *extra)
+    try:
+        yield
+    finally:
+        vdisk(home, "umount", str(mnt))
 
 
 def record(home: Path, name: str = "vol") -> dict:
@@ -104,13 +115,10 @@ def test_refusals_are_clear_and_leave_nothing_behind(home: Path, tmp_path: Path)
     with served(home, "vol", tmp_path / "fuse"):
         assert "is busy: it is being served by pid" in refused("mount", "vol", str(mnt))
 
-    vdisk(home, "mount", "vol", str(mnt), "--mkfs", "ext4")
-    try:
+    with mounted(home, mnt, "--mkfs", "ext4"):
         assert "already mounted on" in refused("mount", "vol", str(other))
         vdisk(home, "create", "vol2", "--size", SIZE)
         assert "already a mountpoint" in refused("mount", "vol2", str(mnt))
-    finally:
-        vdisk(home, "umount", str(mnt))
     assert not leaks(tmp_path, home)
 
 
@@ -139,11 +147,8 @@ def test_umount_recovers_after_the_daemon_is_killed(home: Path, tmp_path: Path) 
 
     vdisk(home, "umount", str(mnt), timeout=60)
     assert not leaks(tmp_path, home) and not (home / "vol.mount.json").exists()
-    vdisk(home, "mount", "vol", str(mnt))  # the data synced before the kill survived
-    try:
+    with mounted(home, mnt):  # the data synced before the kill survived
         assert read_tree(mnt, written) == written
-    finally:
-        vdisk(home, "umount", str(mnt))
 
 
 def test_busy_umount_is_refused_and_a_lazy_one_keeps_serving_open_files(home: Path, tmp_path: Path) -> None:
@@ -161,11 +166,8 @@ def test_busy_umount_is_refused_and_a_lazy_one_keeps_serving_open_files(home: Pa
         held.write("written after a lazy umount")
     vdisk(home, "umount", "vol")
     assert not leaks(tmp_path, home)
-    vdisk(home, "mount", "vol", str(mnt))
-    try:
+    with mounted(home, mnt):
         assert (mnt / "held").read_text() == "written after a lazy umount"
-    finally:
-        vdisk(home, "umount", str(mnt))
 
 
 def test_force_umount_of_a_wedged_daemon_does_not_hang(home: Path, tmp_path: Path) -> None:

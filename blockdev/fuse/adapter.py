@@ -3,11 +3,12 @@
 1. **Our own slots in libfuse's ops table.** libfuse copies ``fuse_lowlevel_ops`` into the session at
    ``fuse_session_new``; after ``pyfuse3.init`` we find that copy (pyfuse3 keeps the session pointer
    and its own table in module statics, located through the extension's ELF symbol table), check it is
-   byte-identical to pyfuse3's table, and change four slots:
+   byte-identical to pyfuse3's table, and change five slots:
    - ``fallocate`` and ``lseek`` (pyfuse3 has neither: punch-hole / zero-range, loop discard and
      SEEK_DATA/SEEK_HOLE would get ENOSYS);
-   - ``write``: a ctypes callback instead of pyfuse3's coroutine, so a write costs no task switch and
-     a big one is finished (pwrite + reply) by a worker thread without crossing back into trio;
+   - ``read`` and ``write``: ctypes callbacks instead of pyfuse3's coroutines (no coroutine, no
+     allocation per read: one reused buffer); a big write is finished (pwrite + reply) by a worker
+     thread without crossing back into trio;
    - ``write_buf`` cleared: libfuse then stops splicing write payloads through a pipe (one copy less).
    The callbacks run inside ``fuse_session_process_buf`` on the trio thread, synchronously; replies go
    out through libfuse's ``fuse_reply_*`` (thread-safe), so an op that completes later (a sync mirror's
@@ -40,6 +41,7 @@ log = logging.getLogger("blockdev.fuse")
 SUPPORTED_PYFUSE3 = frozenset({"3.5.0"})
 # libfuse 3 (fuse_lowlevel.h) only ever appends to fuse_lowlevel_ops; slot indices, 0-based.
 OPS_SLOTS = 44
+SLOT_READ = 15
 SLOT_WRITE = 16
 SLOT_WRITE_BUF = 36
 SLOT_FALLOCATE = 40
@@ -115,6 +117,8 @@ _libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
 _libfuse.fuse_reply_err.restype = ctypes.c_int
 _libfuse.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
 _libfuse.fuse_reply_lseek.restype = ctypes.c_int
+_libfuse.fuse_reply_buf.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_libfuse.fuse_reply_buf.restype = ctypes.c_int
 _libfuse.fuse_reply_write.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libfuse.fuse_reply_write.restype = ctypes.c_int
 _libfuse.fuse_session_fd.argtypes = [ctypes.c_void_p]
@@ -123,6 +127,9 @@ _libfuse.fuse_session_exited.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_session_exited.restype = ctypes.c_int
 _libfuse.fuse_pkgversion.restype = ctypes.c_char_p
 
+# void (*read)(fuse_req_t, fuse_ino_t, size_t size, off_t off, struct fuse_file_info *)
+_READ_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64,
+                           ctypes.c_void_p)
 # void (*write)(fuse_req_t, fuse_ino_t, const char *buf, size_t size, off_t off, struct fuse_file_info *)
 _WRITE_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
                             ctypes.c_int64, ctypes.c_void_p)
@@ -182,9 +189,16 @@ class Reply:
     def offset(self, pos: int) -> None:
         self._send(_libfuse.fuse_reply_lseek, pos)
 
+    def data(self, buf: bytearray, n: int) -> None:
+        """Reply with ``buf[:n]`` (libfuse writes it to /dev/fuse before returning: buf is free after)."""
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf)) if n else 0
+        self._send(_libfuse.fuse_reply_buf, addr, n)
+
 
 class Handlers(Protocol):
     """What the adapter calls; each replies through ``reply`` now or later (another thread may)."""
+
+    def read_direct(self, inode: int, size: int, offset: int, reply: Reply) -> None: ...
 
     def write_direct(self, inode: int, data: memoryview, offset: int, reply: Reply) -> None:
         """``data`` is libfuse's request buffer: valid only until this call returns."""
@@ -203,6 +217,7 @@ class Adapter:
         self._handlers = handlers
         # The C function pointers must outlive the session: keep them on self.
         self._c_write = _WRITE_T(self._on_write)
+        self._c_read = _READ_T(self._on_read)
         self._c_fallocate = _FALLOCATE_T(self._on_fallocate)
         self._c_lseek = _LSEEK_T(self._on_lseek)
         self.session = 0
@@ -226,6 +241,7 @@ class Adapter:
             # Writes skip pyfuse3's coroutine and the trio hop: big ones go to a worker thread that
             # replies itself (see VolumeFiles.write_direct).
             SLOT_WRITE: ctypes.cast(self._c_write, ctypes.c_void_p).value,
+            SLOT_READ: ctypes.cast(self._c_read, ctypes.c_void_p).value,
             SLOT_FALLOCATE: ctypes.cast(self._c_fallocate, ctypes.c_void_p).value,
             SLOT_LSEEK: ctypes.cast(self._c_lseek, ctypes.c_void_p).value,
         }
@@ -276,34 +292,27 @@ class Adapter:
         return _libfuse.fuse_session_fd(self.session)
 
     # -- callbacks from libfuse (trio thread, inside fuse_session_process_buf) --------------------
-    # A ctypes callback must not raise: the kernel would wait for a reply forever.
     def _on_write(self, req: int, ino: int, buf: int, size: int, offset: int, _fi: int) -> None:
-        reply = Reply(req, self.gate)
-        try:
-            view = memoryview((ctypes.c_char * size).from_address(buf)).cast("B") if size else memoryview(b"")
-            self._handlers.write_direct(ino, view, offset, reply)
-        except pyfuse3.FUSEError as e:
-            reply.error(e.errno)
-        except BaseException:
-            log.exception("write handler failed")
-            reply.error(errno.EIO)
+        view = memoryview((ctypes.c_char * size).from_address(buf)).cast("B") if size else memoryview(b"")
+        self._dispatch(req, "write", self._handlers.write_direct, ino, view, offset)
+
+    def _on_read(self, req: int, ino: int, size: int, offset: int, _fi: int) -> None:
+        self._dispatch(req, "read", self._handlers.read_direct, ino, size, offset)
 
     def _on_fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, _fi: int) -> None:
-        reply = Reply(req, self.gate)
-        try:
-            self._handlers.fallocate(ino, mode, offset, length, reply)
-        except pyfuse3.FUSEError as e:
-            reply.error(e.errno)
-        except BaseException:
-            log.exception("fallocate handler failed")
-            reply.error(errno.EIO)
+        self._dispatch(req, "fallocate", self._handlers.fallocate, ino, mode, offset, length)
 
     def _on_lseek(self, req: int, ino: int, offset: int, whence: int, _fi: int) -> None:
+        self._dispatch(req, "lseek", self._handlers.lseek, ino, offset, whence)
+
+    def _dispatch(self, req: int, what: str, handler: Callable[..., None], *args: object) -> None:
+        """Call ``handler(*args, reply)``. A ctypes callback must not raise: the kernel would wait
+        for a reply forever, so every failure becomes an error reply."""
         reply = Reply(req, self.gate)
         try:
-            self._handlers.lseek(ino, offset, whence, reply)
+            handler(*args, reply)
         except pyfuse3.FUSEError as e:
             reply.error(e.errno)
         except BaseException:
-            log.exception("lseek handler failed")
+            log.exception("%s handler failed", what)
             reply.error(errno.EIO)

@@ -39,6 +39,7 @@ Exports = Callable[[], dict[str, Backend]]
 # costs tens of µs: noise next to a 1 MiB write, too much for a 4 KiB one (DESIGN.md).
 BIG_WRITE = 128 * 1024
 WORKERS = 2
+READ_BUFFER = 1 << 20  # the kernel's largest FUSE read (max_pages 256)
 
 
 async def run_on(pool: WorkerPool, fn: Callable[..., Any], *args: Any) -> Any:
@@ -80,6 +81,7 @@ class VolumeFiles(pyfuse3.Operations):
         super().__init__()
         self._exports = exports
         self._workers = workers
+        self._read_buf = bytearray(READ_BUFFER)
         # Set by serve_fuse when our request loop runs: pins the current request buffer (loop.py).
         self.pin: Callable[[], Callable[[], None]] | None = None
         self._inodes: dict[str, int] = {}  # stable for the life of the mount
@@ -269,6 +271,19 @@ class VolumeFiles(pyfuse3.Operations):
         return None
 
     # -- through the adapter (synchronous ctypes callbacks on the trio thread, see adapter.py) ---------
+    def read_direct(self, inode: int, size: int, offset: int, reply: Reply) -> None:
+        """A read into one reused buffer (we are on the trio thread, and the reply copies it out)."""
+        backend = self.backend(inode)
+        n = min(size, backend.size() - offset)
+        if n <= 0:
+            return reply.data(self._read_buf, 0)
+        buf = self._read_buf if n <= len(self._read_buf) else bytearray(n)
+        try:
+            backend.pread(memoryview(buf)[:n], offset)
+        except Exception as e:  # noqa: BLE001 (any op error becomes an errno)
+            return reply.error(to_errno(e))
+        return reply.data(buf, n)
+
     def write_direct(self, inode: int, data: memoryview, offset: int, reply: Reply) -> None:
         """A write from libfuse's request buffer: small ones copied and written inline, big ones
         written in place by a worker while the loop pins that buffer (``pin``, from loop.py)."""
