@@ -302,7 +302,7 @@ async def test_backend_errors_reach_the_caller_as_their_errno(tmp_path: Path, im
         assert await in_thread(io, mnt) == (errno.ENOSPC, errno.EIO, 0)
 
 
-async def test_our_request_loop_drains_queued_requests_without_waiting(tmp_path: Path, image: FileImage) -> None:
+async def test_our_request_loop_reads_queued_requests_without_waiting(tmp_path: Path, image: FileImage) -> None:
     def hammer(mnt: Path) -> None:
         def one(seed: int) -> None:
             fd = os.open(mnt / "vol", os.O_RDWR)
@@ -323,8 +323,9 @@ async def test_our_request_loop_drains_queued_requests_without_waiting(tmp_path:
         await in_thread(hammer, mnt)
         stats = export.statistics()
         nursery.cancel_scope.cancel()
-    assert stats["adapter"] and stats["drained"] > 0 and stats["waited"] > 0
-    assert stats["drained"] + stats["waited"] >= 1200
+    # 4 writers keep requests queued: most are read straight after the previous one, without waiting.
+    assert stats["adapter"] and stats["requests"] >= 1200
+    assert 0 < stats["waits"] < stats["requests"] / 2
 
 
 async def test_without_the_adapter_the_export_still_works_minus_fallocate(

@@ -41,7 +41,7 @@ class FuseExport:
     def statistics(self) -> dict[str, object]:
         loop = self.loop
         return {"mountpoint": str(self.mountpoint), "adapter": loop is not None,
-                "drained": loop.drained if loop else 0, "waited": loop.waited if loop else 0}
+                "requests": loop.requests if loop else 0, "waits": loop.waits if loop else 0}
 
 
 class FuseMountError(OSError):

@@ -4,8 +4,8 @@ pyfuse3's own loop reads /dev/fuse with the GIL held (a 1 MiB write is copied by
 worker thread can run), passes through trio's scheduler twice per request, and reuses one buffer per
 task, so a write's payload must be copied before the next read. This loop, per task:
 
-    wait until /dev/fuse is readable -- at once, with no scheduler pass, if a request is queued
-    fuse_session_receive_buf   (ctypes call: the GIL is released during the kernel's copy)
+    fuse_session_receive_buf   (ctypes call, GIL released during the kernel's copy; the fd is
+                               non-blocking: only on EAGAIN does the task wait in trio)
     fuse_session_process_buf   (GIL held: pyfuse3's Cython handlers and our ctypes slots run here)
     run what pyfuse3's handler left in its ``py_retval`` static (its coroutine), if anything
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import select
+import os
 import threading
 import types
 from collections.abc import Callable, Coroutine, Generator
@@ -31,7 +31,7 @@ import trio
 
 from .adapter import Adapter, libfuse_path
 
-CHECKPOINT_EVERY = 64  # drained requests between two forced scheduler passes (NBD, control socket)
+CHECKPOINT_EVERY = 64  # requests read back to back between two forced scheduler passes (NBD, control)
 
 
 class FuseBuf(ctypes.Structure):
@@ -112,14 +112,13 @@ class SessionLoop:
         self.tasks = tasks
         self.spares = SpareBuffers()
         self._fd = adapter.fd()
-        self._poll = select.poll()
-        self._poll.register(self._fd, select.POLLIN)
+        os.set_blocking(self._fd, False)  # reads return EAGAIN instead of blocking the trio thread
         self._followers = trio.lowlevel.ParkingLot()
         self._has_leader = False
         self._streak = 0
         self._pin: _Pin | None = None
-        self.drained = 0  # requests read without a scheduler pass
-        self.waited = 0  # requests read after waiting for /dev/fuse
+        self.requests = 0  # requests read
+        self.waits = 0  # times the leader found nothing queued and waited in trio
 
     def pin(self) -> Callable[[], None]:
         """Keep the buffer of the request being processed; call the result (any thread) to release it."""
@@ -133,23 +132,16 @@ class SessionLoop:
             for _ in range(self.tasks):
                 nursery.start_soon(self._one_task)
 
-    async def _readable(self) -> bool:
-        """True when a request can be read without blocking; False when the session is over.
-        Only the leader calls this, so one task at most waits on the fd (as trio requires)."""
-        while True:
-            if self._streak < CHECKPOINT_EVERY and self._poll.poll(0):
-                # Queued now, and nothing else runs between this return and our read of it.
-                self._streak += 1
-                self.drained += 1
-                return True
-            self._streak = 0
-            if _lib.fuse_session_exited(self.session):
-                return False
-            try:
-                await trio.lowlevel.wait_readable(self._fd)
-            except trio.ClosedResourceError:  # pyfuse3.terminate()
-                return False
-            self.waited += 1
+    async def _wait(self) -> bool:
+        """Wait until /dev/fuse is readable; False when the session is over. Only the leader waits,
+        so at most one task waits on the fd (as trio requires)."""
+        if _lib.fuse_session_exited(self.session):
+            return False
+        try:
+            await trio.lowlevel.wait_readable(self._fd)
+        except trio.ClosedResourceError:  # pyfuse3.terminate()
+            return False
+        return True
 
     async def _one_task(self) -> None:
         """Leader/followers: the leader reads and processes requests; when a handler has to wait
@@ -177,14 +169,26 @@ class SessionLoop:
         ref, session = ctypes.byref(buf), self.session
         receive, process, take_retval = _lib.fuse_session_receive_buf, _lib_gil.fuse_session_process_buf, \
             self.adapter.take_retval
-        while await self._readable():
+        while True:
+            # The fd is non-blocking: try the read first, wait only when nothing is queued.
             res = receive(session, ref)
-            if res == -errno.EINTR or res == -errno.EAGAIN:
+            if res == -errno.EAGAIN:
+                self._streak = 0
+                if not await self._wait():
+                    return None
+                self.waits += 1
+                continue
+            if res == -errno.EINTR:
                 continue
             if res < 0:
                 raise OSError(-res, f"reading /dev/fuse: {errno.errorcode.get(-res, -res)}")
             if res == 0:  # unmounted
                 return None
+            self.requests += 1
+            self._streak += 1
+            if self._streak >= CHECKPOINT_EVERY:  # let NBD and the control socket run
+                self._streak = 0
+                await trio.lowlevel.checkpoint()
             process(session, ref)
             pin, self._pin = self._pin, None
             if pin is not None and pin.keep(buf.mem):
@@ -197,7 +201,6 @@ class SessionLoop:
             except StopIteration:
                 continue
             return pending, first  # type: ignore[return-value]
-        return None
 
 
 @types.coroutine
