@@ -237,6 +237,9 @@ class LateLayer(Layer):
     def trim(self, length: int, offset: int, fua: bool = False) -> WriteResult:
         return self._later(self.inner.trim(length, offset, fua))
 
+    def flush(self) -> WriteResult:
+        return self._later(self.inner.flush())
+
 
 async def test_writes_and_punches_reply_only_when_their_completion_finishes(tmp_path: Path, image: FileImage) -> None:
     def timed(mnt: Path, name: str, big: bool) -> tuple[float, int, float]:
@@ -259,6 +262,34 @@ async def test_writes_and_punches_reply_only_when_their_completion_finishes(tmp_
     assert small[0] >= 0.25 and small[1] == 0 and small[2] >= 0.25  # write, then punch, both waited
     assert big[0] >= 0.25 and big[1] == 0  # the worker-thread path waits too
     assert failed[1] == errno.EIO
+
+
+async def test_a_waiting_flush_does_not_stall_other_requests(tmp_path: Path, image: FileImage) -> None:
+    # The fsync's handler suspends on its Completion: the loop's leader must hand /dev/fuse to a
+    # follower and keep serving, instead of making every other request wait behind the flush.
+    times: dict[str, float] = {}
+
+    def fsync(mnt: Path) -> None:
+        fd = os.open(mnt / "slow", os.O_RDWR)
+        t0 = time.monotonic()
+        os.fsync(fd)
+        times["fsync"] = time.monotonic() - t0
+        os.close(fd)
+
+    def reads(mnt: Path) -> None:
+        time.sleep(0.05)  # the fsync is pending by now
+        t0 = time.monotonic()
+        fd = os.open(mnt / "fast", os.O_RDONLY)
+        for i in range(50):
+            os.pread(fd, 4096, i * 4096)
+        times["reads"] = time.monotonic() - t0
+        os.close(fd)
+
+    async with exported(tmp_path, {"slow": LateLayer(image, 0.5), "fast": image}) as mnt, \
+            trio.open_nursery() as nursery:
+        nursery.start_soon(in_thread, fsync, mnt)
+        nursery.start_soon(in_thread, reads, mnt)
+    assert times["fsync"] >= 0.45 and times["reads"] < 0.3
 
 
 class QueueingLayer(Layer):
