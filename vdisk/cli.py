@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Other modules add their subcommands here (each a function taking `add`).
 EXTENSIONS: list[Callable[[Callable[..., argparse.ArgumentParser]], None]] = []
-from .mount import add_commands as _mount_commands  # noqa: E402 (after EXTENSIONS: mount imports cli)
+from .mount import add_commands as _mount_commands  # after EXTENSIONS: mount.py imports this module
 
 EXTENSIONS.append(_mount_commands)
 
