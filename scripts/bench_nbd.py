@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from vdisk.demo import wait_for_socket  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VDISK = ROOT / ".venv" / "bin" / "vdisk"
@@ -82,21 +84,8 @@ def prepare_image(path: Path, size: int) -> None:
 
 
 def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        if path.exists():
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(str(path))
-                return
-            except OSError:
-                pass
-            finally:
-                s.close()
-        time.sleep(0.02)
-    raise RuntimeError(f"server socket {path} did not appear")
+    """Until the server listens on ``path`` (or died)."""
+    wait_for_socket(path, proc, timeout)
 
 
 def start_server(side: str, work: Path, img: Path, sock: Path, vdisk_root: Path) -> subprocess.Popen[bytes]:
