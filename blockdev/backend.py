@@ -19,6 +19,10 @@ INFO_OPS: frozenset[str] = frozenset(
     {"size", "block_size", "can_write", "can_flush", "can_fua", "can_trim", "can_zero",
      "can_fast_zero", "can_extents", "close"}
 )
+# Hints around a run of writes (like the block layer's plug): a layer may defer the local half of
+# writes issued between plug() and unplug() on the same thread until unplug(), so that a mirror can put
+# a whole batch's replica frames on the wire before the local pwrites start.
+BATCH_OPS: frozenset[str] = frozenset({"plug", "unplug"})
 
 # extents() flags, the same bits as NBD's base:allocation context.
 EXTENT_HOLE = 1
@@ -26,15 +30,20 @@ EXTENT_ZERO = 2
 
 
 class Completion:
-    """A write that finishes later. Thread-safe; callbacks run once, in the thread that completes it."""
+    """A write that finishes later. Thread-safe; callbacks run once, in the thread that completes it.
 
-    __slots__ = ("_lock", "_done", "_exc", "_callbacks")
+    ``parts`` > 1: it finishes when ``finish`` has been called that many times (the first error wins).
+    A mirrored write is one Completion of two parts, local and replica, with no combining wrapper.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_lock", "_done", "_exc", "_callbacks", "_left")
+
+    def __init__(self, parts: int = 1) -> None:
         self._lock = threading.Lock()
         self._done = False
         self._exc: BaseException | None = None
         self._callbacks: list[Callable[[BaseException | None], None]] = []
+        self._left = parts
 
     @property
     def done(self) -> bool:
@@ -52,10 +61,17 @@ class Completion:
         fn(self._exc)
 
     def finish(self, exc: BaseException | None = None) -> None:
+        """One part is done (``exc``: it failed); extra calls once done are ignored."""
         with self._lock:
             if self._done:
                 return
-            self._done, self._exc = True, exc
+            if self._exc is None:
+                self._exc = exc
+            self._left -= 1
+            if self._left > 0:
+                return
+            self._done = True
+            exc = self._exc
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             fn(exc)
@@ -71,22 +87,9 @@ def combine(results: list[WriteResult]) -> WriteResult:
         return None
     if len(pending) == 1:
         return pending[0]
-    out = Completion()
-    left = [len(pending)]
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def one(exc: BaseException | None) -> None:
-        with lock:
-            if exc is not None:
-                errors.append(exc)
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            out.finish(errors[0] if errors else None)
-
+    out = Completion(len(pending))
     for r in pending:
-        r.add_done_callback(one)
+        r.add_done_callback(out.finish)
     return out
 
 
@@ -138,6 +141,10 @@ class Backend(Protocol):
     ) -> WriteResult: ...
     def trim(self, length: int, offset: int, fua: bool = False) -> WriteResult: ...
     def flush(self) -> WriteResult: ...
+    def plug(self) -> None:
+        """A run of writes from this thread follows (see BATCH_OPS)."""
+    def unplug(self) -> None:
+        """The run ended: issue whatever was deferred since plug()."""
     def close(self) -> None: ...
 
 
@@ -199,6 +206,12 @@ class Layer:
 
     def flush(self) -> WriteResult:
         return self.inner.flush()
+
+    def plug(self) -> None:
+        self.inner.plug()
+
+    def unplug(self) -> None:
+        self.inner.unplug()
 
     def close(self) -> None:
         self.inner.close()

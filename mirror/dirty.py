@@ -272,12 +272,17 @@ class ActivityLog:
 
     def end(self, offset: int, length: int) -> None:
         """The write is on the replica, or recorded in the dirty map: no longer in flight."""
-        first, last = offset // self.extent, (offset + max(length, 1) - 1) // self.extent
+        self.end_many(((offset, length),))
+
+    def end_many(self, ranges: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> None:
+        """``end`` for every (offset, length), under one lock (an ack covers a whole batch)."""
+        ext, hot = self.extent, self._hot
         with self._lock:
-            for e in range(first, last + 1):
-                n = self._hot.get(e)
-                if n:
-                    self._hot[e] = n - 1
+            for offset, length in ranges:
+                for e in range(offset // ext, (offset + max(length, 1) - 1) // ext + 1):
+                    n = hot.get(e)
+                    if n:
+                        hot[e] = n - 1
 
     def clear(self) -> None:
         """Forget idle extents (the dirty map is saved first)."""

@@ -5,9 +5,15 @@ before it is applied locally, so the replica frame can be on the wire while the 
 may return a Completion that delays the host's acknowledgement until the replica has the write. It is
 also told when the local write has finished (``local_done``): a resync that reads the volume must not
 read a region while a write to it is still landing, or it could ship older data after newer.
+
+Batches (DESIGN.md, "The sync mirror: what was measured"): between ``plug()`` and ``unplug()`` on one
+thread (the NBD server plugs around each run of small inline writes of a receive batch) the local
+halves of writes are deferred: ``unplug`` first has the replicator send every queued frame in one
+``sendmsg``, then does the local pwrites, so the replica applies the batch while the source writes it.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -21,7 +27,12 @@ class Replicator(Protocol):
     def admit(self, offset: int, length: int) -> WriteResult:
         """Before a write/zero is issued: None to go ahead, or a Completion to wait for (the mirror's
         activity log must record the range first; the caller's thread must not block on that)."""
-    def on_write(self, offset: int, data: memoryview | bytes, fua: bool) -> WriteResult: ...
+    def on_write(self, offset: int, data: memoryview | bytes, fua: bool,
+                 done: Completion | None = None) -> WriteResult:
+        """Queue the write for the replica. Returns None when there is nothing to wait for, else the
+        Completion to wait on: ``done`` if given (one ``finish`` when the replica has it), or a new one."""
+    def push(self) -> None:
+        """Send what is queued now, without blocking (the caller is about to do slow local work)."""
     def on_zero(self, offset: int, length: int, fua: bool, trim: bool) -> WriteResult: ...
     def on_flush(self) -> WriteResult: ...
     def withdraw(self, offset: int, length: int) -> None:
@@ -39,6 +50,10 @@ class MirrorLayer(Layer):
     def __init__(self, inner: Backend) -> None:
         super().__init__(inner)
         self.replicator: Replicator | None = None
+        # Local halves deferred by plug(): (data, offset, fua, completion); the plugging thread's id.
+        self._deferred: list[tuple[memoryview | bytes, int, bool, Completion]] = []
+        self._plug_thread = 0
+        self._plug_lock = threading.Lock()
 
     def attach(self, replicator: Replicator | None) -> None:
         self.replicator = replicator
@@ -56,12 +71,17 @@ class MirrorLayer(Layer):
             res.add_done_callback(lambda exc: rep.local_done(offset, length, exc is None))
         return res
 
-    @staticmethod
-    def _admitted(rep: Replicator, offset: int, length: int, issue: Callable[[], WriteResult]) -> WriteResult:
+    @classmethod
+    def _admitted(cls, rep: Replicator, offset: int, length: int, issue: Callable[[], WriteResult]) -> WriteResult:
         """``issue()`` once the replicator admits the range; at once in the usual case."""
         gate = rep.admit(offset, length)
         if gate is None:
             return issue()
+        return cls._after(gate, issue)
+
+    @staticmethod
+    def _after(gate: Completion, issue: Callable[[], WriteResult]) -> WriteResult:
+        """``issue()`` once the activity log has the range (from the log's thread)."""
         out = Completion()
 
         def go(exc: BaseException | None) -> None:
@@ -85,14 +105,68 @@ class MirrorLayer(Layer):
         rep = self.replicator
         if rep is None:
             return self.inner.pwrite(data, offset, fua)
+        gate = rep.admit(offset, len(data))
+        if gate is not None:  # rare: the activity log is being written first
+            return self._after(gate, lambda: self._write(rep, data, offset, fua))
+        return self._write(rep, data, offset, fua)
 
-        def issue() -> WriteResult:
-            # Replica first, so the frame is on the wire while the local write runs.
-            remote = rep.on_write(offset, data, fua)
-            local = self._local(rep, offset, len(data), lambda: self.inner.pwrite(data, offset, fua))
-            return combine([local, remote])
+    def _write(self, rep: Replicator, data: memoryview | bytes, offset: int, fua: bool) -> WriteResult:
+        """The hot path: one two-part Completion per write (replica, local), replica frame first."""
+        done = Completion(2)
+        remote = rep.on_write(offset, data, fua, done)
+        if remote is None:
+            done.finish()  # nothing to wait for from the replica (degraded)
+        elif remote is not done:
+            remote.add_done_callback(done.finish)
+        if self._plug_thread == threading.get_ident():
+            self._deferred.append((data, offset, fua, done))
+        else:
+            self._write_local(rep, data, offset, fua, done)
+        return done
 
-        return self._admitted(rep, offset, len(data), issue)
+    def _write_local(self, rep: Replicator, data: memoryview | bytes, offset: int, fua: bool,
+                     done: Completion) -> None:
+        n = len(data)
+        try:
+            res = self.inner.pwrite(data, offset, fua)
+        except BaseException as e:  # noqa: BLE001 - the host gets it once the replica half is done too
+            rep.local_done(offset, n, False)
+            done.finish(e)
+            return
+        if res is None:
+            rep.local_done(offset, n, True)
+            done.finish()
+        else:
+            def landed(exc: BaseException | None) -> None:
+                rep.local_done(offset, n, exc is None)
+                done.finish(exc)
+            res.add_done_callback(landed)
+
+    def plug(self) -> None:
+        """Defer this thread's local writes until unplug(). One thread plugs at a time (the NBD
+        server's trio thread); other threads, and a second plug meanwhile, write at once."""
+        with self._plug_lock:
+            if self._plug_thread == 0 and self.replicator is not None:
+                self._plug_thread = threading.get_ident()
+                return
+        self.inner.plug()
+
+    def unplug(self) -> None:
+        with self._plug_lock:
+            if self._plug_thread != threading.get_ident():
+                mine = False
+            else:
+                mine, self._plug_thread = True, 0
+                deferred, self._deferred = self._deferred, []
+        if not mine:
+            self.inner.unplug()
+            return
+        rep = self.replicator
+        if not deferred or rep is None:
+            return
+        rep.push()  # the batch's frames leave in one sendmsg; the replica applies while we write
+        for data, offset, fua, done in deferred:
+            self._write_local(rep, data, offset, fua, done)
 
     def write_zeroes(
         self, length: int, offset: int, fua: bool = False, may_trim: bool = True, fast: bool = False

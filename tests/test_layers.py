@@ -8,7 +8,7 @@ import pytest
 
 import blockdev.layers
 import mirror.layer
-from blockdev.backend import INFO_OPS, READ_OPS, WRITE_OPS, Backend, Completion, Layer, combine
+from blockdev.backend import BATCH_OPS, INFO_OPS, READ_OPS, WRITE_OPS, Backend, Completion, Layer, combine
 from blockdev.errors import BlockError, ReadOnlyError, to_errno
 from blockdev.image import MemoryImage
 from blockdev.layers import FaultLayer, ReadOnlyLayer, StatsLayer
@@ -30,14 +30,14 @@ def _all_layer_classes() -> list[type[Layer]]:
 
 def test_every_op_of_the_table_is_classified() -> None:
     members = {n for n, _ in inspect.getmembers(Backend) if not n.startswith("_")}
-    assert members == WRITE_OPS | READ_OPS | INFO_OPS, (
+    assert members == WRITE_OPS | READ_OPS | INFO_OPS | BATCH_OPS, (
         "an op was added to or removed from the Backend table: classify it in blockdev/backend.py"
     )
-    assert not WRITE_OPS & READ_OPS and not WRITE_OPS & INFO_OPS
+    assert not WRITE_OPS & READ_OPS and not WRITE_OPS & INFO_OPS and not WRITE_OPS & BATCH_OPS
 
 
 def test_base_layer_passes_every_op_through() -> None:
-    for op in WRITE_OPS | READ_OPS | INFO_OPS:
+    for op in WRITE_OPS | READ_OPS | INFO_OPS | BATCH_OPS:
         assert op in Layer.__dict__, f"Layer does not pass {op} through"
 
 
@@ -95,9 +95,12 @@ class _RecordingReplicator:
         self.pending.append(c)
         return c
 
-    def on_write(self, offset, data, fua):  # type: ignore[no-untyped-def]
+    def on_write(self, offset, data, fua, done=None):  # type: ignore[no-untyped-def]
         self.ops.append(("write", offset, bytes(data), fua))
         return self._pend()
+
+    def push(self):  # type: ignore[no-untyped-def]
+        self.ops.append(("push",))
 
     def on_zero(self, offset, length, fua, trim):  # type: ignore[no-untyped-def]
         self.ops.append(("zero", offset, length, trim))
@@ -130,6 +133,33 @@ def test_mirror_seam_sees_every_write_op_and_waits_for_the_replica() -> None:
     for c in rep.pending:
         c.finish()
     assert all(r is not None and r.done and r.exception is None for r in results)
+
+
+def test_mirror_plug_sends_the_batch_before_the_local_writes() -> None:
+    img = MemoryImage(1 << 16)
+    layer = StatsLayer(MirrorLayer(img))
+    rep = _RecordingReplicator()
+    layer.inner.attach(rep)  # type: ignore[attr-defined]
+    layer.plug()
+    results = [layer.pwrite(b"a" * 4, 0), layer.pwrite(b"b" * 4, 2)]
+    assert [o[0] for o in rep.ops] == ["write", "write"]
+    assert bytes(img.data[:6]) == bytes(6) and rep.local == []  # local halves wait for unplug
+    layer.unplug()
+    assert [o[0] for o in rep.ops] == ["write", "write", "push"]  # frames leave before the local writes
+    assert bytes(img.data[:6]) == b"aabbbb"  # applied in order
+    assert rep.local == [(0, 4, True), (2, 4, True)]
+    assert all(r is not None and not r.done for r in results)
+    for c in rep.pending:
+        c.finish()
+    assert all(r is not None and r.done and r.exception is None for r in results)
+
+
+def test_counted_completion_waits_for_every_part() -> None:
+    c = Completion(2)
+    c.finish(OSError(errno.EIO, "x"))
+    assert not c.done
+    c.finish()
+    assert c.done and isinstance(c.exception, OSError)
 
 
 def test_combine_reports_the_first_error() -> None:

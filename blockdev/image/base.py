@@ -28,3 +28,9 @@ class ImageBase:
 
     def can_fast_zero(self) -> bool:
         return not self.readonly
+
+    def plug(self) -> None:
+        """Images issue every write at once: nothing to defer."""
+
+    def unplug(self) -> None:
+        pass

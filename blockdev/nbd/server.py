@@ -178,14 +178,23 @@ class Connection:
             self._drained.set()
 
     def _schedule_send(self) -> None:
-        if not self._send_scheduled:
-            self._send_scheduled = True
+        """Send the queued replies once the current task yields, so replies finished together (a
+        mirror's ack covers a batch) leave in one sendmsg. On the trio thread that is a wake-up of
+        the writer task (no syscall); from elsewhere, one run_sync_soon."""
+        if self._send_scheduled:
+            return
+        self._send_scheduled = True
+        if threading.get_ident() == self._trio_thread:
+            self._writer_wake.set()
+        else:
             self._token.run_sync_soon(self.send_now)
 
     async def writer(self) -> None:
         while True:
             await self._writer_wake.wait()
             self._writer_wake = trio.Event()
+            if self._send_scheduled:
+                self.send_now()
             while self._blocked:
                 await trio.lowlevel.wait_writable(self.sock)
                 self._blocked = False
@@ -242,54 +251,76 @@ class Connection:
 
     # -- requests -------------------------------------------------------------------------------
     def handle_batch(self, reqs: list[tuple], buf: Buffer) -> int:
-        """Handle requests in order; returns how many, stopping early once OUTBOX_LIMIT of replies wait."""
+        """Handle requests in order; returns how many, stopping early once OUTBOX_LIMIT of replies wait.
+
+        Each run of small inline writes is plugged (BATCH_OPS): a mirror sends the run's replica frames
+        before its local pwrites. Anything else unplugs first, so it sees those writes done locally.
+        """
         backend = self.backend
-        for i, (cmd, flags, handle, offset, length, payload, perr) in enumerate(reqs):
-            if self.out_bytes + self.reading > OUTBOX_LIMIT:
-                return i
-            self.requests += 1
-            err = perr or validate(cmd, flags, offset, length, self.size, self.writable, self.structured,
-                                   self.base_allocation)
-            if err:
-                self._reply_error(cmd, handle, err, "request rejected")
-                continue
-            if not length and (cmd == P.CMD_TRIM or cmd == P.CMD_WRITE_ZEROES):
-                # Nothing to do; and fallocate(2) of 0 bytes fails with EINVAL, which FileImage takes
-                # for "not supported" and stops punching holes for the life of the volume.
-                self._queue(simple_reply(handle))
-                continue
-            fua = bool(flags & P.CMD_FLAG_FUA)
-            try:
-                if cmd == P.CMD_READ:
-                    data = bytearray(length)
-                    if length >= BIG_READ:  # a cold big read must not stall the loop
-                        self._offload_read(handle, offset, data)
-                    else:
-                        backend.pread(memoryview(data), offset)
-                        self._queue(read_reply_header(handle, offset, length, self.structured), data)
-                elif cmd == P.CMD_WRITE:
-                    if length >= BIG_WRITE or fua:
-                        self._offload(cmd, handle, buf, backend.pwrite, (payload, offset, fua))
-                    else:
-                        self._result(cmd, handle, buf, backend.pwrite(payload, offset, False))
-                elif cmd == P.CMD_FLUSH:
-                    self._offload(cmd, handle, None, backend.flush, ())
-                elif cmd == P.CMD_WRITE_ZEROES:
-                    args = (length, offset, fua, not flags & P.CMD_FLAG_NO_HOLE, bool(flags & P.CMD_FLAG_FAST_ZERO))
-                    self._offload(cmd, handle, None, backend.write_zeroes, args)
-                elif cmd == P.CMD_TRIM:
-                    self._offload(cmd, handle, None, backend.trim, (length, offset, fua))
-                elif cmd == P.CMD_BLOCK_STATUS:
-                    self._queue(block_status_reply(handle, self._extents(length, offset, flags)))
-                elif cmd == P.CMD_CACHE:
-                    self._queue(simple_reply(handle))
-                elif cmd == P.CMD_DISC:
-                    self.closing = True
+        plugged = False
+        try:
+            for i, (cmd, flags, handle, offset, length, payload, perr) in enumerate(reqs):
+                if self.out_bytes + self.reading > OUTBOX_LIMIT:
+                    return i
+                small_write = cmd == P.CMD_WRITE and length < BIG_WRITE and not flags & P.CMD_FLAG_FUA
+                if plugged and not small_write:
+                    plugged = False
+                    backend.unplug()
+                elif small_write and not plugged:
+                    plugged = True
+                    backend.plug()
+                self._handle_one(backend, buf, cmd, flags, handle, offset, length, payload, perr)
+                if cmd == P.CMD_DISC:
                     return len(reqs)
-            except Exception as e:  # noqa: BLE001 - an op's failure is the client's error reply
-                self._log_error(cmd, e)
-                self._reply_error(cmd, handle, P.wire_errno(to_errno(e)), str(e))
-        return len(reqs)
+            return len(reqs)
+        finally:
+            if plugged:
+                backend.unplug()
+
+    def _handle_one(self, backend: Backend, buf: Buffer, cmd: int, flags: int, handle: int, offset: int,
+                    length: int, payload: memoryview | None, perr: int) -> None:
+        """One request: replied to now, or once it finishes (on a worker or by its Completion)."""
+        self.requests += 1
+        err = perr or validate(cmd, flags, offset, length, self.size, self.writable, self.structured,
+                               self.base_allocation)
+        if err:
+            self._reply_error(cmd, handle, err, "request rejected")
+            return
+        if not length and (cmd == P.CMD_TRIM or cmd == P.CMD_WRITE_ZEROES):
+            # Nothing to do; and fallocate(2) of 0 bytes fails with EINVAL, which FileImage takes
+            # for "not supported" and stops punching holes for the life of the volume.
+            self._queue(simple_reply(handle))
+            return
+        fua = bool(flags & P.CMD_FLAG_FUA)
+        try:
+            if cmd == P.CMD_READ:
+                data = bytearray(length)
+                if length >= BIG_READ:  # a cold big read must not stall the loop
+                    self._offload_read(handle, offset, data)
+                else:
+                    backend.pread(memoryview(data), offset)
+                    self._queue(read_reply_header(handle, offset, length, self.structured), data)
+            elif cmd == P.CMD_WRITE:
+                if length >= BIG_WRITE or fua:
+                    self._offload(cmd, handle, buf, backend.pwrite, (payload, offset, fua))
+                else:
+                    self._result(cmd, handle, buf, backend.pwrite(payload, offset, False))
+            elif cmd == P.CMD_FLUSH:
+                self._offload(cmd, handle, None, backend.flush, ())
+            elif cmd == P.CMD_WRITE_ZEROES:
+                args = (length, offset, fua, not flags & P.CMD_FLAG_NO_HOLE, bool(flags & P.CMD_FLAG_FAST_ZERO))
+                self._offload(cmd, handle, None, backend.write_zeroes, args)
+            elif cmd == P.CMD_TRIM:
+                self._offload(cmd, handle, None, backend.trim, (length, offset, fua))
+            elif cmd == P.CMD_BLOCK_STATUS:
+                self._queue(block_status_reply(handle, self._extents(length, offset, flags)))
+            elif cmd == P.CMD_CACHE:
+                self._queue(simple_reply(handle))
+            elif cmd == P.CMD_DISC:
+                self.closing = True
+        except Exception as e:  # noqa: BLE001 - an op's failure is the client's error reply
+            self._log_error(cmd, e)
+            self._reply_error(cmd, handle, P.wire_errno(to_errno(e)), str(e))
 
     def _result(self, cmd: int, handle: int, buf: Buffer, result: Any) -> None:
         """An inline write returned: reply now, or when its Completion finishes."""
