@@ -31,6 +31,8 @@ class Replicator(Protocol):
                  done: Completion | None = None) -> WriteResult:
         """Queue the write for the replica. Returns None when there is nothing to wait for, else the
         Completion to wait on: ``done`` if given (one ``finish`` when the replica has it), or a new one."""
+    def hold(self) -> None:
+        """Frames this thread queues from now on need not leave before ``push`` (a batch is open)."""
     def push(self) -> None:
         """Send what is queued now, without blocking (the caller is about to do slow local work)."""
     def on_zero(self, offset: int, length: int, fua: bool, trim: bool) -> WriteResult: ...
@@ -40,6 +42,8 @@ class Replicator(Protocol):
 
     def local_done(self, offset: int, length: int, ok: bool) -> None:
         """The local half of a write/zero announced by on_write/on_zero finished (ok=False: it failed)."""
+    def landed(self, ranges: list[tuple[int, int]]) -> None:
+        """``local_done(offset, length, True)`` for each range (a batch, under one lock)."""
 
 
 class MirrorLayer(Layer):
@@ -137,17 +141,23 @@ class MirrorLayer(Layer):
             rep.local_done(offset, n, True)
             done.finish()
         else:
-            def landed(exc: BaseException | None) -> None:
-                rep.local_done(offset, n, exc is None)
-                done.finish(exc)
-            res.add_done_callback(landed)
+            self._landing(rep, res, offset, n, done)
+
+    @staticmethod
+    def _landing(rep: Replicator, res: Completion, offset: int, n: int, done: Completion) -> None:
+        def landed(exc: BaseException | None) -> None:
+            rep.local_done(offset, n, exc is None)
+            done.finish(exc)
+        res.add_done_callback(landed)
 
     def plug(self) -> None:
         """Defer this thread's local writes until unplug(). One thread plugs at a time (the NBD
         server's trio thread); other threads, and a second plug meanwhile, write at once."""
+        rep = self.replicator
         with self._plug_lock:
-            if self._plug_thread == 0 and self.replicator is not None:
+            if self._plug_thread == 0 and rep is not None:
                 self._plug_thread = threading.get_ident()
+                rep.hold()
                 return
         self.inner.plug()
 
@@ -162,11 +172,27 @@ class MirrorLayer(Layer):
             self.inner.unplug()
             return
         rep = self.replicator
-        if not deferred or rep is None:
+        if rep is None:
             return
         rep.push()  # the batch's frames leave in one sendmsg; the replica applies while we write
+        inner = self.inner
+        landed: list[tuple[int, int]] = []
+        finished: list[Completion] = []
         for data, offset, fua, done in deferred:
-            self._write_local(rep, data, offset, fua, done)
+            try:
+                res = inner.pwrite(data, offset, fua)
+            except BaseException as e:  # noqa: BLE001 - this write's host reply carries it
+                rep.local_done(offset, len(data), False)
+                done.finish(e)
+                continue
+            if res is None:
+                landed.append((offset, len(data)))
+                finished.append(done)
+            else:
+                self._landing(rep, res, offset, len(data), done)
+        rep.landed(landed)  # before the host may hear of them (resync reads only landed regions)
+        for done in finished:
+            done.finish()
 
     def write_zeroes(
         self, length: int, offset: int, fua: bool = False, may_trim: bool = True, fast: bool = False

@@ -78,6 +78,7 @@ class SyncReplicator:
         self._token: trio.lowlevel.TrioToken | None = None
         self._trio_thread = -1
         self._kick_scheduled = False
+        self._holder = 0  # the thread with a batch open (hold .. push): its frames wait for push
         self._send_event = trio.Event()
         self._ack_event = trio.Event()
         self._dirty_event = trio.Event()
@@ -129,11 +130,16 @@ class SyncReplicator:
                     outbox.put_locked(encode_write(self._seq, offset + pos, view[pos:pos + MAX_PAYLOAD], fua))
                     self._pending.append(_Entry(self._seq, c if last else None, offset + pos,
                                                 min(MAX_PAYLOAD, n - pos), HOST))
-        # Frames of one host batch leave together once the front end yields (measured: sending the
-        # first frame of a batch at once splits the pipeline into small waves and doubles the CPU
-        # per write on both sides); a very large batch starts going out early.
-        if queued >= EAGER_SEND and threading.get_ident() == self._trio_thread:
-            self._send_direct()
+        # Frames of one host batch leave together (measured: sending the first frame of a batch at
+        # once splits the pipeline into small waves and doubles the CPU per write on both sides):
+        # at the batch's push() when one is open (hold), else once the front end yields. A very
+        # large batch starts going out early.
+        me = threading.get_ident()
+        if me == self._trio_thread:
+            if queued >= EAGER_SEND:
+                self._send_direct()
+            elif me != self._holder:
+                self._send_event.set()
         else:
             self._kick()
         return c
@@ -166,13 +172,17 @@ class SyncReplicator:
         return c
 
     def local_done(self, offset: int, length: int, ok: bool) -> None:
-        with self._lock:
-            key = (offset, length)
-            left = self._local.pop(key, 1) - 1
-            if left:
-                self._local[key] = left
+        self.landed([(offset, length)])
         if not ok:  # the replica may now hold what the volume does not
             self.dirty.mark(offset, length)
+
+    def landed(self, ranges: list[tuple[int, int]]) -> None:
+        local = self._local
+        with self._lock:
+            for key in ranges:
+                left = local.pop(key, 1) - 1
+                if left:
+                    local[key] = left
 
     def _offline_locked(self, offset: int, length: int) -> WriteResult:
         self.dirty.mark(offset, length)
@@ -205,9 +215,13 @@ class SyncReplicator:
         self._kick_scheduled = False
         self._send_direct()
 
+    def hold(self) -> None:
+        self._holder = threading.get_ident()
+
     def push(self) -> None:
         """Send the queued frames now (the front end is about to do its local writes): on the trio
         thread one non-blocking sendmsg, elsewhere the usual single hop per batch."""
+        self._holder = 0
         if threading.get_ident() == self._trio_thread:
             self._send_direct()
         else:

@@ -99,8 +99,14 @@ class _RecordingReplicator:
         self.ops.append(("write", offset, bytes(data), fua))
         return self._pend()
 
+    def hold(self):  # type: ignore[no-untyped-def]
+        self.ops.append(("hold",))
+
     def push(self):  # type: ignore[no-untyped-def]
         self.ops.append(("push",))
+
+    def landed(self, ranges):  # type: ignore[no-untyped-def]
+        self.local += [(o, n, True) for o, n in ranges]
 
     def on_zero(self, offset, length, fua, trim):  # type: ignore[no-untyped-def]
         self.ops.append(("zero", offset, length, trim))
@@ -142,10 +148,10 @@ def test_mirror_plug_sends_the_batch_before_the_local_writes() -> None:
     layer.inner.attach(rep)  # type: ignore[attr-defined]
     layer.plug()
     results = [layer.pwrite(b"a" * 4, 0), layer.pwrite(b"b" * 4, 2)]
-    assert [o[0] for o in rep.ops] == ["write", "write"]
+    assert [o[0] for o in rep.ops] == ["hold", "write", "write"]
     assert bytes(img.data[:6]) == bytes(6) and rep.local == []  # local halves wait for unplug
     layer.unplug()
-    assert [o[0] for o in rep.ops] == ["write", "write", "push"]  # frames leave before the local writes
+    assert [o[0] for o in rep.ops] == ["hold", "write", "write", "push"]  # frames leave before the local writes
     assert bytes(img.data[:6]) == b"aabbbb"  # applied in order
     assert rep.local == [(0, 4, True), (2, 4, True)]
     assert all(r is not None and not r.done for r in results)
