@@ -210,10 +210,15 @@ class ActivityLog:
         first, last = offset // self.extent, (offset + max(length, 1) - 1) // self.extent
         with self._lock:
             hot = self._hot
-            if first == last:  # the common case: one extent, already hot and logged
+            if first == last:  # the common case: one extent, already busy and logged
                 n = hot.get(first)
-                if n is not None and first not in self._unlogged:
+                if n and first not in self._unlogged:
+                    # Already busy: it cannot be evicted now, so neither its LRU place nor its
+                    # generation (which only tells an idle extent that was reused) needs updating.
                     hot[first] = n + 1
+                    return None
+                if n is not None and first not in self._unlogged:
+                    hot[first] = 1
                     hot.move_to_end(first)
                     self._gen[first] += 1
                     return None

@@ -243,7 +243,10 @@ class FrameReader:
                 payload = view[start + HEADER_SIZE:start + total]
                 if _xxh(payload, _xxh(view[start:start + 24])) != check:
                     raise RemoteProtocolError("bad frame: checksum mismatch (corrupt link or not a vdisk mirror)")
-                out.append(self._decode(ftype, flags, a, b, payload))
+                if ftype == T_WRITE:  # the data path: no call per frame
+                    out.append(Write(a, b, payload, flags & F_FUA != 0))
+                else:
+                    out.append(self._decode(ftype, flags, a, b, payload))
                 start += total
             else:
                 self._need = HEADER_SIZE

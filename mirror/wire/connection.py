@@ -77,6 +77,10 @@ _TRANSITIONS: dict[tuple[Role, State, type], State] = {
 }
 
 
+# Frames a target in READY takes (the data path's fast check; the table above is the reference).
+_TARGET_READY = frozenset(t for (role, state, t) in _TRANSITIONS if role is Role.TARGET and state is State.READY)
+
+
 def _mac(key: bytes, label: bytes, first: bytes, second: bytes, volume_uuid: str) -> bytes:
     return hmac.new(key, label + first + second + volume_uuid.encode(), hashlib.sha256).digest()
 
@@ -149,15 +153,20 @@ class Connection:
             raise
 
     def _check_data(self, events: list[Event]) -> list[Event]:
-        # The hot path of the target: one table lookup and one seq check per frame.
-        for ev in events:
-            t = type(ev)
-            if (Role.TARGET, State.READY, t) not in _TRANSITIONS:
-                self._handle(ev)  # raises (ErrorMsg, Bye or an illegal frame)
-            if t is Write or t is Zero or t is Flush:
-                if ev.seq != self._next_seq:  # type: ignore[union-attr]
-                    raise RemoteProtocolError(f"bad frame: seq {ev.seq} where {self._next_seq} was expected")  # type: ignore[union-attr]
-                self._next_seq += 1
+        # The hot path of the target: one set lookup and one seq check per frame (a lookup keyed
+        # on the enums would hash them in Python, ≈ 1 µs per frame).
+        seq = self._next_seq
+        try:
+            for ev in events:
+                t = type(ev)
+                if t is Write or t is Zero or t is Flush:
+                    if ev.seq != seq:  # type: ignore[union-attr]
+                        raise RemoteProtocolError(f"bad frame: seq {ev.seq} where {seq} was expected")  # type: ignore[union-attr]
+                    seq += 1
+                elif t not in _TARGET_READY:
+                    self._handle(ev)  # raises (ErrorMsg, Bye or an illegal frame)
+        finally:
+            self._next_seq = seq
         return events
 
     def _handle(self, ev: Event) -> Event | None:
