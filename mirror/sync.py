@@ -617,9 +617,13 @@ class SyncReplicator:
             replica=p.replica_id, last_error=self.last_error)
 
     def close(self) -> None:
-        """Persist what the replica lacks; release held writes (the mirror is going away)."""
+        """Persist what the replica lacks; fail held writes (the mirror is going away, and in
+        ``block`` mode a write is acknowledged only once the replica has it: it never will now)."""
         self._link_down()
-        self._release_blocked()
+        with self._lock:
+            held, self._blocked = self._blocked, []
+        for _, c in held:
+            c.finish(BlockError("the mirror stopped before the replica had this write (--on-link-loss block)"))
         self.dirty.save()
         with self._lock:
             idle = not self._pending

@@ -1,6 +1,7 @@
 """The sync replicator against a real target over loopback TCP, in one trio process (no NBD)."""
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import trio
 
 from blockdev.backend import wait
-from blockdev.errors import BlockError
+from blockdev.errors import BlockError, to_errno
 from blockdev.volume import VolumeStore
 from mirror.dirty import ActivityLog, DirtyMap
 from mirror.layer import MirrorLayer
@@ -182,6 +183,24 @@ async def test_block_policy_holds_writes_then_fails_them_with_eio(rig):
     await wait(res2)  # released once the replica is back in sync
     assert rep.state == "in_sync"
     assert rig.replica_bytes()[:8192] == b"x" * 4096 + b"y" * 4096
+
+
+async def test_block_policy_fails_held_writes_with_eio_when_the_mirror_stops(rig):
+    await rig.start_target()
+    rep = await rig.start_mirror(on_link_loss="block", block_timeout=30)
+    await until(lambda: rep.state == "in_sync")
+    rig.stop_target()
+    await until(lambda: rep.state == "degraded")
+    res = rig.layer.pwrite(b"x" * 4096, 0)
+    await trio.sleep(0.1)
+    assert res is not None and not res.done  # waiting for the link
+    rig.mirror_scope.cancel()
+    rig.layer.attach(None)
+    rep.close()  # what `vdisk mirror --stop` and the daemon's shutdown do
+    with pytest.raises(BlockError, match="mirror stopped") as e:
+        await wait(res)
+    assert to_errno(e.value) == errno.EIO  # the host must not be told the write is mirrored
+    assert rep.dirty.count  # and the region is remembered for the next resync
 
 
 async def test_wrong_key_is_refused_with_a_clear_error(rig):
