@@ -67,6 +67,9 @@ class SyncReplicator:
         self.config, self.ident, self.image = config, ident, image
         self.dirty, self.al, self.pairing = dirty, al, pairing
         self._save_pairing = save_pairing
+        # Replicator.admit: before a write its extents must be in the activity log (usually they
+        # are already). Bound directly: one call less on every host write.
+        self.admit: Callable[[int, int], WriteResult] = al.admit
         self.outbox = Outbox()
         self._lock = self.outbox.lock  # one lock: sequence numbers, wire order and pending agree
         self._link: Link | None = None
@@ -95,9 +98,6 @@ class SyncReplicator:
         self.resync_regions_sent = 0
 
     # -- the Replicator protocol (any thread) ----------------------------------------------------
-    def admit(self, offset: int, length: int) -> WriteResult:
-        """Before a write: its extents must be in the activity log (usually they are already)."""
-        return self.al.admit(offset, length)
 
     def withdraw(self, offset: int, length: int) -> None:
         self.al.end(offset, length)

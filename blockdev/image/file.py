@@ -69,10 +69,12 @@ class FileImage(ImageBase):
     def pwrite(self, data: memoryview | bytes, offset: int, fua: bool = False) -> WriteResult:
         if self.readonly:
             raise ReadOnlyError()
-        done, want = 0, len(data)
-        view = memoryview(data)
-        while done < want:
-            done += os.pwrite(self._fd, view[done:], offset + done)
+        want = len(data)
+        done = os.pwrite(self._fd, data, offset)
+        if done < want:  # short write (rare): go on from where it stopped
+            view = memoryview(data)
+            while done < want:
+                done += os.pwrite(self._fd, view[done:], offset + done)
         if fua:
             os.fdatasync(self._fd)
         return None

@@ -39,6 +39,7 @@ log = logging.getLogger("blockdev.nbd")
 BUF_SIZE = 16 << 20
 BIG_WRITE = 128 << 10  # writes at least this big go to a worker thread
 BIG_READ = 256 << 10  # and reads
+KEEP_FILLING = 4 << 20  # a pinned buffer with this much room left keeps receiving after its pinned bytes
 OUTBOX_LIMIT = 64 << 20  # stop reading while this many reply bytes wait for a slow client
 IOV_MAX = 1024
 HANDSHAKE_TIMEOUT = 30.0
@@ -420,9 +421,13 @@ class Connection:
                 self.send_now()
                 # Make room for the next request without touching bytes that ops still hold.
                 if start == end:
-                    if buf.pins:
+                    if not buf.pins:
+                        start = end = 0
+                    elif len(buf.data) - end < KEEP_FILLING:
                         buf = self._current = self._new_buffer(BUF_SIZE)
-                    start = end = 0
+                        start = end = 0
+                    # else: go on filling behind the pinned bytes (a mirror pins every batch until
+                    # the replica acks it; a fresh buffer per batch would be an mmap and page faults)
                 elif len(buf.data) - start < need or len(buf.data) - end < 65536:
                     size = max(need, BUF_SIZE)
                     nxt = buf
