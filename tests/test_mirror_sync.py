@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockdev.backend import wait
+from blockdev.backend import Completion, wait
 from blockdev.errors import BlockError, to_errno
 from blockdev.volume import VolumeStore
 from mirror.dirty import ActivityLog, DirtyMap
@@ -167,15 +167,21 @@ async def test_target_loss_degrades_then_resyncs_only_what_changed(rig):
     assert rig.source_bytes() == rig.replica_bytes()
 
 
-async def test_block_policy_holds_writes_then_fails_them_with_eio(rig):
+async def _held_write(rig, block_timeout: float) -> tuple[SyncReplicator, Completion]:
+    """A block-mode mirror whose target went away, and a host write waiting for the link."""
     await rig.start_target()
-    rep = await rig.start_mirror(on_link_loss="block", block_timeout=0.5)
+    rep = await rig.start_mirror(on_link_loss="block", block_timeout=block_timeout)
     await until(lambda: rep.state == "in_sync")
     rig.stop_target()
     await until(lambda: rep.state == "degraded")
     res = rig.layer.pwrite(b"x" * 4096, 0)
     await trio.sleep(0.2)
     assert res is not None and not res.done  # waiting for the link
+    return rep, res
+
+
+async def test_block_policy_holds_writes_then_fails_them_with_eio(rig):
+    rep, res = await _held_write(rig, 0.5)
     with pytest.raises(BlockError, match="replica unreachable"):
         await wait(res)
     res2 = rig.layer.pwrite(b"y" * 4096, 4096)
@@ -186,14 +192,7 @@ async def test_block_policy_holds_writes_then_fails_them_with_eio(rig):
 
 
 async def test_block_policy_fails_held_writes_with_eio_when_the_mirror_stops(rig):
-    await rig.start_target()
-    rep = await rig.start_mirror(on_link_loss="block", block_timeout=30)
-    await until(lambda: rep.state == "in_sync")
-    rig.stop_target()
-    await until(lambda: rep.state == "degraded")
-    res = rig.layer.pwrite(b"x" * 4096, 0)
-    await trio.sleep(0.1)
-    assert res is not None and not res.done  # waiting for the link
+    rep, res = await _held_write(rig, 30)
     rig.mirror_scope.cancel()
     rig.layer.attach(None)
     rep.close()  # what `vdisk mirror --stop` and the daemon's shutdown do
