@@ -28,6 +28,7 @@ from blockdev.backend import EXTENT_HOLE, Backend, Completion, WriteResult, wait
 from blockdev.errors import BlockError
 
 from .dirty import ActivityLog, DirtyMap
+from .hold import HeldWrites
 from .records import MirrorStats, Pairing, SyncConfig, VolumeIdentity
 from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
@@ -75,7 +76,7 @@ class SyncReplicator:
         self._link: Link | None = None
         self._pending: deque[_Entry] = deque()
         self._local: dict[tuple[int, int], int] = {}  # local writes still landing: (offset, length) -> count
-        self._blocked: list[tuple[float, Completion]] = []
+        self._blocked = HeldWrites(config.block_timeout)  # writes waiting for the link (block mode)
         self._seq = 0
         self._acked = 0
         self._token: trio.lowlevel.TrioToken | None = None
@@ -190,11 +191,7 @@ class SyncReplicator:
         return self._hold_locked()
 
     def _hold_locked(self) -> Completion | None:
-        if self.config.on_link_loss != "block":
-            return None
-        c = Completion()
-        self._blocked.append((time.monotonic() + self.config.block_timeout, c))
-        return c
+        return self._blocked.hold() if self.config.on_link_loss == "block" else None
 
     # -- sending (trio thread) -------------------------------------------------------------------
     def _kick(self) -> None:
@@ -305,7 +302,7 @@ class SyncReplicator:
         self._token = trio.lowlevel.current_trio_token()
         self._trio_thread = threading.get_ident()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_blocked)
+            nursery.start_soon(self._blocked.expire_forever)
             task_status.started()
             backoff = self.config.backoff_min
             try:
@@ -411,8 +408,7 @@ class SyncReplicator:
                     self.dirty.mark(e.offset, e.length)
             held = [e.completion for e in lost if e.kind != RESYNC and e.completion is not None]
             if self.config.on_link_loss == "block":
-                deadline = time.monotonic() + self.config.block_timeout
-                self._blocked += [(deadline, c) for c in held]
+                self._blocked.add(held)
                 held = []
         self._resync_inflight = 0
         for event, _box in self._hash_waiters.values():  # a verify in progress fails now, not in 60 s
@@ -427,22 +423,6 @@ class SyncReplicator:
             if e.kind != FLUSH:
                 self.al.end(e.offset, e.length)
         for c in held:
-            c.finish()
-
-    async def _watch_blocked(self) -> None:
-        while True:
-            await trio.sleep(0.1)
-            now = time.monotonic()
-            with self._lock:
-                expired = [c for d, c in self._blocked if d <= now]
-                self._blocked = [(d, c) for d, c in self._blocked if d > now]
-            for c in expired:
-                c.finish(BlockError("replica unreachable: the mirror blocks writes (--on-link-loss block)"))
-
-    def _release_blocked(self) -> None:
-        with self._lock:
-            released, self._blocked = self._blocked, []
-        for _, c in released:
             c.finish()
 
     # -- resync ----------------------------------------------------------------------------------
@@ -509,7 +489,7 @@ class SyncReplicator:
         # The activity log keeps its hot extents (as DRBD's does): clearing them here would cost an
         # fdatasync on the next write to each, in the host's latency.
         self.dirty.save()
-        self._release_blocked()
+        self._blocked.release()
 
     def _chunk(self, first: int) -> tuple[int, int, int, int]:
         """Contiguous dirty regions from ``first``, up to one chunk: (first, last, offset, length)."""
@@ -620,10 +600,7 @@ class SyncReplicator:
         """Persist what the replica lacks; fail held writes (the mirror is going away, and in
         ``block`` mode a write is acknowledged only once the replica has it: it never will now)."""
         self._link_down()
-        with self._lock:
-            held, self._blocked = self._blocked, []
-        for _, c in held:
-            c.finish(BlockError("the mirror stopped before the replica had this write (--on-link-loss block)"))
+        self._blocked.fail(BlockError("the mirror stopped before the replica had this write (--on-link-loss block)"))
         self.dirty.save()
         with self._lock:
             idle = not self._pending
