@@ -45,6 +45,7 @@ class MirrorStats:
     sent_seq: int
     resync_bytes_sent: int
     resync_regions_sent: int
+    conflicts: int
     initial_sync: dict[str, Any]
     blocked: int
     connects: int

@@ -97,6 +97,7 @@ class SyncReplicator:
         self.connects = 0
         self.resync_bytes_sent = 0
         self.resync_regions_sent = 0
+        self.conflicts = 0  # ops that overlapped a local write still landing (resent by resync)
 
     # -- the Replicator protocol (any thread) ----------------------------------------------------
 
@@ -112,9 +113,12 @@ class SyncReplicator:
         with self._lock:
             local = self._local
             key = (offset, n)
+            conflict = bool(local) and self._overlaps_landing_locked(offset, n)
             local[key] = local.get(key, 0) + 1
             if self._link is None:
                 return self._offline_locked(offset, n)
+            if conflict:
+                self._conflict_locked(offset, n)
             outbox = self.outbox
             queued = outbox.bytes
             if n <= MAX_PAYLOAD:
@@ -147,9 +151,12 @@ class SyncReplicator:
 
     def on_zero(self, offset: int, length: int, fua: bool, trim: bool) -> WriteResult:
         with self._lock:
+            conflict = bool(self._local) and self._overlaps_landing_locked(offset, length)
             self._local[(offset, length)] = self._local.get((offset, length), 0) + 1
             if self._link is None:
                 return self._offline_locked(offset, length)
+            if conflict:
+                self._conflict_locked(offset, length)
             self._seq += 1
             c = Completion()
             self.outbox.put_locked([encode_zero(self._seq, offset, length, fua, trim)])
@@ -184,6 +191,27 @@ class SyncReplicator:
                 left = local.pop(key, 1) - 1
                 if left:
                     local[key] = left
+
+    def _overlaps_landing_locked(self, offset: int, length: int) -> bool:
+        end = offset + length
+        return any(o < end and offset < o + n for o, n in self._local)
+
+    def _conflict_locked(self, offset: int, length: int) -> None:
+        """This op overlaps a local write still landing: the two may land locally in the other
+        order than their frames apply on the replica (two worker threads, say), and the replica
+        would silently differ. Resend the range from the volume once every write there has landed
+        (the resync reads a region only then); the frame itself still goes, so the host's ack keeps
+        its meaning of "the replica has this write"."""
+        self.dirty.mark(offset, length)
+        self.conflicts += 1
+        token = self._token
+        if threading.get_ident() == self._trio_thread:
+            self._dirty_event.set()
+        elif token is not None:
+            try:
+                token.run_sync_soon(self.request_resync)
+            except trio.RunFinishedError:
+                pass
 
     def _offline_locked(self, offset: int, length: int) -> WriteResult:
         self.dirty.mark(offset, length)
@@ -589,6 +617,7 @@ class SyncReplicator:
             on_link_loss=self.config.on_link_loss, dirty_bytes=self.dirty.dirty_bytes,
             in_flight=len(self._pending), acked_seq=self._acked, sent_seq=self._seq,
             resync_bytes_sent=self.resync_bytes_sent, resync_regions_sent=self.resync_regions_sent,
+            conflicts=self.conflicts,
             initial_sync={"done": p.initial_sync_done, "total_bytes": total,
                           "copied_bytes": max(0, total - remaining),
                           "percent": 100.0 if p.initial_sync_done or not total else

@@ -342,3 +342,39 @@ async def test_a_write_to_a_cold_extent_waits_for_the_activity_log_without_block
     await wait(res)
     assert rig.replica_bytes()[12 << 20:(12 << 20) + 4096] == b"c" * 4096
     assert (12 << 20) // rep.al.extent in ActivityLog(tmp_path / "vol.al").recover()
+
+
+async def test_overlapping_writes_that_land_out_of_order_are_resent(rig):
+    # Write A is issued first (its frame goes first) but lands locally last, as two worker threads can
+    # make happen; write B overlaps it. The replica applies A then B, the volume ends with A: the
+    # mirror must see the overlap and resend the range, or the replica silently differs.
+    import threading
+
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    gate = threading.Event()
+    real_pwrite = rig.image.pwrite
+
+    def slow_pwrite(data, offset, fua=False):
+        if bytes(data[:1]) == b"A":
+            gate.wait(10)
+        return real_pwrite(data, offset, fua)
+
+    rig.image.pwrite = slow_pwrite
+    results = []
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: _run_and_keep(results, lambda: rig.layer.pwrite(b"A" * 65536, 0)))
+        await until(lambda: rep._local)  # A's frame is queued, its local write is landing
+        await rig.write(0, b"B" * 65536)  # B overlaps A and lands first
+        gate.set()
+    await wait(results[0])
+    assert rig.source_bytes()[:65536] == b"A" * 65536
+    await trio.sleep(0.2)  # a resync, if any, has started
+    await until(lambda: rep.dirty.count == 0 and rep.statistics().in_flight == 0 and rep.state == "in_sync")
+    assert rig.source_bytes() == rig.replica_bytes()
+    assert rep.statistics().conflicts == 1
+
+
+async def _run_and_keep(results: list, fn) -> None:
+    results.append(await trio.to_thread.run_sync(fn))
