@@ -123,6 +123,34 @@ def prepare_unix_path(path: str) -> None:
     raise ConfigError(f"{path} is in use by another server")
 
 
+class NBDListeners:
+    """The NBD listeners of one process (`vdisk serve`, `vdisk target`): replaces stale unix sockets
+    on start and removes, on close, exactly the ones it created — never another server's."""
+
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.addresses: list[str] = []
+        self._paths: list[str] = []
+
+    async def start(self, nursery: trio.Nursery, specs: tuple[Listen, ...] | list[Listen]) -> list[str]:
+        for spec in specs:
+            if spec.kind == "unix":
+                prepare_unix_path(spec.path)
+                self._paths.append(spec.path)  # ours to remove from here on
+            self.addresses.append(await nursery.start(self.server.serve, spec.kind, spec.path or spec.host,
+                                                      spec.port))
+        return self.addresses
+
+    def close(self) -> None:
+        """After the listeners stopped: join the worker threads, remove our sockets."""
+        self.server.close()
+        for path in self._paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 class Daemon:
     """Serves a set of volumes until cancelled or signalled."""
 
@@ -133,8 +161,8 @@ class Daemon:
         self.control = ControlServer()
         self.control_address = control_address(config.data_dir, os.getpid())
         self.nbd = NBDServer(self.export, lambda: sorted(self.volumes))
-        self.listening: list[str] = []
-        self._bound_paths: list[str] = []
+        self.listeners = NBDListeners(self.nbd)
+        self.listening = self.listeners.addresses
         self.control.register("status", self._cmd_status)
         self.control.register("volumes", self._cmd_status)
         self.mirrors = MirrorManager(self)  # registers the "mirror" and "verify" commands
@@ -206,12 +234,7 @@ class Daemon:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.control.serve, self.control_address)
                     await nursery.start(self.mirrors.run)  # mirrors attach before any front end writes
-                    for spec in self.config.nbd:
-                        if spec.kind == "unix":
-                            prepare_unix_path(spec.path)
-                            self._bound_paths.append(spec.path)  # ours to remove from here on
-                        addr = await nursery.start(self.nbd.serve, spec.kind, spec.path or spec.host, spec.port)
-                        self.listening.append(addr)
+                    await self.listeners.start(nursery, self.config.nbd)
                     if self.config.fuse is not None:
                         from blockdev.fuse import serve_fuse  # noqa: PLC0415 (optional front end)
 
@@ -224,12 +247,7 @@ class Daemon:
                         await self.nbd.drain()
                     nursery.cancel_scope.cancel()
         finally:
-            self.nbd.close()
-            for path in self._bound_paths:  # never another server's socket
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+            self.listeners.close()
             self.close_volumes()
 
     def fuse_exports(self) -> dict[str, Backend]:

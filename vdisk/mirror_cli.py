@@ -33,7 +33,7 @@ def cmd_target(args: argparse.Namespace) -> int:
     from blockdev.nbd.server import Export, NBDServer
     from mirror.target import TargetConfig, TargetServer
 
-    from .daemon import Listen, prepare_unix_path
+    from .daemon import Listen, NBDListeners
 
     store = store_of(args)
     store.root.mkdir(parents=True, exist_ok=True)
@@ -47,24 +47,20 @@ def cmd_target(args: argparse.Namespace) -> int:
         return None if backend is None else Export(name, backend, f"vdisk replica {name} (read-only)")
 
     async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                addr = await nursery.start(server.serve, host, port)
-                where = [f"tcp:{addr}"]
-                nbd = NBDServer(lookup, server.replica_names)
-                for spec in listens:
-                    if spec.kind == "unix":
-                        prepare_unix_path(spec.path)
-                    where.append("nbd " + await nursery.start(nbd.serve, spec.kind, spec.path or spec.host, spec.port))
-                print(f"target listening on {', '.join(where)}, replicas in {store.root} (pid {os.getpid()})",
-                      flush=True)
-                async for _ in signals:
-                    break
-                nursery.cancel_scope.cancel()
-        server.close()
-        for spec in listens:
-            if spec.kind == "unix":
-                Path(spec.path).unlink(missing_ok=True)
+        listeners = NBDListeners(NBDServer(lookup, server.replica_names))
+        try:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    addr = await nursery.start(server.serve, host, port)
+                    where = [f"tcp:{addr}"] + ["nbd " + a for a in await listeners.start(nursery, listens)]
+                    print(f"target listening on {', '.join(where)}, replicas in {store.root} (pid {os.getpid()})",
+                          flush=True)
+                    async for _ in signals:
+                        break
+                    nursery.cancel_scope.cancel()
+        finally:
+            listeners.close()
+            server.close()
 
     trio.run(main)
     return 0

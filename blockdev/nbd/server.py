@@ -244,8 +244,7 @@ class Connection:
             self._reply_error(cmd, handle, err, "request rejected")
             return
         if not length and (cmd == P.CMD_TRIM or cmd == P.CMD_WRITE_ZEROES):
-            # Nothing to do; and fallocate(2) of 0 bytes fails with EINVAL, which FileImage takes
-            # for "not supported" and stops punching holes for the life of the volume.
+            # Nothing to do: answered here, so no layer (nor the mirror's region maps) sees an empty range.
             self._queue(simple_reply(handle))
             return
         fua = bool(flags & P.CMD_FLAG_FUA)
@@ -288,23 +287,24 @@ class Connection:
             raise result.exception  # type: ignore[misc]
         # Someone (the mirror) still holds the payload: keep the buffer pinned until it is done.
         buf.pins += 1
-        self.inflight += 1
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._op_started()
         result.add_done_callback(lambda e: self._call_in_trio(self._finish, cmd, handle, buf, e))
+
+    def _op_started(self) -> None:
+        """An op left the batch; finish() waits for ``_idle`` until every such op is done."""
+        self.inflight += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
 
     def _offload(self, cmd: int, handle: int, buf: Buffer | None, fn: Callable[..., Any], args: tuple) -> None:
         if buf is not None:
             buf.pins += 1
-        self.inflight += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
+        self._op_started()
         self.server.pool.submit(fn, args, self._done_from_any_thread(cmd, handle, buf))
 
     def _offload_read(self, handle: int, offset: int, data: bytearray) -> None:
-        self.inflight += 1
+        self._op_started()
         self.reading += len(data)
-        if self._idle.is_set():
-            self._idle = trio.Event()
 
         def done(_result: Any, exc: BaseException | None) -> None:
             self._call_in_trio(self._finish, P.CMD_READ, handle, None, exc, (offset, data))
