@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from bench_nbd import parse_size, prepare_image, stop_server, wait_socket
+from bench_nbd import parse_size, prepare_image, run_rounds, stop_server, wait_socket
 
 from blockdev.fuse.mounts import is_mountpoint
 
@@ -181,19 +181,15 @@ def main() -> int:
         print(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, image {args.size >> 20} MiB, fio on "
               f"{'a loop device (--direct-io=on) over ' if args.loop else ''}the FUSE file, "
               f"runtime {args.runtime:g}s, repeat {args.repeat}, {os.cpu_count()} CPUs", flush=True)
-        for job in jobs:
-            for rep in range(args.repeat):
-                for side in sides[rep % len(sides):] + sides[:rep % len(sides)]:
-                    prepare_image(img, args.size)
-                    with exported(side, work, img) as file:
-                        if args.loop:
-                            with loop_device(file) as dev:
-                                iops, mibs = run_fio(job, dev, args.size, args.runtime)
-                        else:
-                            iops, mibs = run_fio(job, file, args.size, args.runtime)
-                    results.setdefault((job.name, side), []).append((iops, mibs))
-                    print(f"{job.label:<24} run {rep + 1} {side:<8} {iops:>9.0f} IOPS {mibs:>8.1f} MiB/s"
-                          f"   (load {os.getloadavg()[0]:.1f})", flush=True)
+        def one(job: Job, side: str) -> tuple[float, float]:
+            prepare_image(img, args.size)
+            with exported(side, work, img) as file:
+                if args.loop:
+                    with loop_device(file) as dev:
+                        return run_fio(job, dev, args.size, args.runtime)
+                return run_fio(job, file, args.size, args.runtime)
+
+        run_rounds(jobs, sides, args.repeat, one, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -29,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -81,6 +83,19 @@ def prepare_image(path: Path, size: int) -> None:
             os.pread(fd, CHUNK, off)
     finally:
         os.close(fd)
+
+
+def run_rounds(jobs: list, sides: list[str], repeat: int, one: Callable[[Any, str], tuple[float, float]],
+               results: dict[tuple[str, str], list[tuple[float, float]]]) -> None:
+    """Every job ``repeat`` rounds; a round runs every side back to back (so its ratios see the same
+    machine load), the side that goes first rotating; ``one(job, side)`` -> (IOPS, MiB/s)."""
+    for job in jobs:
+        for rep in range(repeat):
+            for side in sides[rep % len(sides):] + sides[:rep % len(sides)]:
+                iops, mibs = one(job, side)
+                results.setdefault((job.name, side), []).append((iops, mibs))
+                print(f"{job.label:<24} run {rep + 1} {side:<9} {iops:>10.0f} IOPS {mibs:>9.1f} MiB/s"
+                      f"   (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -185,19 +200,15 @@ def main() -> int:
         sock = work / "nbd.sock"
         print(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, image {args.size >> 20} MiB in {work}, "
               f"runtime {args.runtime:g}s, repeat {args.repeat}, {os.cpu_count()} CPUs", flush=True)
-        for job in jobs:
-            for rep in range(args.repeat):
-                order = sides[rep % len(sides):] + sides[:rep % len(sides)]
-                for side in order:
-                    prepare_image(img, args.size)
-                    proc = start_server(side, work, img, sock, args.vdisk_root)
-                    try:
-                        iops, mibs = run_fio(job, sock, args.runtime)
-                    finally:
-                        stop_server(proc)
-                    results.setdefault((job.name, side), []).append((iops, mibs))
-                    print(f"{job.label:<22} run {rep + 1} {side:<9} {iops:>10.0f} IOPS {mibs:>9.1f} MiB/s"
-                          f"   (load {os.getloadavg()[0]:.1f})", flush=True)
+        def one(job: Job, side: str) -> tuple[float, float]:
+            prepare_image(img, args.size)
+            proc = start_server(side, work, img, sock, args.vdisk_root)
+            try:
+                return run_fio(job, sock, args.runtime)
+            finally:
+                stop_server(proc)
+
+        run_rounds(jobs, sides, args.repeat, one, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
