@@ -17,7 +17,7 @@ WRITE_OPS: frozenset[str] = frozenset({"pwrite", "write_zeroes", "trim", "flush"
 READ_OPS: frozenset[str] = frozenset({"pread", "extents"})
 INFO_OPS: frozenset[str] = frozenset(
     {"size", "block_size", "can_write", "can_flush", "can_fua", "can_trim", "can_zero",
-     "can_fast_zero", "can_extents", "close"}
+     "can_fast_zero", "can_extents", "allocated", "close"}
 )
 # Hints around a run of writes (like the block layer's plug): a layer may defer the local half of
 # writes issued between plug() and unplug() on the same thread until unplug(), so that a mirror can put
@@ -36,7 +36,7 @@ class Completion:
     A mirrored write is one Completion of two parts, local and replica, with no combining wrapper.
     """
 
-    __slots__ = ("_lock", "_done", "_exc", "_callbacks", "_left")
+    __slots__ = ("_callbacks", "_done", "_exc", "_left", "_lock")
 
     def __init__(self, parts: int = 1) -> None:
         self._lock = threading.Lock()
@@ -129,6 +129,9 @@ class Backend(Protocol):
     def can_fast_zero(self) -> bool: ...
     def can_extents(self) -> bool: ...
 
+    def allocated(self) -> int | None:
+        """Bytes the volume occupies on its store (a sparse file's st_blocks * 512); None if unknown."""
+
     def pread(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` with the bytes at ``offset``."""
 
@@ -186,6 +189,9 @@ class Layer:
 
     def can_extents(self) -> bool:
         return self.inner.can_extents()
+
+    def allocated(self) -> int | None:
+        return self.inner.allocated()
 
     def pread(self, buf: memoryview, offset: int) -> None:
         self.inner.pread(buf, offset)

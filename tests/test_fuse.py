@@ -92,6 +92,27 @@ async def test_each_volume_is_a_regular_file_of_its_size(tmp_path: Path, image: 
     assert missing == errno.ENOENT
 
 
+async def test_st_blocks_reports_the_real_allocation_of_a_sparse_volume(tmp_path: Path, image: FileImage) -> None:
+    def io(mnt: Path) -> tuple[os.stat_result, os.stat_result, int, os.stat_result]:
+        before = os.stat(mnt / "vol")
+        fd = os.open(mnt / "vol", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"x" * (1 << 20), 4 << 20)
+            written = os.stat(mnt / "vol")  # the kernel drops cached attributes on write and fallocate
+            image_blocks = os.stat(tmp_path / "vol.img").st_blocks
+            fallocate(fd, PUNCH, 4 << 20, 1 << 20)
+        finally:
+            os.close(fd)
+        return before, written, image_blocks, os.stat(mnt / "vol")
+
+    async with exported(tmp_path, {"vol": image}) as mnt:
+        before, written, image_blocks, punched = await in_thread(io, mnt)
+    assert before.st_size == written.st_size == SIZE
+    assert before.st_blocks == 0  # a fresh sparse volume holds nothing (it used to claim all 16 MiB)
+    assert written.st_blocks == image_blocks and image_blocks * 512 >= 1 << 20
+    assert punched.st_blocks == 0
+
+
 async def test_unaligned_io_matches_a_byte_model_and_the_image(tmp_path: Path, image: FileImage) -> None:
     model = bytearray(SIZE)
     rng = random.Random(4)

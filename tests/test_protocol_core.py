@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,16 +197,32 @@ def test_bad_magic_is_a_protocol_error() -> None:
 
 def test_validate_checks_bounds_read_only_flags_and_sizes() -> None:
     size = 1 << 20
-    assert validate(P.CMD_READ, 0, size - 10, 10, size, True, True, False) == 0
-    assert validate(P.CMD_READ, 0, size - 10, 11, size, True, True, False) == P.EINVAL
-    assert validate(P.CMD_WRITE, 0, 0, 10, size, False, True, False) == P.EPERM
-    assert validate(P.CMD_TRIM, 0, 0, 10, size, False, True, False) == P.EPERM
-    assert validate(P.CMD_READ, 0, 0, P.MAX_PAYLOAD + 1, 1 << 40, True, True, False) == P.EOVERFLOW
-    assert validate(P.CMD_READ, 0, 0, P.MAX_PAYLOAD + 1, 1 << 40, True, False, False) == P.EINVAL
-    assert validate(P.CMD_WRITE, P.CMD_FLAG_NO_HOLE, 0, 1, size, True, True, False) == P.EINVAL
-    assert validate(99, 0, 0, 0, size, True, True, False) == P.EINVAL
-    assert validate(P.CMD_BLOCK_STATUS, 0, 0, 512, size, True, True, False) == P.EINVAL
-    assert validate(P.CMD_BLOCK_STATUS, 0, 0, 512, size, True, True, True) == 0
+    assert validate(P.CMD_READ, 0, size - 10, 10, size, True, False) == 0
+    assert validate(P.CMD_READ, 0, size - 10, 11, size, True, False) == P.EINVAL
+    assert validate(P.CMD_TRIM, 0, size - 10, 11, size, True, False) == P.EINVAL
+    assert validate(P.CMD_WRITE, 0, 0, 10, size, False, False) == P.EPERM
+    assert validate(P.CMD_TRIM, 0, 0, 10, size, False, False) == P.EPERM
+    assert validate(P.CMD_WRITE, P.CMD_FLAG_NO_HOLE, 0, 1, size, True, False) == P.EINVAL
+    assert validate(99, 0, 0, 0, size, True, False) == P.EINVAL
+    assert validate(P.CMD_BLOCK_STATUS, 0, 0, 512, size, True, False) == P.EINVAL
+    assert validate(P.CMD_BLOCK_STATUS, 0, 0, 512, size, True, True) == 0
+
+
+@pytest.mark.parametrize("flags", [0, P.CMD_FLAG_DF])
+def test_read_over_the_maximum_payload_is_einval_never_eoverflow(flags: int) -> None:
+    # The spec: over the advertised maximum -> EINVAL (SHOULD); EOVERFLOW only for a DF read that cannot
+    # be sent unfragmented, and every read of ours is one chunk.
+    assert validate(P.CMD_READ, flags, 0, P.MAX_PAYLOAD + 1, 1 << 40, True, False) == P.EINVAL
+    assert validate(P.CMD_READ, flags, 0, P.MAX_PAYLOAD, 1 << 40, True, False) == 0
+
+
+@pytest.mark.parametrize("cmd", [P.CMD_WRITE, P.CMD_WRITE_ZEROES])
+def test_writes_past_the_end_are_enospc(cmd: int) -> None:
+    # The spec's SHOULD for write requests beyond the device (reads and trims stay EINVAL).
+    size = 1 << 20
+    assert validate(cmd, 0, size - 10, 11, size, True, False) == P.ENOSPC
+    assert validate(cmd, 0, 2**64 - 512, 1024, size, True, False) == P.ENOSPC
+    assert validate(cmd, 0, size - 10, 11, size, False, False) == P.EPERM
 
 
 @settings(max_examples=300, deadline=None)

@@ -33,6 +33,8 @@ SEEK_DATA, SEEK_HOLE = 3, 4
 # The volume set does not change while mounted (the daemon serves a fixed set), so the kernel may
 # cache names and attributes for long.
 CACHE_TIMEOUT = 3600.0
+# ...but not its allocation: st_blocks follows writes and punched holes (`du`, `ls -s`).
+FILE_ATTR_TIMEOUT = 1.0
 
 Exports = Callable[[], dict[str, Backend]]
 # Writes this big go to a worker thread so that the pwrite overlaps the next request. A thread hand-off
@@ -121,7 +123,9 @@ class VolumeFiles(pyfuse3.Operations):
         a.st_nlink = 1
         a.st_size = backend.size()
         a.st_blksize = max(backend.block_size(), 4096)
-        a.st_blocks = (a.st_size + 511) // 512
+        allocated = backend.allocated()  # a sparse image's real allocation, not its size
+        a.st_blocks = ((a.st_size if allocated is None else allocated) + 511) // 512
+        a.attr_timeout = FILE_ATTR_TIMEOUT
         return a
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

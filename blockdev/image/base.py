@@ -29,6 +29,10 @@ class ImageBase:
     def can_fast_zero(self) -> bool:
         return not self.readonly
 
+    def allocated(self) -> int | None:
+        """Unknown unless the store says (a file does: its st_blocks)."""
+        return None
+
     def plug(self) -> None:
         """Images issue every write at once: nothing to defer."""
 

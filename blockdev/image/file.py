@@ -57,6 +57,9 @@ class FileImage(ImageBase):
     def can_extents(self) -> bool:
         return True
 
+    def allocated(self) -> int | None:
+        return os.fstat(self._fd).st_blocks * 512
+
     def pread(self, buf: memoryview, offset: int) -> None:
         done, want = 0, len(buf)
         while done < want:

@@ -21,6 +21,9 @@ class MemoryImage(ImageBase):
     def can_extents(self) -> bool:
         return False
 
+    def allocated(self) -> int | None:
+        return len(self.data)  # a bytearray holds every byte
+
     def _check_write(self) -> None:
         if self.readonly:
             raise ReadOnlyError()

@@ -12,7 +12,7 @@ from typing import Any
 class Buffer:
     """A receive buffer; ``pins`` counts ops still holding slices of it."""
 
-    __slots__ = ("data", "view", "pins")
+    __slots__ = ("data", "pins", "view")
 
     def __init__(self, size: int) -> None:
         # Anonymous mmap: pages are zeroed lazily by the kernel, so an idle connection costs no RAM

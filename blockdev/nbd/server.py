@@ -238,8 +238,7 @@ class Connection:
                     length: int, payload: memoryview | None, perr: int) -> None:
         """One request: replied to now, or once it finishes (on a worker or by its Completion)."""
         self.requests += 1
-        err = perr or validate(cmd, flags, offset, length, self.size, self.writable, self.structured,
-                               self.base_allocation)
+        err = perr or validate(cmd, flags, offset, length, self.size, self.writable, self.base_allocation)
         if err:
             self._reply_error(cmd, handle, err, "request rejected")
             return

@@ -79,7 +79,7 @@ _KNOWN_FLAGS = {
 _WRITE_LIKE = frozenset({P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES})
 
 
-def validate(cmd: int, flags: int, offset: int, length: int, size: int, writable: bool, structured: bool,
+def validate(cmd: int, flags: int, offset: int, length: int, size: int, writable: bool,
              base_allocation: bool) -> int:
     """The edge check, done once: 0 if the request may reach the op table, else an NBD error."""
     known = _KNOWN_FLAGS.get(cmd)
@@ -91,10 +91,15 @@ def validate(cmd: int, flags: int, offset: int, length: int, size: int, writable
         return P.EPERM
     if cmd == P.CMD_BLOCK_STATUS and not base_allocation:
         return P.EINVAL
-    if offset + length > size or (length == 0 and cmd == P.CMD_BLOCK_STATUS):
+    if offset + length > size:
+        # The spec's SHOULDs: ENOSPC for a write past the end of the device, EINVAL for the rest.
+        return P.ENOSPC if cmd == P.CMD_WRITE or cmd == P.CMD_WRITE_ZEROES else P.EINVAL
+    if length == 0 and cmd == P.CMD_BLOCK_STATUS:
         return P.EINVAL
     if cmd == P.CMD_READ and length > P.MAX_PAYLOAD:
-        return P.EOVERFLOW if structured else P.EINVAL
+        # Over the advertised maximum: EINVAL. EOVERFLOW is only for a DF read too big to send
+        # unfragmented, which never happens here (every read is one chunk).
+        return P.EINVAL
     return 0
 
 
