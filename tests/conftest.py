@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from blockdev.nbd import proto as P
+from tests.facilities import require_nbd
 
 ROOT = Path(__file__).resolve().parent.parent
 VDISK = str(Path(sys.executable).parent / "vdisk")
@@ -321,8 +322,8 @@ def raw_nbd() -> Iterator[Callable[[Path | str], RawNBD]]:
 
 # -- helpers shared by the client tests -----------------------------------------------------------
 def nbd_handle(uri: str, *, structured: bool = True, meta: bool = False):  # type: ignore[no-untyped-def]
-    """A connected libnbd handle (skips if libnbd's Python bindings are missing)."""
-    nbd = pytest.importorskip("nbd")
+    """A connected libnbd handle (skips, or fails in CI, if libnbd's Python bindings are missing)."""
+    nbd = require_nbd()
     h = nbd.NBD()
     h.set_request_structured_replies(structured)
     if meta:

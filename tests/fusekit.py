@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.facilities import require
+
 ROOT = Path(__file__).resolve().parent.parent
 NEEDED_TOOLS = ("losetup", "mount", "umount", "fusermount3", "mkfs.ext4", "e2fsck")
 
@@ -28,13 +30,7 @@ def require_fuse_host() -> None:
     if not os.path.exists("/dev/fuse"):
         missing.append("/dev/fuse")
     missing += [t for t in NEEDED_TOOLS if shutil.which(t) is None]
-    if not missing:
-        return
-    reason = "FUSE/mount tests need " + ", ".join(missing)
-    if os.environ.get("CI"):
-        pytest.fail(reason + " (in CI they must run)")
-    print(reason)
-    pytest.skip(reason)
+    require(missing, "FUSE/mount tests")
 
 
 def env() -> dict[str, str]:

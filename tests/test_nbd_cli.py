@@ -9,6 +9,8 @@ import socket
 
 import pytest
 
+from tests.facilities import require_nbd
+
 MiB = 1 << 20
 
 
@@ -88,7 +90,7 @@ def test_second_serve_of_a_volume_is_refused(vd, serve, sock_dir):
     r = vd("serve", "v", "--nbd", f"unix:{sock_dir}/second.sock", check=False, timeout=20)
     assert "served" in one_line_error(r)
     assert srv.alive() and not (sock_dir / "second.sock").exists()
-    nbd = pytest.importorskip("nbd")
+    nbd = require_nbd()
     h = nbd.NBD()
     h.connect_uri(srv.uri())
     h.pwrite(b"x" * 512, 0)
@@ -110,7 +112,7 @@ def test_serve_refuses_a_socket_path_in_use(vd, serve, sock_dir):
 def test_kill_9_then_serve_again_replaces_the_stale_socket(vd, serve):
     vd.create("v", "8M")
     first = serve("v")
-    nbd = pytest.importorskip("nbd")
+    nbd = require_nbd()
     h = nbd.NBD()
     h.connect_uri(first.uri())
     h.pwrite(b"k" * 4096, 0, nbd.CMD_FLAG_FUA)
@@ -136,7 +138,7 @@ def test_clean_shutdown_removes_socket_and_releases_volume(vd, serve):
 def test_read_only_serve_refuses_writes(vd, serve):
     vd.create("v", "1M")
     srv = serve("v", read_only=True)
-    nbd = pytest.importorskip("nbd")
+    nbd = require_nbd()
     h = nbd.NBD()
     h.connect_uri(srv.uri())
     assert h.is_read_only()

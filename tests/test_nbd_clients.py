@@ -18,17 +18,15 @@ from pathlib import Path
 import pytest
 
 from blockdev.nbd import proto as P
+from tests.facilities import require_nbd, require_tool
 
-nbd = pytest.importorskip("nbd")
+nbd = require_nbd()
 
 MiB = 1 << 20
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed")
-    return path
+    return require_tool(name, "NBD client tests")
 
 
 # nbdsh is `python3 -m nbd`: it needs the python3 that python3-libnbd was built for (Debian's), which

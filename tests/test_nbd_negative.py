@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockdev.nbd import proto as P
+from tests.facilities import require_nbd
 
-nbd = pytest.importorskip("nbd")
+nbd = require_nbd()
 
 MiB = 1 << 20
 SIZE = 64 * MiB
