@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Checked with fullmatch only: "$" in a plain match also accepts a trailing newline ("abc\n").
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
 META_VERSION = 1
 SECTOR = 512
 MAX_SIZE = (1 << 63) - SECTOR  # NBD sizes are 64-bit; files are signed 64-bit
@@ -33,8 +34,15 @@ class VolumeBusy(VolumeError):
     """The volume is served by another process (or another part of this one)."""
 
 
+def is_valid_name(name: object) -> bool:
+    """1-64 letters, digits, '.', '_', '-', starting with a letter or digit; no '..', not '*.tmp'."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None and not name.endswith(".tmp") \
+        and ".." not in name
+
+
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or name.endswith((".tmp",)) or ".." in name:
+    """``name`` if it is a valid volume name, else VolumeError with a message for the user."""
+    if not is_valid_name(name):
         raise VolumeError(
             f"invalid volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
             "letter or digit"
@@ -67,7 +75,7 @@ class VolumeMeta:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], path: Path) -> "VolumeMeta":
+    def from_json(cls, d: dict[str, Any], path: Path) -> VolumeMeta:
         try:
             known = {k: d[k] for k in ("name", "uuid", "size", "block_size", "generation", "created")}
             if not isinstance(known["size"], int) or known["size"] <= 0:
@@ -152,7 +160,7 @@ class VolumeStore:
             raise VolumeError(f"volume {name!r} already exists in {self.root}")
         meta = VolumeMeta(
             name=name, uuid=str(uuid_mod.uuid4()), size=size, block_size=block_size, generation=1,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), extra=extra or {},
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), extra=extra or {},
         )
         try:
             fd = os.open(img, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -171,7 +179,7 @@ class VolumeStore:
         return meta
 
     def meta(self, name: str) -> VolumeMeta:
-        img, meta_path, _ = self._paths(name)
+        _, meta_path, _ = self._paths(name)
         try:
             with open(meta_path) as f:
                 data = json.load(f)
@@ -204,12 +212,17 @@ class VolumeStore:
         out = []
         for p in sorted(self.root.glob("*.json")):
             name = p.name[:-5]
-            if NAME_RE.match(name) and (self.root / f"{name}.img").exists():
+            if is_valid_name(name) and (self.root / f"{name}.img").exists():
                 out.append(name)
         return out
 
-    def lock(self, name: str) -> VolumeLock:
-        """Take the serve lock of ``name``; VolumeBusy if someone holds it."""
+    def lock(self, name: str, *, writable: bool = False) -> VolumeLock:
+        """Take the serve lock of ``name``; VolumeBusy if someone holds it.
+
+        ``writable``: the holder will write the volume, so its ``generation`` goes up by one (under
+        the lock, so no other writer of the metadata races it). Whoever remembers the old
+        generation (a mirror pairing) can tell that the volume has been written since.
+        """
         _, _, lock_path = self._paths(name)
         self.meta(name)  # exists and is sane
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -220,7 +233,14 @@ class VolumeStore:
             os.close(fd)
             who = f" by pid {holder['pid']}" if holder.get("pid") else ""
             raise VolumeBusy(f"volume {name!r} is being served{who}") from None
-        return VolumeLock(lock_path, fd)
+        lk = VolumeLock(lock_path, fd)
+        if writable:
+            try:
+                self.update(name, generation=self.meta(name).generation + 1)
+            except BaseException:
+                lk.release()
+                raise
+        return lk
 
     def holder(self, name: str) -> dict[str, Any] | None:
         """Who serves ``name`` (the lock holder's description), or None if nobody does."""

@@ -70,7 +70,7 @@ def test_fio_randwrite_with_verify_then_source_and_replica_are_byte_exact(procs)
     r.shutdown()
     res = procs.run("--data-dir", str(procs.tmp / "dst"), "serve", "vol", "--nbd",
                     f"unix:{procs.tmp / 'rw.sock'}", check=False)
-    assert res.returncode != 0 and "being served" in res.stderr  # nobody can open it writable
+    assert res.returncode != 0 and "is a replica of volume 'vol'" in res.stderr  # nobody can open it writable
 
 
 def test_every_acknowledged_write_is_on_the_replica_when_the_source_is_killed(procs):
@@ -168,8 +168,9 @@ def test_source_crash_resyncs_only_the_activity_log_not_the_volume(procs):
 
 
 def test_wrong_key_is_refused_by_both_daemons(procs):
-    (procs.tmp / "right").write_text("a-long-enough-key-0123456789\n")
-    (procs.tmp / "wrong").write_text("another-key-that-is-long-enough\n")
+    for name, key in (("right", "a-long-enough-key-0123456789\n"), ("wrong", "another-key-that-is-long-enough\n")):
+        (procs.tmp / name).write_text(key)
+        (procs.tmp / name).chmod(0o600)  # a key file others can read is refused
     mirrored(procs, "16M", "--psk-file", str(procs.tmp / "wrong"),
              target_args=("--psk-file", str(procs.tmp / "right")))
     deadline = time.monotonic() + 10

@@ -14,7 +14,7 @@ from typing import Any
 
 from blockdev.volume import VolumeStore
 
-from .cli import emit, store_of
+from .cli import duration_arg, emit, store_of
 from .control import ControlError, call
 from .mirroring import MIRROR_SIDECARS, POLICIES, check_section, parse_hostport, read_psk
 from .units import format_size
@@ -188,7 +188,8 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--listen", required=True, metavar="HOST:PORT")
     sp.add_argument("--psk-file", help="pre-shared key file (sources must use the same key)")
     sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT", help="read-only NBD export of replicas")
-    sp.add_argument("--timeout", type=float, default=30.0, help="seconds of source silence before dropping it")
+    sp.add_argument("--timeout", type=duration_arg, default=30.0,
+                    help="source silence before dropping it (default 30s; e.g. 2m, 500ms)")
     sp.add_argument("-v", "--verbose", action="store_true")
 
     sp = add("mirror", cmd_mirror, "mirror a volume to a target (or --stop); picked up live by `vdisk serve`")
@@ -196,12 +197,14 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--to", metavar="HOST:PORT")
     sp.add_argument("--mode", choices=["sync"], default="sync")
     sp.add_argument("--on-link-loss", choices=POLICIES, default="degrade")
-    sp.add_argument("--block-timeout", type=float, default=30.0, help="with block: seconds before EIO")
-    sp.add_argument("--timeout", type=float, default=10.0, help="seconds of target silence before link loss")
+    sp.add_argument("--block-timeout", type=duration_arg, default=30.0,
+                    help="with block: how long a write waits for the replica before EIO (default 30s)")
+    sp.add_argument("--timeout", type=duration_arg, default=10.0,
+                    help="target silence before link loss (default 10s)")
     sp.add_argument("--psk-file", help="pre-shared key file")
     sp.add_argument("--stop", action="store_true", help="stop mirroring and forget the pairing")
     sp.add_argument("--wait", action="store_true", help="wait until the replica is in sync (progress bar on a tty)")
-    sp.add_argument("--wait-timeout", type=float, default=3600.0)
+    sp.add_argument("--wait-timeout", type=duration_arg, default=3600.0, help="with --wait (default 1h)")
 
     sp = add("status", cmd_status, "a volume's mirror state (mode, state, dirty bytes, initial sync)")
     sp.add_argument("name")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ from mirror.sync import Pairing, SyncConfig, SyncReplicator, VolumeIdentity
 from mirror.verify import compare
 
 from .control import ControlError
+from .units import parse_duration
 
 if TYPE_CHECKING:
     from .daemon import Daemon, ServedVolume
@@ -34,6 +37,7 @@ log = logging.getLogger("vdisk.mirror")
 REGION = 64 << 10
 POLICIES = ("degrade", "block")
 MIRROR_SIDECARS = (".mirror-dirty", ".mirror-al")  # dirty map, activity log: NAME + suffix
+MAX_KEY_FILE = 4096
 
 
 def parse_hostport(text: str, listen: bool = False) -> tuple[str, int]:
@@ -49,13 +53,36 @@ def parse_hostport(text: str, listen: bool = False) -> tuple[str, int]:
 
 
 def read_psk(path: str | Path | None) -> bytes | None:
-    """The pre-shared key in a file (surrounding whitespace ignored); None without a file."""
+    """The pre-shared key in a file (surrounding whitespace ignored); None without a file.
+
+    As ssh does with private keys, a key file that group or others may access is refused: a key
+    anyone on the host can read authenticates nothing. Only a regular file of at most
+    MAX_KEY_FILE bytes is read (``--psk-file /dev/zero`` must not read gigabytes).
+    """
     if not path:
         return None
     try:
-        key = Path(path).read_bytes().strip()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below anyway.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise ValueError(f"cannot read the key file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"the key file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ValueError(f"the key file {path} is accessible by group or others (mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}): run `chmod 600 {path}`")
+        raw = os.read(fd, MAX_KEY_FILE + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read the key file {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_KEY_FILE:
+        raise ValueError(f"the key file {path} is too large (a key file holds at most {MAX_KEY_FILE} bytes)")
+    key = raw.strip()
+    if not key:
+        raise ValueError(f"the key file {path} is empty")
     if len(key) < 16:
         raise ValueError(f"the key in {path} is too short (at least 16 bytes)")
     return key
@@ -70,8 +97,8 @@ def check_section(section: dict[str, Any]) -> SyncConfig:
     host, port = parse_hostport(str(section.get("to", "")))
     return SyncConfig(host, port, on_link_loss=section.get("on_link_loss", "degrade"),
                       psk=read_psk(section.get("psk_file")),
-                      block_timeout=float(section.get("block_timeout", 30.0)),
-                      timeout=float(section.get("timeout", 10.0)))
+                      block_timeout=parse_duration(section.get("block_timeout", 30.0), "block_timeout"),
+                      timeout=parse_duration(section.get("timeout", 10.0), "timeout"))
 
 
 class MirrorManager:
