@@ -9,26 +9,34 @@ and FUA/flush fdatasync the replica before the ack that covers them.
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import fcntl
+import ipaddress
 import logging
 import os
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
 from blockdev.backend import Backend
 from blockdev.image.file import FileImage
 from blockdev.layers import ReadOnlyLayer
-from blockdev.volume import VolumeBusy, VolumeError, VolumeStore, validate_name
+from blockdev.volume import NAME_RE, VolumeBusy, VolumeError, VolumeStore, validate_name
 
-from .verify import MerkleTree, build_tree, tree_height
-from .wire import Connection, PeerError, PeerSilent, RemoteProtocolError, Role, WireError
-from .wire.codec import FrameReader, encode, encode_ack
-from .wire.events import Bye, Flush, HashQuery, HashReply, Hello, Ping, Welcome, Write, Zero
+from .target_io import INLINE_BYTES, Batch, Hasher, ReplicaImage, apply_batch, check_batch, check_query
+from .wire import Connection, PeerError, PeerSilent, Role, WireError
+from .wire.codec import FrameReader, encode_ack
+from .wire.events import Bye, Flush, HashQuery, Hello, Ping, Welcome, Write, Zero
 from .wire.link import Link
 
 log = logging.getLogger("vdisk.target")
-RECV_BUFFER = 16 << 20
+RECV_BUFFER = 16 << 20  # after the handshake
+HANDSHAKE_BUFFER = 4 << 10  # before it: grows only as far as one pre-auth frame (PRE_AUTH_PAYLOAD)
+LOCK_FILE = ".vdisk-target.lock"
 
 
 class Refused(Exception):
@@ -39,50 +47,165 @@ class Refused(Exception):
 class TargetConfig:
     psk: bytes | None = None
     timeout: float = 30.0  # silence after which the source is declared gone
+    handshake_timeout: float = 10.0  # from accept to authenticated Hello
+    max_handshakes: int = 64  # unauthenticated connections at once; more are closed at accept
+    insecure: bool = False  # allow listening beyond loopback without a pre-shared key
+    io_threads: int = 64  # replica batches applied at once (each replica has at most one)
+    hash_threads: int = 2  # verify trees built at once (CPU and disk bound)
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on DATA_DIR/.vdisk-target.lock: one target per data directory. The
+    kernel drops it with the process (kill -9 included); the file names the holder's pid."""
+
+    def __init__(self, root: Path) -> None:
+        path = root / LOCK_FILE
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise VolumeError(f"another vdisk target (pid {holder}) is using {root}") from None
+            raise
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
+def is_loopback(host: str) -> bool:
+    """True if every address ``host`` resolves to is a loopback address ('' and 0.0.0.0 are not)."""
+    try:
+        infos = socket.getaddrinfo(host or None, None, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
+
+
+def check_exposure(host: str, config: TargetConfig) -> None:
+    """Refuse to listen beyond loopback without a key (anyone could create or take over replicas)
+    unless ``insecure``; warn once on loopback (any local user can still mirror into it)."""
+    if config.psk is not None:
+        return
+    if not is_loopback(host):
+        if not config.insecure:
+            raise VolumeError(f"refusing to listen on {host or '*'} without --psk-file: any host could write "
+                              "replicas (use --psk-file, or --insecure on a trusted network)")
+        log.warning("no --psk-file and listening on %s: any host that reaches it can write replicas", host or "*")
+    else:
+        log.warning("no --psk-file: any local process can mirror into this target")
+
+
+class RateLimited:
+    """A log line at most once per ``every`` seconds, with the count of the ones left out."""
+
+    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self._clock, self._last, self._dropped = every, clock, -1e18, 0
+
+    def __call__(self, level: int, msg: str, *args: object) -> None:
+        now = self._clock()
+        if now - self._last < self.every:
+            self._dropped += 1
+            return
+        suffix = f" ({self._dropped} more since the last report)" if self._dropped else ""
+        self._last, self._dropped = now, 0
+        log.log(level, msg + suffix, *args)
 
 
 class TargetServer:
-    """Accepts replication links; at most one source per replica at a time."""
+    """Accepts replication links; at most one source per replica at a time. Nothing a peer sends
+    ends the server: each link runs behind ``_guarded``, and a peer's error ends that link only."""
 
-    def __init__(self, store: VolumeStore, config: TargetConfig = TargetConfig()) -> None:
+    def __init__(self, store: VolumeStore, config: TargetConfig = TargetConfig(), *,
+                 open_replica: Callable[[str], ReplicaImage] | None = None) -> None:
         self.store, self.config = store, config
         self.active: dict[str, str] = {}  # replica name -> source peer
         self.applied_bytes = 0
+        self.handshaking = 0  # connections not yet authenticated
+        self._open_replica = open_replica or store.open_image
         self._ro: dict[str, FileImage] = {}
         self._sessions: dict[str, tuple[trio.CancelScope, trio.Event]] = {}  # source uuid -> its link's
+        self._io_limiter = trio.CapacityLimiter(config.io_threads)
+        self._hash_limiter = trio.CapacityLimiter(config.hash_threads)
+        self._refusals = RateLimited()
+        self._accept_errors = RateLimited()
+
+    def statistics(self) -> dict[str, int]:
+        return {"handshaking": self.handshaking, "active": len(self.active), "applied_bytes": self.applied_bytes}
 
     # -- listening -------------------------------------------------------------------------------
     async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        addr = listeners[0].socket.getsockname()
-        task_status.started(f"{addr[0]}:{addr[1]}")
-        async with trio.open_nursery() as nursery:
-            for lst in listeners:
-                nursery.start_soon(self._accept_loop, lst, nursery)
+        check_exposure(host, self.config)
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        lock = DataDirLock(self.store.root)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+            addr = listeners[0].socket.getsockname()
+            task_status.started(f"{addr[0]}:{addr[1]}")
+            async with trio.open_nursery() as nursery:
+                for lst in listeners:
+                    nursery.start_soon(self._accept_loop, lst, nursery)
+        finally:
+            lock.release()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
             while True:
-                stream = await listener.accept()
-                stream.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                nursery.start_soon(self.handle, stream)
+                try:
+                    stream = await listener.accept()
+                except OSError as e:  # EMFILE, ENFILE, ENOBUFS...: wait a little rather than spin or die
+                    self._accept_errors(logging.ERROR, "accept failed: %s", e.strerror or e)
+                    await trio.sleep(0.1)
+                    continue
+                if self.handshaking >= self.config.max_handshakes:
+                    self._refusals(logging.WARNING, "refused a connection: %d connections are still in their "
+                                   "handshake (at most %d)", self.handshaking, self.config.max_handshakes)
+                    stream.socket.close()
+                    continue
+                self.handshaking += 1
+                nursery.start_soon(self._guarded, stream)
+
+    async def _guarded(self, stream: trio.SocketStream) -> None:
+        """The boundary of one link: an exception here is our bug, logged as that link's internal
+        error with its traceback, and never ends the daemon (Cancelled and KeyboardInterrupt pass)."""
+        counted = [True]  # handle() clears it once the peer has authenticated
+        try:
+            await self.handle(stream, counted)
+        except Exception:
+            log.exception("internal error on the link from %s (the link is closed)", _peer(stream))
+        finally:
+            if counted[0]:
+                self.handshaking -= 1
+            stream.socket.close()  # no-op if handle() closed it
 
     # -- one source ------------------------------------------------------------------------------
-    async def handle(self, stream: trio.SocketStream) -> None:
-        # A large receive buffer: partial frames at its end are moved (copied) to its start, so the
-        # bigger it is, the fewer megabyte writes get copied an extra time.
-        link = Link(stream.socket, Connection(Role.TARGET, self.config.psk, reader=FrameReader(RECV_BUFFER)))
+    async def handle(self, stream: trio.SocketStream, counted: list[bool] | None = None) -> None:
+        stream.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A small buffer until the peer has authenticated (an idle connection costs kilobytes, not
+        # the 16 MiB a source gets after the Welcome).
+        link = Link(stream.socket, Connection(Role.TARGET, self.config.psk, reader=FrameReader(HANDSHAKE_BUFFER)))
         name: str | None = None
         lock = image = None
         session: tuple[trio.CancelScope, trio.Event] | None = None
         session_uuid = ""
         try:
-            with trio.move_on_after(self.config.timeout) as scope:
+            with trio.move_on_after(self.config.handshake_timeout) as scope:
                 events = await link.receive()
             if scope.cancelled_caught:
-                raise PeerSilent(f"source {link.peer} did not complete the handshake")
+                raise PeerSilent(f"source {link.peer} did not complete the handshake in "
+                                 f"{self.config.handshake_timeout:g}s")
+            if counted is not None and counted[0]:
+                counted[0] = False
+                self.handshaking -= 1
             hello = events[0]
-            assert isinstance(hello, Hello)
+            if not isinstance(hello, Hello) or any(isinstance(e, Bye) for e in events):
+                log.info("source %s closed the link during the handshake", link.peer)
+                return
             await self._take_over(hello.volume_uuid, link.peer)
             session_uuid = hello.volume_uuid
             session = self._sessions[hello.volume_uuid] = (trio.CancelScope(), trio.Event())
@@ -94,19 +217,21 @@ class TargetServer:
             except VolumeError as e:
                 raise Refused(str(e)) from None
             lock.describe({"pid": os.getpid(), "replica_of": hello.volume_uuid, "source": link.peer})
-            image = self.store.open_image(name)
+            image = self._open_replica(name)
             meta = self.store.update(name, replica={
                 "source_uuid": hello.volume_uuid, "source_name": hello.name, "generation": hello.generation,
                 "last_connected": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
             link.conn.accept(Welcome(meta.uuid, name, created, hello.generation))
+            link.conn.reader.reserve(RECV_BUFFER)
             await link.send_control()
             self.active[name] = link.peer
-            log.info("source %s mirrors %s (%s) into replica %s", link.peer, hello.name, hello.volume_uuid, name)
+            log.info("source %s mirrors %r (%s) into replica %s", link.peer, hello.name, hello.volume_uuid, name)
             with session[0]:
-                await self._apply(link, image, hello.size)
+                await self._session(link, image, hello.size)
         except Refused as e:
             log.warning("refused source %s: %s", link.peer, e)
-            await link.close(message=str(e))
+            with trio.CancelScope(shield=True):
+                await link.close(message=str(e))
             return
         except PeerError as e:
             log.warning("source %s: %s", link.peer, e)
@@ -155,76 +280,87 @@ class TargetServer:
                 return n, False
         try:
             name = validate_name(hello.name)
+            if not NAME_RE.fullmatch(name):  # ``$`` in a pattern also matches before a final newline
+                raise VolumeError(f"invalid volume name {name!r}")
         except VolumeError:
-            name = f"replica-{hello.volume_uuid[:8]}"
+            name = f"replica-{hello.volume_uuid[:8]}"  # the uuid's form is checked by the codec
         if self.store.exists(name):
             name = f"{name}-{hello.volume_uuid[:8]}"
         self.store.create(name, hello.size, block_size=hello.block_size,
                           extra={"replica": {"source_uuid": hello.volume_uuid, "source_name": hello.name}})
         return name, True
 
-    async def _apply(self, link: Link, image: FileImage, size: int) -> None:
-        """Apply every complete frame of each receive, fdatasync once if any asked, ack once."""
-        tree: MerkleTree | None = None
+    async def _session(self, link: Link, image: ReplicaImage, size: int) -> None:
+        """The frame loop and this session's hasher; when the loop ends the hasher stops too (a hash
+        still running in its thread gives up within one chunk), so nothing outlives the link."""
+        send_lock = trio.StrictFIFOLock()  # two tasks send on one socket: one waits for it at a time
+
+        async def send(frames: list[bytes]) -> None:
+            with link.outbox.lock:
+                link.outbox.put_locked(frames)
+            async with send_lock:
+                await link.drain()
+
+        hasher = Hasher(image, size, self._hash_limiter, send)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hasher.run)
+                try:
+                    await self._apply(link, image, size, hasher, send)
+                finally:
+                    hasher.stop.set()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # one failing task: raise its own error, for handle()
+            raise _single(group) from None
+
+    async def _apply(self, link: Link, image: ReplicaImage, size: int, hasher: Hasher,
+                     send: Callable[[list[bytes]], Awaitable[None]]) -> None:
+        """Apply every complete frame of each receive (off the trio thread unless the batch is small
+        and needs no fdatasync), then ack once; a HashQuery goes to the hasher once the frames before
+        it are applied and acknowledged."""
         applied = 0
-        outbox = link.outbox
         while True:
             with trio.move_on_after(self.config.timeout) as scope:
                 events = await link.receive()
             if scope.cancelled_caught:
                 raise PeerSilent(f"source {link.peer} went silent for {self.config.timeout:g}s")
-            sync = reply = False
-            last = applied
+            batch: Batch = []
+            reply = False
             for ev in events:
                 t = type(ev)
-                if t is Write:
-                    n = len(ev.data)
-                    if ev.offset + n > size:
-                        raise RemoteProtocolError(f"write of {n} bytes at {ev.offset} is beyond the replica's end")
-                    image.pwrite(ev.data, ev.offset)
-                    self.applied_bytes += n
-                    sync = sync or ev.fua
-                    last = ev.seq
-                elif t is Zero:
-                    if ev.offset + ev.length > size:
-                        raise RemoteProtocolError(f"zero of {ev.length} bytes at {ev.offset} is beyond the replica's end")
-                    image.write_zeroes(ev.length, ev.offset, may_trim=ev.trim)
-                    sync = sync or ev.fua
-                    last = ev.seq
-                elif t is Flush:
-                    sync, last = True, ev.seq
+                if t is Write or t is Zero or t is Flush:
+                    batch.append(ev)  # type: ignore[arg-type]
                 elif t is Ping:
                     reply = True
                 elif t is HashQuery:
-                    if sync:
-                        image.flush()
-                        sync = False
-                    tree = await self._hash_reply(link, image, size, ev, tree, last)
-                    applied = last
+                    check_query(ev, size)  # type: ignore[arg-type]
+                    applied = await self._commit(image, size, batch, applied, send)
+                    batch = []
+                    hasher.submit(ev)  # type: ignore[arg-type]
                 elif t is Bye:
+                    await self._commit(image, size, batch, applied, send)
                     return
-            if sync:
-                image.flush()
-            if last != applied or reply:
-                applied = last
-                with outbox.lock:
-                    outbox.put_locked([encode_ack(applied)])
-                await link.drain()
+            last = await self._commit(image, size, batch, applied, send)
+            if last == applied and reply:
+                await send([encode_ack(applied)])
+            applied = last
 
-    async def _hash_reply(self, link: Link, image: FileImage, size: int, q: HashQuery,
-                          tree: MerkleTree | None, applied: int) -> MerkleTree:
-        if q.leaf_size < 4096 or q.leaf_size & (q.leaf_size - 1) or q.leaf_size > 64 << 20:
-            raise RemoteProtocolError(f"bad verify leaf size {q.leaf_size}")
-        top = tree_height(size, q.leaf_size)
-        if q.level > top:
-            raise RemoteProtocolError(f"verify level {q.level} above the root ({top})")
-        if tree is None or q.level == top or len(tree.levels) != top + 1:
-            # A root query starts a new verify: hash the replica as it is now (writes before it applied).
-            tree = await trio.to_thread.run_sync(build_tree, image, size, q.leaf_size)
-        with link.outbox.lock:
-            link.outbox.put_locked([encode_ack(applied), encode(HashReply(q.req, tree.nodes(q.level, q.indices)))])
-        await link.drain()
-        return tree
+    async def _commit(self, image: ReplicaImage, size: int, batch: Batch, applied: int,
+                      send: Callable[[list[bytes]], Awaitable[None]]) -> int:
+        """Apply a run of data frames, then ack the last; the new applied seq."""
+        if not batch:
+            return applied
+        sync, nbytes = check_batch(batch, size)
+        if sync or nbytes >= INLINE_BYTES:
+            # The receive buffer the Writes point into is not touched until this returns: the frame
+            # loop receives again only after it.
+            await trio.to_thread.run_sync(apply_batch, image, batch, sync, limiter=self._io_limiter)
+        else:  # page-cache pwrites of a few KiB: a thread hop would cost more than the writes
+            apply_batch(image, batch, False)
+        self.applied_bytes += sum(len(ev.data) for ev in batch if type(ev) is Write)  # type: ignore[union-attr]
+        last = batch[-1].seq
+        await send([encode_ack(last)])
+        return last
 
     # -- read-only export (for NBD) --------------------------------------------------------------
     def export_backend(self, name: str) -> Backend | None:
@@ -251,3 +387,24 @@ class TargetServer:
         for img in self._ro.values():
             img.close()
         self._ro.clear()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, TypeError, ValueError):
+        return "?"
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one error inside (nested) groups, or the group itself if there are several."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(e.exceptions)
+        else:
+            leaves.append(e)
+    return leaves[0] if len(leaves) == 1 else group

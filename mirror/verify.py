@@ -1,12 +1,19 @@
 """Online verify and delta repair: a Merkle tree of xxh3-128 block digests built on both sides.
 
 Leaves are the digests of fixed blocks (the dirty-map region size, so a differing leaf is exactly one
-region to resend); each parent is the digest of up to FANOUT child digests. The source walks down
-from the root asking the target only for the children of nodes that differ, so a clean volume costs
-one 16-byte digest on the wire and k differing blocks cost O(k * FANOUT * depth) digests.
+region to resend, unless the volume is so large that leaves must grow: see ``leaf_for``); each parent
+is the digest of up to FANOUT child digests. The source walks down from the root asking the target
+only for the children of nodes that differ, so a clean volume costs one 16-byte digest on the wire
+and k differing blocks cost O(k * FANOUT * depth) digests.
+
+Bounded work (the target hashes on a peer's request): a tree has at most MAX_LEAVES leaves (16 MiB
+of leaf digests, whatever the volume size), leaves are powers of two from MIN_LEAF to MAX_LEAF, and
+a leaf larger than CHUNK is the digest of its CHUNK pieces' digests, so hashing never holds more than
+one CHUNK of data. Holes are hashed without reading them (SEEK_DATA extents).
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -19,7 +26,29 @@ FANOUT = 64
 DIGEST = 16
 CHUNK = 8 << 20
 QUERY_BATCH = 4096
+MIN_LEAF = 4096
+MAX_LEAF = 1 << 30
+MAX_LEAVES = 1 << 20  # 64 KiB leaves up to 64 GiB volumes; 1 MiB leaves at 1 TiB; 1 GiB at 1 PiB
 _h = xxhash.xxh3_128_digest
+
+
+class Abandoned(Exception):
+    """Hashing stopped because its ``stop`` event was set (the session that asked has ended)."""
+
+
+def check_leaf(size: int, leaf: int) -> None:
+    """ValueError unless ``leaf`` is a power of two in [MIN_LEAF, MAX_LEAF] giving <= MAX_LEAVES leaves."""
+    if leaf < MIN_LEAF or leaf > MAX_LEAF or leaf & (leaf - 1):
+        raise ValueError(f"bad verify leaf size {leaf}: a power of two from {MIN_LEAF} to {MAX_LEAF}")
+    if (size + leaf - 1) // leaf > MAX_LEAVES:
+        raise ValueError(f"verify leaf size {leaf} gives more than {MAX_LEAVES} leaves for {size} bytes")
+
+
+def leaf_for(size: int, leaf: int) -> int:
+    """The smallest leaf >= ``leaf`` (doubling) that keeps a volume of ``size`` within MAX_LEAVES."""
+    while (size + leaf - 1) // leaf > MAX_LEAVES:
+        leaf *= 2
+    return leaf
 
 
 def tree_height(size: int, leaf: int) -> int:
@@ -31,35 +60,57 @@ def tree_height(size: int, leaf: int) -> int:
     return top
 
 
-def leaf_digests(image: Backend, size: int, leaf: int) -> bytes:
-    """Digest of every block; holes are hashed without reading them."""
-    out = bytearray()
-    zero_digest = _h(bytes(leaf))
-    chunk = max(leaf, CHUNK // leaf * leaf)
+def leaf_digests(image: Backend, size: int, leaf: int, stop: threading.Event | None = None) -> bytearray:
+    """Digest of every block; holes are hashed without reading them. Raises Abandoned once ``stop``
+    is set (checked every CHUNK), so a worker thread hashing for a closed session ends soon."""
+    check_leaf(size, leaf)
+    count = (size + leaf - 1) // leaf
+    out = bytearray(count * DIGEST)
+    chunk = min(CHUNK // leaf * leaf, CHUNK) or CHUNK  # whole leaves per chunk, or CHUNK pieces of a leaf
     buf = bytearray(chunk)
     view = memoryview(buf)
+    zero_chunk = _h(bytes(chunk))
+    zero_leaf = _h(bytes(leaf)) if leaf <= CHUNK else _h(zero_chunk * (leaf // CHUNK))
+    pieces = bytearray()  # leaf > CHUNK: the digests of this leaf's pieces so far
     pos = 0
     while pos < size:
+        if stop is not None and stop.is_set():
+            raise Abandoned("verify abandoned")
         n = min(chunk, size - pos)
         runs = image.extents(n, pos)
-        if runs and runs[0][0] >= n and runs[0][1] & EXTENT_HOLE:
+        hole = bool(runs) and runs[0][0] >= n and bool(runs[0][1] & EXTENT_HOLE)
+        if leaf > CHUNK:
+            pieces += zero_chunk if hole and n == chunk else _h(bytes(n)) if hole else _piece(image, view, n, pos)
+            if (pos + n) % leaf == 0 or pos + n == size:
+                i = pos // leaf * DIGEST
+                out[i:i + DIGEST] = _h(pieces)
+                pieces.clear()
+        elif hole:
             full, tail = divmod(n, leaf)
-            out += zero_digest * full
+            i = pos // leaf * DIGEST
+            out[i:i + full * DIGEST] = zero_leaf * full
             if tail:
-                out += _h(bytes(tail))
+                out[i + full * DIGEST:i + (full + 1) * DIGEST] = _h(bytes(tail))
         else:
             image.pread(view[:n], pos)
+            i = pos // leaf * DIGEST
             for off in range(0, n, leaf):
-                out += _h(view[off:min(off + leaf, n)])
+                out[i:i + DIGEST] = _h(view[off:min(off + leaf, n)])
+                i += DIGEST
         pos += n
-    return bytes(out)
+    return out
+
+
+def _piece(image: Backend, view: memoryview, n: int, pos: int) -> bytes:
+    image.pread(view[:n], pos)
+    return _h(view[:n])
 
 
 class MerkleTree:
-    """levels[0] = leaf digests, levels[-1] = the root; each a bytes of 16-byte digests."""
+    """levels[0] = leaf digests, levels[-1] = the root; each a bytes-like of 16-byte digests."""
 
-    def __init__(self, leaves: bytes) -> None:
-        self.levels = [leaves]
+    def __init__(self, leaves: bytes | bytearray) -> None:
+        self.levels: list[bytes | bytearray] = [leaves]
         level = leaves
         while len(level) > DIGEST:
             step = FANOUT * DIGEST
@@ -70,13 +121,20 @@ class MerkleTree:
     def top(self) -> int:
         return len(self.levels) - 1
 
+    def count(self, level: int) -> int:
+        """Nodes at ``level`` (0 for a level the tree does not have)."""
+        return len(self.levels[level]) // DIGEST if 0 <= level < len(self.levels) else 0
+
     def node(self, level: int, i: int) -> bytes:
-        return self.levels[level][i * DIGEST:(i + 1) * DIGEST]
+        return bytes(self.levels[level][i * DIGEST:(i + 1) * DIGEST])
 
     def nodes(self, level: int, indices: list[int] | tuple[int, ...]) -> bytes:
+        """The digests of ``indices`` at ``level``; ValueError for a level or index the tree lacks."""
+        count = self.count(level)
+        if any(not 0 <= i < count for i in indices):
+            raise ValueError(f"verify query outside the tree (level {level} has {count} nodes)")
         lv = self.levels[level]
-        count = len(lv) // DIGEST
-        return b"".join(lv[i * DIGEST:(i + 1) * DIGEST] if i < count else bytes(DIGEST) for i in indices)
+        return b"".join(lv[i * DIGEST:(i + 1) * DIGEST] for i in indices)
 
     def children(self, level: int, i: int) -> range:
         """Indices at ``level - 1`` under node ``i`` of ``level``."""
@@ -84,19 +142,22 @@ class MerkleTree:
         return range(i * FANOUT, min((i + 1) * FANOUT, count))
 
 
-def build_tree(image: Backend, size: int, leaf: int) -> MerkleTree:
-    return MerkleTree(leaf_digests(image, size, leaf))
+def build_tree(image: Backend, size: int, leaf: int, stop: threading.Event | None = None) -> MerkleTree:
+    return MerkleTree(leaf_digests(image, size, leaf, stop))
 
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """Differing byte ranges (merged), and how much verify put on the wire."""
+    """Differing byte ranges (merged), and how much verify put on the wire. ``differing_blocks`` are
+    in units of ``leaf_size`` (the block size the caller asked for, e.g. a dirty-map region) even when
+    the tree was built with larger leaves (``tree_leaf``, see ``leaf_for``)."""
 
     ranges: list[tuple[int, int]]
     differing_blocks: list[int]
     digests_exchanged: int
     leaf_size: int
     local_hash_seconds: float
+    tree_leaf: int = 0
 
     @property
     def differing_bytes(self) -> int:
@@ -107,7 +168,9 @@ Query = Callable[[int, int, list[int]], Awaitable[bytes]]
 
 
 async def compare(image: Backend, size: int, leaf: int, query: Query) -> VerifyReport:
-    """Walk both trees from the root; ``query(leaf, level, indices)`` asks the target for digests."""
+    """Walk both trees from the root; ``query(leaf, level, indices)`` asks the target for digests.
+    ``leaf`` is the finest block wanted; a volume over MAX_LEAVES of them is hashed in larger leaves."""
+    block, leaf = leaf, leaf_for(size, leaf)
     t0 = trio.current_time()
     tree = await trio.to_thread.run_sync(build_tree, image, size, leaf)
     hashed = trio.current_time() - t0
@@ -132,4 +195,6 @@ async def compare(image: Backend, size: int, leaf: int, query: Query) -> VerifyR
             ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
         else:
             ranges.append((off, n))
-    return VerifyReport(ranges, diff, exchanged, leaf, hashed)
+    ratio, blocks = leaf // block, (size + block - 1) // block
+    differing = [k for b in diff for k in range(b * ratio, min((b + 1) * ratio, blocks))]
+    return VerifyReport(ranges, differing, exchanged, block, hashed, leaf)

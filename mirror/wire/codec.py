@@ -11,6 +11,7 @@ frame in it at once, so a single ``recv_into`` may yield hundreds of writes.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from typing import Any
 
@@ -39,6 +40,13 @@ HEADER_SIZE = HEADER.size  # 32
 _PREFIX = struct.Struct(">IBBHQQ")  # the checksummed part of the header
 MAX_PAYLOAD = 64 << 20  # a write is split into frames no larger than this (NBD caps requests at 32 MiB)
 MAX_JSON = 1 << 20
+# Before the peer has authenticated (target side) a frame may carry at most this much: a Hello is a
+# few hundred bytes, and an anonymous connection must not make us buffer megabytes.
+PRE_AUTH_PAYLOAD = 64 << 10
+MAX_QUERY_INDICES = 16384  # digests per HashQuery (the source asks for at most verify.QUERY_BATCH)
+MAX_INT = (1 << 63) - 1  # every integer field of a control frame is in [0, MAX_INT] unless narrower
+MAX_NAME = 255  # volume names, modes, caps and error codes are short strings
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 # Frame types. Numbers are part of the protocol: never reuse one.
 T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_BYE = 1, 2, 3, 4, 5, 6
@@ -133,37 +141,49 @@ def encode(event: Event) -> bytes:
     raise LocalProtocolError(f"cannot encode {event!r}")
 
 
-def _field(d: dict[str, Any], key: str, typ: type) -> Any:
+def _field(d: dict[str, Any], key: str, typ: type, lo: int = 0, hi: int = MAX_INT, maxlen: int = MAX_NAME) -> Any:
+    """``d[key]`` checked: of exactly ``typ`` (a bool is not an int), ints in [lo, hi], strings short."""
     v = d.get(key)
     if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
         raise RemoteProtocolError(f"bad frame: field {key!r} missing or not {typ.__name__}")
+    if typ is int and not lo <= v <= hi:
+        raise RemoteProtocolError(f"bad frame: field {key!r} out of range ({lo}..{hi})")
+    if typ is str and len(v) > maxlen:
+        raise RemoteProtocolError(f"bad frame: field {key!r} longer than {maxlen} characters")
     return v
 
 
 def _hexfield(d: dict[str, Any], key: str, maxlen: int = 64) -> bytes:
     try:
-        raw = bytes.fromhex(_field(d, key, str))
+        raw = bytes.fromhex(_field(d, key, str, maxlen=2 * maxlen))
     except ValueError:
         raise RemoteProtocolError(f"bad frame: field {key!r} is not hex") from None
-    if len(raw) > maxlen:
-        raise RemoteProtocolError(f"bad frame: field {key!r} too long")
     return raw
+
+
+def _strings(d: dict[str, Any], key: str, most: int = 32) -> tuple[str, ...]:
+    v = d.get(key, [])
+    if (not isinstance(v, list) or len(v) > most
+            or not all(isinstance(c, str) and len(c) <= MAX_NAME for c in v)):
+        raise RemoteProtocolError(f"bad frame: field {key!r} is not a list of at most {most} short strings")
+    return tuple(v)
 
 
 def _decode_json(ftype: int, payload: memoryview) -> Event:
     try:
         d = json.loads(bytes(payload))
-    except (ValueError, UnicodeDecodeError):
-        raise RemoteProtocolError("bad frame: control payload is not JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deeply nested arrays
+        raise RemoteProtocolError("bad frame: control payload is not JSON (or nested too deeply)") from None
     if not isinstance(d, dict):
         raise RemoteProtocolError("bad frame: control payload is not an object")
     if ftype == T_HELLO:
-        caps = d.get("caps", [])
-        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-            raise RemoteProtocolError("bad frame: field 'caps'")
-        return Hello(_field(d, "version", int), _field(d, "volume_uuid", str), _field(d, "name", str),
-                     _field(d, "size", int), _field(d, "block_size", int), _field(d, "generation", int),
-                     _hexfield(d, "nonce"), _field(d, "mode", str), tuple(caps))
+        uuid = _field(d, "volume_uuid", str)
+        if not UUID_RE.fullmatch(uuid):  # it becomes part of a file name on the target
+            raise RemoteProtocolError("bad frame: field 'volume_uuid' is not a lowercase UUID")
+        return Hello(_field(d, "version", int), uuid, _field(d, "name", str),
+                     _field(d, "size", int, 1), _field(d, "block_size", int, 1, 1 << 30),
+                     _field(d, "generation", int), _hexfield(d, "nonce"), _field(d, "mode", str),
+                     _strings(d, "caps"))
     if ftype == T_CHALLENGE:
         return Challenge(_field(d, "version", int), _hexfield(d, "nonce"), _hexfield(d, "proof"),
                          _field(d, "auth", bool))
@@ -173,15 +193,19 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
         return Welcome(_field(d, "replica_id", str), _field(d, "replica_name", str), _field(d, "created", bool),
                        _field(d, "generation", int))
     if ftype == T_ERROR:
-        return ErrorMsg(_field(d, "message", str)[:2000], _field(d, "code", str)[:64])
+        return ErrorMsg(_field(d, "message", str, maxlen=MAX_JSON)[:2000], _field(d, "code", str)[:64])
     # T_HASHQ
     indices = d.get("indices")
-    if not isinstance(indices, list) or not all(isinstance(i, int) and i >= 0 for i in indices):
-        raise RemoteProtocolError("bad frame: field 'indices'")
-    return HashQuery(_field(d, "req", int), _field(d, "leaf_size", int), _field(d, "level", int), tuple(indices))
+    if (not isinstance(indices, list) or len(indices) > MAX_QUERY_INDICES
+            or not all(type(i) is int and 0 <= i <= MAX_INT for i in indices)):
+        raise RemoteProtocolError(f"bad frame: field 'indices' is not a list of at most {MAX_QUERY_INDICES} "
+                                  "non-negative integers")
+    return HashQuery(_field(d, "req", int), _field(d, "leaf_size", int), _field(d, "level", int, 0, 64),
+                     tuple(indices))
 
 
 _JSON_TYPES = frozenset({T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_HASHQ})
+_FLAGS = {T_WRITE: F_FUA, T_ZERO: F_FUA | F_TRIM}  # the flag bits each frame type may carry
 _KNOWN_TYPES = _JSON_TYPES | {T_BYE, T_WRITE, T_ZERO, T_FLUSH, T_ACK, T_PING, T_HASHR}
 
 
@@ -191,20 +215,36 @@ class FrameReader:
     Payload views handed out by ``frames()`` stay valid until the next ``buffer()`` or ``feed()``.
     """
 
-    def __init__(self, capacity: int = 4 << 20) -> None:
+    def __init__(self, capacity: int = 4 << 20, max_payload: int = MAX_PAYLOAD) -> None:
         self._buf = bytearray(capacity)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
         self._need = HEADER_SIZE  # bytes the next frame needs in total, once its header is known
+        self.max_payload = max_payload  # a frame announcing more is refused before it is buffered
 
     @property
     def buffered(self) -> int:
         return self._end - self._start
 
-    def buffer(self, min_free: int = 256 << 10) -> memoryview:
-        """Free space to ``recv_into``; then call ``commit(n)``."""
-        need = max(min_free, self._need)
+    @property
+    def capacity(self) -> int:
+        return len(self._buf)
+
+    def reserve(self, capacity: int) -> None:
+        """Grow the buffer to ``capacity`` (e.g. once the peer has authenticated), keeping pending bytes.
+        Views handed out earlier stay valid: they keep the old buffer alive."""
+        if capacity > len(self._buf):
+            pending = self._end - self._start
+            fresh = bytearray(capacity)
+            fresh[:pending] = self._view[self._start:self._end]
+            self._buf, self._view = fresh, memoryview(fresh)
+            self._start, self._end = 0, pending
+
+    def buffer(self, min_free: int | None = None) -> memoryview:
+        """Free space to ``recv_into``; then call ``commit(n)``. The buffer grows only as far as the
+        next frame needs (at most one frame of ``max_payload``) or ``min_free`` asks."""
+        need = max(min(256 << 10, len(self._buf) // 2) if min_free is None else min_free, self._need)
         if len(self._buf) - self._end < need:
             pending = self._end - self._start
             if pending + need > len(self._buf):
@@ -236,8 +276,9 @@ class FrameReader:
                 length, ftype, flags, reserved, a, b, check = HEADER.unpack_from(view, start)
                 if ftype not in _KNOWN_TYPES or reserved:
                     raise RemoteProtocolError(f"bad frame: unknown type {ftype} (is the peer a vdisk mirror?)")
-                if length > MAX_PAYLOAD:
-                    raise RemoteProtocolError(f"bad frame: payload of {length} bytes is too large")
+                if length > self.max_payload:
+                    raise RemoteProtocolError(f"bad frame: payload of {length} bytes is too large "
+                                              f"(at most {self.max_payload} here)")
                 total = HEADER_SIZE + length
                 if end - start < total:
                     self._need = total
@@ -245,7 +286,7 @@ class FrameReader:
                 payload = view[start + HEADER_SIZE:start + total]
                 if _xxh(payload, _xxh(view[start:start + 24])) != check:
                     raise RemoteProtocolError("bad frame: checksum mismatch (corrupt link or not a vdisk mirror)")
-                if ftype == T_WRITE:  # the data path: no call per frame
+                if ftype == T_WRITE and not flags & ~F_FUA:  # the data path: no call per frame
                     out.append(Write(a, b, payload, flags & F_FUA != 0))
                 else:
                     out.append(self._decode(ftype, flags, a, b, payload))
@@ -264,6 +305,8 @@ class FrameReader:
 
     @staticmethod
     def _decode(ftype: int, flags: int, a: int, b: int, payload: memoryview) -> Event:
+        if flags & ~_FLAGS.get(ftype, 0):
+            raise RemoteProtocolError(f"bad frame: unknown flags {flags:#x} on a frame of type {ftype}")
         if ftype == T_WRITE:
             return Write(a, b, payload, bool(flags & F_FUA))
         if ftype == T_ACK:

@@ -23,7 +23,7 @@ import hmac
 import os
 from collections.abc import Callable
 
-from .codec import FrameReader, encode
+from .codec import MAX_PAYLOAD, PRE_AUTH_PAYLOAD, FrameReader, encode
 from .errors import AuthError, LocalProtocolError, PeerError, RemoteProtocolError, WireError
 from .events import (
     PROTOCOL_VERSION,
@@ -95,6 +95,8 @@ class Connection:
         self._psk = psk or None
         self._rand = randbytes
         self.reader = reader or FrameReader()
+        if role is Role.TARGET:  # an unauthenticated peer gets small frames only (accept() lifts it)
+            self.reader.max_payload = min(self.reader.max_payload, PRE_AUTH_PAYLOAD)
         self._out: list[bytes] = []
         self.hello: Hello | None = None
         self._nonce = b""
@@ -127,6 +129,7 @@ class Connection:
             raise LocalProtocolError(f"accept() in state {self.state.value}")
         self._out.append(encode(welcome))
         self.state = State.READY
+        self.reader.max_payload = MAX_PAYLOAD
 
     def fail(self, message: str, code: str = "error") -> None:
         """Queue an ErrorMsg for the peer and close (the caller sends data_to_send(), then hangs up)."""

@@ -132,10 +132,30 @@ class Link:
                     with self.outbox.lock:
                         self.outbox.put_locked([data])
                     await self.drain()
+                    await self._linger()
                 except WireError:
                     pass
         self.raw.detach()
         self.sock.close()
+
+
+    async def _linger(self, budget: int = 1 << 20) -> None:
+        """After our last frame: half-close and discard what the peer still sends (bounded), so
+        closing with unread bytes does not reset the connection and destroy the error message."""
+        try:
+            self.raw.shutdown(socket.SHUT_WR)
+            junk = bytearray(64 << 10)
+            while budget > 0:
+                try:
+                    n = self.raw.recv_into(junk)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.raw)
+                    continue
+                if n == 0:
+                    return
+                budget -= n
+        except OSError:
+            pass
 
 
 async def connect(host: str, port: int, conn: Connection, timeout: float = 10.0) -> Link:
