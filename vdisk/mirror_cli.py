@@ -38,7 +38,10 @@ def cmd_target(args: argparse.Namespace) -> int:
     store = store_of(args)
     store.root.mkdir(parents=True, exist_ok=True)
     host, port = parse_hostport(args.listen, listen=True)
-    server = TargetServer(store, TargetConfig(psk=read_psk(args.psk_file), timeout=args.timeout))
+    # TargetServer.serve refuses a keyless listener beyond loopback (unless --insecure) and a second
+    # target on this data directory, before it listens.
+    server = TargetServer(store, TargetConfig(psk=read_psk(args.psk_file), timeout=args.timeout,
+                                              insecure=args.insecure))
     listens = [Listen.parse(s) for s in args.nbd or []]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="vdisk target: %(message)s")
 
@@ -187,6 +190,8 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp = add("target", cmd_target, "receive mirrors: store replicas in --data-dir, export them read-only")
     sp.add_argument("--listen", required=True, metavar="HOST:PORT")
     sp.add_argument("--psk-file", help="pre-shared key file (sources must use the same key)")
+    sp.add_argument("--insecure", action="store_true",
+                    help="allow listening beyond loopback without --psk-file (any host could write replicas)")
     sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT", help="read-only NBD export of replicas")
     sp.add_argument("--timeout", type=duration_arg, default=30.0,
                     help="source silence before dropping it (default 30s; e.g. 2m, 500ms)")
