@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -381,6 +382,47 @@ async def test_our_request_loop_reads_queued_requests_without_waiting(tmp_path: 
     assert 0 < stats["waits"] < stats["requests"]
 
 
+async def test_an_unsupported_pyfuse3_is_refused_with_a_clear_error(
+        tmp_path: Path, image: FileImage, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mnt").mkdir()
+    monkeypatch.setattr(pyfuse3, "__version__", "3.6.0")
+    with pytest.raises(FuseMountError, match=r"pyfuse3 3\.6\.0 is not supported.*pyfuse3==3\.5\.0"):
+        await serve_fuse(tmp_path / "mnt", lambda: {"vol": image})
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_pyproject_pins_the_pyfuse3_the_adapter_supports() -> None:
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert sorted(adapter_mod.SUPPORTED_PYFUSE3) == ["3.5.0"] and '"pyfuse3==3.5.0"' in text
+
+
+async def test_libfuse_without_the_lseek_slot_is_reported_and_not_installed(
+        tmp_path: Path, image: FileImage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(adapter_mod, "libfuse_version", lambda: "3.7.1")
+    assert not adapter_mod.check_support().lseek and adapter_mod.check_support().slots == 43
+    (tmp_path / "mnt").mkdir()
+
+    def io(mnt: Path) -> tuple[int, int, int]:
+        fd = os.open(mnt / "vol", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"d" * 4096, 1 << 20)
+            # No lseek handler: the kernel's generic lseek treats the whole file as data.
+            return os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE), errno_of(fallocate, fd, PUNCH, 0, 4096)
+        finally:
+            os.close(fd)
+
+    async with trio.open_nursery() as nursery:
+        export = await nursery.start(serve_fuse, tmp_path / "mnt", lambda: {"vol": image})
+        data, hole, punch = await in_thread(io, tmp_path / "mnt")
+        nursery.cancel_scope.cancel()
+    assert export.statistics()["adapter"] and not export.statistics()["lseek"]
+    assert (data, hole, punch) == (0, SIZE, 0)  # the rest of the adapter still works (punch-hole)
+    assert "SEEK_DATA/SEEK_HOLE are not offered" in caplog.text
+    monkeypatch.setattr(adapter_mod, "libfuse_version", lambda: "3.2.0")
+    with pytest.raises(adapter_mod.AdapterError, match="libfuse 3.2.0 is not supported"):
+        adapter_mod.check_support()
+
+
 async def test_without_the_adapter_the_export_still_works_minus_fallocate(
         tmp_path: Path, image: FileImage, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "mnt").mkdir()
@@ -397,7 +439,7 @@ async def test_without_the_adapter_the_export_still_works_minus_fallocate(
             os.close(fd)
 
     async with trio.open_nursery() as nursery:
-        export = await nursery.start(serve_fuse, tmp_path / "mnt", lambda: {"vol": image})
+        export = await nursery.start(partial(serve_fuse, degraded_ok=True), tmp_path / "mnt", lambda: {"vol": image})
         head, err = await in_thread(io, tmp_path / "mnt")
         nursery.cancel_scope.cancel()
     assert head == b"ok" and err == errno.EOPNOTSUPP and not export.statistics()["adapter"]

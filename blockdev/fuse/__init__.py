@@ -16,7 +16,7 @@ import pyfuse3
 import trio
 
 from ..nbd.server import WorkerPool
-from .adapter import Adapter, AdapterError
+from .adapter import Adapter, AdapterError, Support, check_support
 from .files import WORKERS, Exports, VolumeFiles
 from .loop import SessionLoop
 from .mounts import is_mountpoint
@@ -37,10 +37,12 @@ class FuseExport:
     def __init__(self, mountpoint: Path) -> None:
         self.mountpoint = mountpoint
         self.loop: SessionLoop | None = None
+        self.support: Support | None = None
 
     def statistics(self) -> dict[str, object]:
         loop = self.loop
         return {"mountpoint": str(self.mountpoint), "adapter": loop is not None,
+                "lseek": bool(loop is not None and self.support is not None and self.support.lseek),
                 "requests": loop.requests if loop else 0, "waits": loop.waits if loop else 0}
 
 
@@ -70,11 +72,30 @@ def mount_options() -> set[str]:
     return options
 
 
-async def serve_fuse(mountpoint: str | os.PathLike[str], exports: Exports, *,
+def supported() -> Support:
+    """The adapter's view of pyfuse3/libfuse, or FuseMountError naming what is unsupported."""
+    try:
+        return check_support()
+    except AdapterError as e:
+        raise FuseMountError(errno.ENOTSUP, f"cannot serve FUSE: {e}") from None
+
+
+async def serve_fuse(mountpoint: str | os.PathLike[str], exports: Exports, *, degraded_ok: bool = False,
                      task_status: trio.TaskStatus[FuseExport] = trio.TASK_STATUS_IGNORED) -> None:
-    """Mount ``exports()`` at ``mountpoint`` and serve it until cancelled; unmount on exit."""
+    """Mount ``exports()`` at ``mountpoint`` and serve it until cancelled; unmount on exit.
+
+    Refused (FuseMountError) unless pyfuse3/libfuse are versions the adapter supports: another version
+    would silently lose punch-hole, zero-range, SEEK_DATA and speed. ``degraded_ok`` serves anyway
+    through pyfuse3's own loop and handlers (tests of that fallback).
+    """
     path = Path(mountpoint).absolute()
     check_mountpoint(path)
+    support: Support | None = None
+    try:
+        support = supported()
+    except FuseMountError:
+        if not degraded_ok:
+            raise
     if not _one_session.acquire(blocking=False):
         raise FuseMountError(errno.EBUSY, "this process already serves a FUSE mountpoint")
     try:
@@ -90,12 +111,18 @@ async def serve_fuse(mountpoint: str | os.PathLike[str], exports: Exports, *,
         export = FuseExport(path)
         try:
             try:
-                adapter = Adapter(files)
+                adapter = Adapter(files, support)
                 adapter.install()
                 loop = SessionLoop(adapter, tasks=LOOP_TASKS)
                 files.pin = loop.pin
                 export.loop = loop
+                export.support = adapter.support
+                if not adapter.support.lseek:
+                    log.warning("libfuse %s is older than 3.8: SEEK_DATA/SEEK_HOLE are not offered on %s "
+                                "(the kernel reports the whole file as data)", adapter.support.libfuse, path)
             except AdapterError as e:
+                if not degraded_ok:
+                    raise FuseMountError(errno.ENOTSUP, f"cannot serve FUSE at {path}: {e}") from None
                 # Still a correct export through pyfuse3's own loop and handlers, without
                 # fallocate/lseek and slower.
                 log.warning("FUSE adapter not installed (%s): no punch-hole/zero-range, slower", e)

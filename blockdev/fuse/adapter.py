@@ -18,9 +18,10 @@
    handlers leave in its ``py_retval`` static (the coroutine its loop would await) is taken from there
    with ``take_retval``.
 
-Everything here is version-checked (``SUPPORTED_PYFUSE3``, libfuse 3.x table layout) and refuses
-loudly rather than guessing; without it the export still works through pyfuse3's own handlers, minus
-fallocate/lseek and the speed.
+Everything here is version-checked (``check_support``: pyfuse3 in ``SUPPORTED_PYFUSE3``, libfuse >= 3.4,
+the lseek slot only from libfuse 3.8, then the table layout) and refuses loudly rather than guessing:
+``serve_fuse`` turns a refusal into a mount error (pyfuse3's own handlers alone would silently lose
+fallocate/lseek and the speed).
 """
 from __future__ import annotations
 
@@ -38,17 +39,20 @@ import pyfuse3
 
 log = logging.getLogger("blockdev.fuse")
 
+# The pyfuse3 releases whose internals this adapter was written against (pyproject.toml pins the same).
 SUPPORTED_PYFUSE3 = frozenset({"3.5.0"})
 # libfuse 3 (fuse_lowlevel.h) only ever appends to fuse_lowlevel_ops; slot indices, 0-based.
-OPS_SLOTS = 44
 SLOT_READ = 15
 SLOT_WRITE = 16
 SLOT_WRITE_BUF = 36
 SLOT_FALLOCATE = 40
-SLOT_LSEEK = 43
+SLOT_COPY_FILE_RANGE = 42  # appended in libfuse 3.4
+SLOT_LSEEK = 43  # appended in libfuse 3.8: older sessions have no such slot (nor fuse_reply_lseek)
+MIN_LIBFUSE = (3, 4)
+LSEEK_LIBFUSE = (3, 8)
 # Slots pyfuse3 3.5 fills and leaves empty: a cheap check that we found the right table.
 _PYFUSE3_FILLED = (0, 2, 4, 15, 16, 35, 36, 38, 41)
-_PYFUSE3_EMPTY = (1, 21, 31, 32, 33, 34, 37, 39, SLOT_FALLOCATE, 42, SLOT_LSEEK)
+_PYFUSE3_EMPTY = (1, 21, 31, 32, 33, 34, 37, 39, SLOT_FALLOCATE, SLOT_COPY_FILE_RANGE, SLOT_LSEEK)
 
 
 
@@ -93,9 +97,7 @@ class Pyfuse3Statics:
 
     @classmethod
     def locate(cls) -> Pyfuse3Statics:
-        version = getattr(pyfuse3, "__version__", "?")
-        if version not in SUPPORTED_PYFUSE3:
-            raise AdapterError(f"pyfuse3 {version} is not one of {sorted(SUPPORTED_PYFUSE3)}")
+        check_support()
         path = pyfuse3.__file__
         names = {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_session", "__pyx_v_7pyfuse3_fuse_ops",
                  "__pyx_v_7pyfuse3_py_retval"}
@@ -115,8 +117,10 @@ def libfuse_path() -> str:
 _libfuse = ctypes.CDLL(libfuse_path(), use_errno=True)
 _libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
 _libfuse.fuse_reply_err.restype = ctypes.c_int
-_libfuse.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-_libfuse.fuse_reply_lseek.restype = ctypes.c_int
+_reply_lseek = getattr(_libfuse, "fuse_reply_lseek", None)  # libfuse >= 3.8
+if _reply_lseek is not None:
+    _reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    _reply_lseek.restype = ctypes.c_int
 _libfuse.fuse_reply_buf.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _libfuse.fuse_reply_buf.restype = ctypes.c_int
 _libfuse.fuse_reply_write.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -149,6 +153,43 @@ _decref.argtypes = [ctypes.py_object]
 
 def libfuse_version() -> str:
     return _libfuse.fuse_pkgversion().decode()
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split("."):
+        digits = "".join(c for c in p if c.isdigit())  # "3.14.0", "3.10.0rc1"
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+@dataclass(frozen=True)
+class Support:
+    """What the pyfuse3 and libfuse in this process allow the adapter to do."""
+
+    pyfuse3: str
+    libfuse: str
+    lseek: bool  # SEEK_DATA/SEEK_HOLE can be offered (libfuse >= 3.8 has the slot)
+
+    @property
+    def slots(self) -> int:
+        """How many fuse_lowlevel_ops slots this libfuse's session holds (of those we know)."""
+        return SLOT_LSEEK + 1 if self.lseek else SLOT_COPY_FILE_RANGE + 1
+
+
+def check_support() -> Support:
+    """The versions in use, or AdapterError saying which one is not supported and what is."""
+    version = getattr(pyfuse3, "__version__", "?")
+    if version not in SUPPORTED_PYFUSE3:
+        raise AdapterError(f"pyfuse3 {version} is not supported (the FUSE adapter needs pyfuse3 "
+                           f"{' or '.join(sorted(SUPPORTED_PYFUSE3))}: pip install 'pyfuse3==3.5.0')")
+    lib = libfuse_version()
+    have = _version_tuple(lib)
+    if have[:1] != (3,) or have < MIN_LIBFUSE:
+        raise AdapterError(f"libfuse {lib} is not supported (the FUSE adapter needs libfuse 3.4 or later)")
+    return Support(pyfuse3=version, libfuse=lib, lseek=have >= LSEEK_LIBFUSE and _reply_lseek is not None)
 
 
 class ReplyGate:
@@ -187,7 +228,8 @@ class Reply:
         self._send(_libfuse.fuse_reply_write, count)
 
     def offset(self, pos: int) -> None:
-        self._send(_libfuse.fuse_reply_lseek, pos)
+        assert _reply_lseek is not None  # the lseek slot is only installed when libfuse has it
+        self._send(_reply_lseek, pos)
 
     def data(self, buf: bytearray, n: int) -> None:
         """Reply with ``buf[:n]`` (libfuse writes it to /dev/fuse before returning: buf is free after)."""
@@ -210,9 +252,8 @@ class Handlers(Protocol):
 class Adapter:
     """Installed once per mount, after ``pyfuse3.init``; ``uninstall`` before ``pyfuse3.close``."""
 
-    def __init__(self, handlers: Handlers) -> None:
-        if not libfuse_version().startswith("3."):
-            raise AdapterError(f"libfuse {libfuse_version()} is not libfuse 3")
+    def __init__(self, handlers: Handlers, support: Support | None = None) -> None:
+        self.support = support or check_support()
         self._statics = Pyfuse3Statics.locate()
         self._handlers = handlers
         # The C function pointers must outlive the session: keep them on self.
@@ -233,7 +274,7 @@ class Adapter:
             raise AdapterError("pyfuse3 has no session: call pyfuse3.init first")
         self._ops = self._find_ops_copy()
         self.take_retval()  # pyfuse3's own loop leaves its last (awaited) coroutine there
-        slots = (ctypes.c_void_p * OPS_SLOTS).from_address(self._ops)
+        slots = (ctypes.c_void_p * self.support.slots).from_address(self._ops)
         new = {
             # Without write_buf libfuse neither asks for splice reads nor uses them: a write's payload
             # is read straight into the request buffer instead of into a pipe and out again.
@@ -243,18 +284,20 @@ class Adapter:
             SLOT_WRITE: ctypes.cast(self._c_write, ctypes.c_void_p).value,
             SLOT_READ: ctypes.cast(self._c_read, ctypes.c_void_p).value,
             SLOT_FALLOCATE: ctypes.cast(self._c_fallocate, ctypes.c_void_p).value,
-            SLOT_LSEEK: ctypes.cast(self._c_lseek, ctypes.c_void_p).value,
         }
+        if self.support.lseek:  # an older session has no lseek slot: writing it would corrupt the next field
+            new[SLOT_LSEEK] = ctypes.cast(self._c_lseek, ctypes.c_void_p).value
         for slot, ptr in new.items():
             self._saved[slot] = slots[slot]
             slots[slot] = ptr
 
     def _find_ops_copy(self) -> int:
         """Address of libfuse's copy of pyfuse3's ops table inside the session struct."""
-        size = OPS_SLOTS * ctypes.sizeof(ctypes.c_void_p)
+        n = self.support.slots
+        size = n * ctypes.sizeof(ctypes.c_void_p)
         table = ctypes.string_at(self._statics.fuse_ops, size)
-        ptrs = struct.unpack(f"<{OPS_SLOTS}Q", table)
-        if not all(ptrs[i] for i in _PYFUSE3_FILLED) or any(ptrs[i] for i in _PYFUSE3_EMPTY):
+        ptrs = struct.unpack(f"<{n}Q", table)
+        if not all(ptrs[i] for i in _PYFUSE3_FILLED) or any(ptrs[i] for i in _PYFUSE3_EMPTY if i < n):
             raise AdapterError("pyfuse3's fuse_lowlevel_ops does not have the expected layout")
         # struct fuse_session starts with a few scalars and pointers, then `op` (libfuse 3.x fuse_i.h).
         head = ctypes.string_at(self.session, 256 + size)
@@ -267,7 +310,7 @@ class Adapter:
         """Before ``pyfuse3.close``: no more replies through us, pyfuse3's table back as it was."""
         self.gate.close()
         if self._ops:
-            slots = (ctypes.c_void_p * OPS_SLOTS).from_address(self._ops)
+            slots = (ctypes.c_void_p * self.support.slots).from_address(self._ops)
             for slot, ptr in self._saved.items():
                 slots[slot] = ptr
             self._ops = 0
