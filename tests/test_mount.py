@@ -177,3 +177,58 @@ def test_force_umount_of_a_wedged_daemon_does_not_hang(home: Path, tmp_path: Pat
     os.kill(record(home)["pid"], signal.SIGSTOP)  # alive but answering nothing
     vdisk(home, "umount", str(mnt), "--force", timeout=60)
     assert not leaks(tmp_path, home)
+
+
+def make_replica(home: Path, name: str = "vol") -> None:
+    """Turn a volume into a replica, as `vdisk target` marks the ones it fills."""
+    from blockdev.volume import VolumeStore
+
+    VolumeStore(home).update(name, replica={"source_uuid": "0b3c5d2e-8f4a-4b6c-9d7e-1f2a3b4c5d6e",
+                                            "source_name": "data1", "source_addr": "10.0.0.7:41234"})
+
+
+def test_a_replica_mounts_only_read_only_and_the_image_is_not_written(home: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(home, mnt, "--mkfs", "ext4"):
+        (mnt / "hello").write_text("from the source")
+    make_replica(home)
+    before = hashlib.sha256((home / "vol.img").read_bytes()).hexdigest()
+    p = vdisk(home, "mount", "vol", str(mnt), check=False)
+    assert p.returncode == 1 and not leaks(tmp_path, home)
+    assert ("volume 'vol' is a replica of volume 'data1' (uuid 0b3c5d2e-8f4a-4b6c-9d7e-1f2a3b4c5d6e) mirrored "
+            "from 10.0.0.7:41234: it is read-only until promoted") in p.stderr and "--read-only" in p.stderr
+    assert "cannot be combined with --read-only" in vdisk(home, "mount", "vol", str(mnt), "--read-only", "--mkfs",
+                                                          "ext4", check=False).stderr
+    with mounted(home, mnt, "--read-only"):
+        assert record(home)["read_only"]
+        assert (mnt / "hello").read_text() == "from the source"
+        with pytest.raises(OSError, match="Read-only file system"):
+            (mnt / "new").write_text("x")
+    assert hashlib.sha256((home / "vol.img").read_bytes()).hexdigest() == before
+
+
+def test_a_replica_of_a_mounted_filesystem_mounts_read_only_without_replaying_its_journal(
+        home: Path, tmp_path: Path) -> None:
+    # A replica is a crash-consistent copy of a live filesystem: its ext4 journal needs recovery,
+    # which a plain `mount -o ro` would try (a write) and fail on the read-only loop device.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    vdisk(home, "create", "copy", "--size", SIZE)
+    with mounted(home, mnt, "--mkfs", "ext4"):
+        (mnt / "hello").write_text("written while mounted")
+        os.sync()
+        (home / "copy.img").write_bytes((home / "vol.img").read_bytes())  # the fs is still mounted: dirty
+    make_replica(home, "copy")
+    with mounted_ro(home, "copy", mnt):
+        assert (mnt / "hello").read_text() == "written while mounted"
+
+
+@contextmanager
+def mounted_ro(home: Path, name: str, mnt: Path) -> Iterator[None]:
+    """`vdisk mount NAME MNT --read-only` for the block, always unmounted."""
+    vdisk(home, "mount", name, str(mnt), "--read-only")
+    try:
+        yield
+    finally:
+        vdisk(home, "umount", str(mnt))

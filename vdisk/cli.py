@@ -12,7 +12,7 @@ from typing import Any
 from blockdev.volume import VolumeError, VolumeStore
 
 from .control import ControlError
-from .units import format_size, parse_size
+from .units import format_size, parse_duration, parse_size
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -21,9 +21,18 @@ class UsageError(Exception):
     """A bad argument found after parsing; exits 2 like argparse's own errors."""
 
 
-def _size_arg(text: str) -> int:
+def size_arg(text: str) -> int:
+    """argparse type for every size flag (vdisk.units.parse_size: exact, human units)."""
     try:
         return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def duration_arg(text: str) -> float:
+    """argparse type for every duration flag: 30s, 2m, 500ms, or seconds; positive and finite."""
+    try:
+        return parse_duration(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -90,8 +99,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     from .mirroring import MIRROR_SIDECARS
+    from .replicas import refuse_delete
 
     store = store_of(args)
+    refuse_delete(store.meta(args.name))
     store.delete(args.name, sidecars=MIRROR_SIDECARS)
     emit(args, {"deleted": args.name}, f"deleted volume {args.name}")
     return 0
@@ -109,7 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default = store.root / f"{args.names[0]}.nbd.sock"
         listens = (Listen.parse(f"unix:{default}"),)
     config = ServeConfig(data_dir=store.root, names=tuple(args.names), nbd=listens,
-                         fuse=Path(args.fuse) if args.fuse else None, read_only=args.read_only)
+                         fuse=Path(args.fuse) if args.fuse else None, read_only=args.read_only,
+                         max_connections=args.max_connections)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vdisk serve: %(message)s")
 
@@ -152,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("create", cmd_create, "create a volume (a sparse raw image)")
     sp.add_argument("name")
-    sp.add_argument("--size", type=_size_arg, required=True, help="e.g. 10G, 512M")
-    sp.add_argument("--block-size", type=_size_arg, default=4096, help="preferred I/O size (default 4K)")
+    sp.add_argument("--size", type=size_arg, required=True, help="e.g. 10G, 512M, 1.5G (a multiple of 512 bytes)")
+    sp.add_argument("--block-size", type=size_arg, default=4096, help="preferred I/O size (default 4K)")
 
     add("list", cmd_list, "list volumes")
     sp = add("info", cmd_info, "show a volume's metadata")
@@ -166,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT",
                     help="NBD listener (repeatable; default unix:DATA_DIR/NAME.nbd.sock)")
     sp.add_argument("--fuse", metavar="MOUNTPOINT", help="also export each volume as MOUNTPOINT/NAME")
-    sp.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    sp.add_argument("--read-only", action="store_true", help="refuse writes (EPERM); the only way to serve a replica")
+    sp.add_argument("--max-connections", type=_positive_int, default=1000, metavar="N",
+                    help="open NBD connections per listener; more are refused (default 1000)")
     sp.add_argument("-v", "--verbose", action="store_true")
 
     add("demo", cmd_demo, "create, serve, write and read a volume in a temporary directory")
-    from .mirror_cli import register as register_mirror  # noqa: PLC0415 (it imports this module)
+    from .mirror_cli import register as register_mirror  # here: it imports this module
 
     register_mirror(add)  # target, mirror, status, verify
     for extend in EXTENSIONS:

@@ -22,12 +22,14 @@ import trio
 from blockdev.backend import Backend
 from blockdev.image.file import FileImage
 from blockdev.layers import ReadOnlyLayer, StatsLayer
+from blockdev.nbd.limits import Limits
 from blockdev.nbd.server import Export, NBDServer
 from blockdev.volume import VolumeLock, VolumeMeta, VolumeStore
 from mirror.layer import MirrorLayer
 
 from .control import ControlError, ControlServer, control_address
 from .mirroring import MirrorManager
+from .replicas import refuse_writable
 
 log = logging.getLogger("vdisk.daemon")
 SHUTDOWN_GRACE = 10.0
@@ -47,7 +49,7 @@ class Listen:
     port: int = 0
 
     @classmethod
-    def parse(cls, spec: str) -> "Listen":
+    def parse(cls, spec: str) -> Listen:
         kind, _, rest = spec.partition(":")
         if kind == "unix" and rest:
             if len(os.fsencode(rest)) > 107:
@@ -76,6 +78,7 @@ class ServeConfig:
     nbd: tuple[Listen, ...] = ()
     fuse: Path | None = None
     read_only: bool = False
+    max_connections: int = Limits.connections  # per NBD listener
 
 
 @dataclass
@@ -160,7 +163,8 @@ class Daemon:
         self.volumes: dict[str, ServedVolume] = {}
         self.control = ControlServer()
         self.control_address = control_address(config.data_dir, os.getpid())
-        self.nbd = NBDServer(self.export, lambda: sorted(self.volumes))
+        self.nbd = NBDServer(self.export, lambda: sorted(self.volumes),
+                             limits=Limits(connections=config.max_connections))
         self.listeners = NBDListeners(self.nbd)
         self.listening = self.listeners.addresses
         self.control.register("status", self._cmd_status)
@@ -179,9 +183,12 @@ class Daemon:
             raise
 
     def _open(self, name: str) -> ServedVolume:
-        meta = self.store.meta(name)
-        lock = self.store.lock(name)
+        writable = not self.config.read_only
+        if writable:
+            refuse_writable(self.store.meta(name))  # a replica changes only through its mirror
+        lock = self.store.lock(name, writable=writable)  # writable: the volume's generation goes up
         try:
+            meta = self.store.meta(name)
             image = self.store.open_image(name)
         except BaseException:
             lock.release()
@@ -235,19 +242,26 @@ class Daemon:
                     await nursery.start(self.control.serve, self.control_address)
                     await nursery.start(self.mirrors.run)  # mirrors attach before any front end writes
                     await self.listeners.start(nursery, self.config.nbd)
+                    fuse = None
                     if self.config.fuse is not None:
-                        from blockdev.fuse import serve_fuse  # noqa: PLC0415 (optional front end)
+                        from blockdev.fuse import serve_fuse
 
-                        await nursery.start(serve_fuse, self.config.fuse, self.fuse_exports)
+                        fuse = await nursery.start(serve_fuse, self.config.fuse, self.fuse_exports)
                     task_status.started(self.listening)
                     async for _sig in signals:
                         break
                     log.info("shutting down: draining in-flight requests")
+                    # Both front ends, while the mirrors still run: a request in flight finishes
+                    # mirrored (its reply may wait for the replica's ack), not cut off half way.
                     with trio.move_on_after(SHUTDOWN_GRACE):
-                        await self.nbd.drain()
+                        async with trio.open_nursery() as drains:
+                            drains.start_soon(self.nbd.drain)
+                            if fuse is not None:
+                                drains.start_soon(fuse.drain)
                     nursery.cancel_scope.cancel()
         finally:
-            self.listeners.close()
+            self.listeners.close()  # joins the NBD workers: no write can reach a volume after this
+            self.mirrors.close()  # so the dirty maps saved now hold every write the replicas lack
             self.close_volumes()
 
     def fuse_exports(self) -> dict[str, Backend]:

@@ -28,6 +28,8 @@ from typing import Any
 from blockdev.fuse.mounts import is_mountpoint, mount_source
 from blockdev.volume import VolumeError, VolumeStore, validate_name, write_json_atomic
 
+from .replicas import refuse_writable
+
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 # mkfs flags that mean "no questions": the loop device is ours and was just attached.
@@ -53,6 +55,7 @@ class MountRecord:
     fstype: str | None = None
     mounted: bool = False
     nbd: list[str] = field(default_factory=list)
+    read_only: bool = False  # the whole stack: `serve --read-only`, `losetup -r`, `mount -o ro`
 
     @property
     def fuse_file(self) -> str:
@@ -137,7 +140,7 @@ def spawn_daemon(store: VolumeStore, rec: MountRecord) -> subprocess.Popen[bytes
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "vdisk.cli", "--data-dir", str(store.root), "serve", rec.name,
-           "--fuse", rec.fuse_dir, "-v"]
+           "--fuse", rec.fuse_dir, "-v"] + (["--read-only"] if rec.read_only else [])
     for spec in rec.nbd:
         cmd += ["--nbd", spec]
     with open(rec.log, "ab") as log:
@@ -158,9 +161,13 @@ def wait_ready(proc: subprocess.Popen[bytes], rec: MountRecord, timeout: float =
     raise MountError(f"the vdisk daemon was not ready after {timeout:.0f}s (log: {rec.log})")
 
 
-def check_can_mount(store: VolumeStore, name: str, target: str, fstype: str | None) -> None:
+def check_can_mount(store: VolumeStore, name: str, target: str, fstype: str | None, read_only: bool = False) -> None:
     """Every refusal that needs no undo, before anything is started."""
-    store.meta(name)
+    meta = store.meta(name)
+    if read_only and fstype is not None:
+        raise MountError("--mkfs writes the volume: it cannot be combined with --read-only")
+    if not read_only:
+        refuse_writable(meta)
     rec = load_record(store, name)
     if rec is not None:
         state = "" if daemon_alive(rec) else " (its daemon is gone: run `vdisk umount` to clean up)"
@@ -185,23 +192,26 @@ def check_can_mount(store: VolumeStore, name: str, target: str, fstype: str | No
 
 
 def mount_volume(store: VolumeStore, name: str, target: str, fstype: str | None = None,
-                 nbd: list[str] | None = None, direct_io: bool = True) -> MountRecord:
+                 nbd: list[str] | None = None, direct_io: bool = True, read_only: bool = False) -> MountRecord:
     """Serve, attach, optionally format, and mount; on any failure undo what was done."""
     target = os.path.realpath(target)
-    check_can_mount(store, name, target, fstype)
+    check_can_mount(store, name, target, fstype, read_only)
     rec = MountRecord(name=name, dir=target, fuse_dir=str(store.root / f".{name}.fuse"),
-                      log=str(store.root / f"{name}.mount.log"), fstype=fstype, nbd=list(nbd or []))
+                      log=str(store.root / f"{name}.mount.log"), fstype=fstype, nbd=list(nbd or []),
+                      read_only=read_only)
     os.makedirs(rec.fuse_dir, exist_ok=True)
     rec = save_record(store, rec)
     try:
         proc = spawn_daemon(store, rec)
         rec = save_record(store, replace(rec, pid=proc.pid, pid_start=process_start(proc.pid)))
         wait_ready(proc, rec)
-        cmd = ["losetup", "--find", "--show"] + (["--direct-io=on"] if direct_io else []) + [rec.fuse_file]
+        cmd = (["losetup", "--find", "--show"] + (["--direct-io=on"] if direct_io else [])
+               + (["--read-only"] if read_only else []) + [rec.fuse_file])
         rec = save_record(store, replace(rec, loop=run(cmd, "attaching a loop device")))
         if fstype is not None:
             run([f"mkfs.{fstype}", *MKFS_FORCE.get(fstype, []), rec.loop or ""], f"mkfs.{fstype}")
-        run(["mount", rec.loop or "", target], f"mounting {rec.loop} on {target}"
+        options = ["-o", read_only_options(rec.loop or "")] if read_only else []
+        run(["mount", *options, rec.loop or "", target], f"mounting {rec.loop} on {target}"
             + ("" if fstype else " (no filesystem yet? use --mkfs ext4)"))
         return save_record(store, replace(rec, mounted=True))
     except BaseException as e:
@@ -210,6 +220,16 @@ def mount_volume(store: VolumeStore, name: str, target: str, fstype: str | None 
         except MountError as undo:
             raise MountError(f"{e}; and undoing it failed: {undo}") from None
         raise
+
+
+def read_only_options(device: str) -> str:
+    """Mount options that really write nothing: a journaling filesystem replays its journal on a
+    plain ``-o ro`` mount (a write, refused by the read-only loop device), unless told not to."""
+    try:
+        fstype = run(["blkid", "-o", "value", "-s", "TYPE", device], "probing the filesystem type")
+    except MountError:
+        fstype = ""  # no filesystem found: let mount say so
+    return {"ext3": "ro,noload", "ext4": "ro,noload", "xfs": "ro,norecovery"}.get(fstype, "ro")
 
 
 # -- umount ---------------------------------------------------------------------------------------
@@ -289,7 +309,7 @@ def umount_record(store: VolumeStore, rec: MountRecord, lazy: bool = False, forc
 def cmd_mount(args: argparse.Namespace) -> int:
     store = VolumeStore(args.data_dir)
     rec = mount_volume(store, args.name, args.dir, fstype=args.mkfs, nbd=args.nbd or [],
-                       direct_io=not args.no_direct_io)
+                       direct_io=not args.no_direct_io, read_only=args.read_only)
     _emit(args, asdict(rec), f"mounted {rec.name} on {rec.dir} ({rec.loop}, FUSE file {rec.fuse_file}, "
           f"daemon pid {rec.pid})")
     return 0
@@ -318,6 +338,8 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT",
                     help="also serve the volume over NBD while mounted")
     sp.add_argument("--no-direct-io", action="store_true", help="attach the loop device without direct I/O")
+    sp.add_argument("--read-only", action="store_true",
+                    help="serve, attach and mount read-only (no journal replay); the only way to mount a replica")
     sp = add("umount", cmd_umount, "unmount what `vdisk mount` set up and stop its daemon")
     sp.add_argument("target", metavar="DIR|NAME")
     sp.add_argument("--lazy", action="store_true", help="detach the filesystem even if files are open")
