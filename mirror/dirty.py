@@ -1,7 +1,11 @@
 """What may differ between a volume and its replica, persisted so that no crash forces a full resync.
 
 ``DirtyMap``: one bit per region (64 KiB by default); set for writes the replica has not got (link
-down, initial sync, verify found a difference), cleared as resync sends them. Saved atomically.
+down, initial sync, verify found a difference, a local write that failed after its frame left),
+cleared as resync sends them. Saved in place into one of two preallocated, checksummed slots
+(written alternately, like the log below), so a full filesystem cannot stop a save once the file
+exists, and a failed save leaves no temp file behind: the map stays in memory and the next save
+(retried with backoff by the daemon) writes it.
 
 ``ActivityLog`` (after DRBD's): the set of "hot" extents (4 MiB) that may have writes in flight. An
 extent is made durable in the log *before* a write to it is issued (``admit``; the front end's
@@ -11,6 +15,7 @@ everything that may differ, and usually a tiny fraction of the volume.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import struct
@@ -22,11 +27,17 @@ from pathlib import Path
 import xxhash
 
 from blockdev.backend import Completion
-from blockdev.volume import write_atomic
 
+log = logging.getLogger("vdisk.mirror")
 _NONZERO = re.compile(rb"[^\x00]")
-_MAP_HEAD = struct.Struct(">8sQQ")  # magic, volume size, region size
+_MAP_HEAD = struct.Struct(">8sQQ")  # magic, volume size, region size (the old single-copy format)
 _MAP_MAGIC = b"VDDIRTY1"
+_SLOT_HEAD = struct.Struct(">8sQQQ")  # magic, sequence, volume size, region size
+_SLOT_MAGIC = b"VDDIRTY2"
+
+
+class ActivityLogImbalance(AssertionError):
+    """An extent ended more writes than were admitted to it: a bookkeeping bug, never hidden."""
 _AL_HEAD = struct.Struct(">8sQQI")  # magic, sequence, extent size, count
 _AL_MAGIC = b"VDALOG01"
 
@@ -42,6 +53,12 @@ class DirtyMap:
         self._save_lock = threading.Lock()
         self._count = 0
         self._unsaved = False
+        self._seq = 0  # of the last slot written (or read)
+        self._slot = (_SLOT_HEAD.size + len(self._bits) + 8 + 4095) // 4096 * 4096
+        self.save_error: str | None = None  # why the last save failed (None: the file holds the map)
+        # Called (outside the lock, any thread) when a mark sets a bit that was clear: the resync
+        # must hear of every new difference, whoever found it.
+        self.on_mark: Callable[[], None] | None = None
 
     # -- bits -----------------------------------------------------------------------------------
     def span(self, offset: int, length: int) -> range:
@@ -50,19 +67,27 @@ class DirtyMap:
 
     def mark(self, offset: int, length: int) -> None:
         with self._lock:
+            before = self._count
             for r in self.span(offset, length):
                 self._set_locked(r)
+            new = self._count != before
+        if new and self.on_mark is not None:
+            self.on_mark()
 
     def mark_region(self, r: int) -> None:
         with self._lock:
-            self._set_locked(r)
+            new = self._set_locked(r)
+        if new and self.on_mark is not None:
+            self.on_mark()
 
-    def _set_locked(self, r: int) -> None:
+    def _set_locked(self, r: int) -> bool:
         byte, bit = r >> 3, 1 << (r & 7)
-        if not self._bits[byte] & bit:
-            self._bits[byte] |= bit
-            self._count += 1
-            self._unsaved = True
+        if self._bits[byte] & bit:
+            return False
+        self._bits[byte] |= bit
+        self._count += 1
+        self._unsaved = True
+        return True
 
     def clear_region(self, r: int) -> None:
         with self._lock:
@@ -116,17 +141,56 @@ class DirtyMap:
         return off, min(self.region, self.size - off)
 
     # -- persistence ----------------------------------------------------------------------------
-    def save(self, force: bool = False) -> None:
-        """Write the map atomically if it changed since the last save."""
+    def save(self, force: bool = False) -> bool:
+        """Write the map if it changed since the last save; False if it could not be written (the
+        reason is in ``save_error`` and logged once, naming the file; the bits stay unsaved)."""
         if self.path is None or not (self._unsaved or force):
-            return
+            return True
         # One save at a time (threads: flush, eviction, periodic): an older snapshot must never
-        # land after a newer one, and the temp file is shared.
+        # land after a newer one.
         with self._save_lock:
             with self._lock:
-                data = _MAP_HEAD.pack(_MAP_MAGIC, self.size, self.region) + bytes(self._bits)
+                bits = bytes(self._bits)
                 self._unsaved = False
-            write_atomic(self.path, data + xxhash.xxh3_64_digest(data))
+            seq = self._seq + 1
+            body = _SLOT_HEAD.pack(_SLOT_MAGIC, seq, self.size, self.region) + bits
+            try:
+                self._write_slot(seq, body + xxhash.xxh3_64_digest(body))
+            except OSError as e:
+                with self._lock:
+                    self._unsaved = True  # still to be written: a failed save must not be forgotten
+                why = f"cannot save the dirty map {self.path}: {e.strerror or e}"
+                if why != self.save_error:
+                    log.error("%s (it is kept in memory; retrying)", why)
+                self.save_error = why
+                return False
+            self._seq = seq
+            if self.save_error is not None:
+                log.info("dirty map %s saved again", self.path)
+                self.save_error = None
+            return True
+
+    def _write_slot(self, seq: int, data: bytes) -> None:
+        """Overwrite slot ``seq % 2`` in place. The file is sized for both slots once (the only step
+        that needs free space); a torn write leaves the other slot valid."""
+        assert self.path is not None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size != 2 * self._slot:
+                if size > 2 * self._slot:
+                    os.ftruncate(fd, 0)  # a foreign file; an old single-copy map is just outgrown
+                os.posix_fallocate(fd, 0, 2 * self._slot)
+                os.fsync(fd)
+                dirfd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dirfd)
+                finally:
+                    os.close(dirfd)
+            os.pwrite(fd, data, (seq % 2) * self._slot)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     @classmethod
     def load(cls, size: int, region: int, path: Path) -> DirtyMap:
@@ -136,13 +200,26 @@ class DirtyMap:
             raw = path.read_bytes()
         except FileNotFoundError:
             return m
-        body, check = raw[:-8], raw[-8:]
-        ok = len(raw) == _MAP_HEAD.size + len(m._bits) + 8 and xxhash.xxh3_64_digest(body) == check
-        if ok and _MAP_HEAD.unpack_from(body) == (_MAP_MAGIC, size, region):
-            m._bits[:] = body[_MAP_HEAD.size:]
-            m._count = sum(b.bit_count() for b in m._bits)
-        else:
+        best: tuple[int, bytes] | None = None
+        if len(raw) == 2 * m._slot:
+            end = _SLOT_HEAD.size + len(m._bits)
+            for base in (0, m._slot):
+                body, check = raw[base:base + end], raw[base + end:base + end + 8]
+                if xxhash.xxh3_64_digest(body) != check:
+                    continue
+                magic, seq, s_size, s_region = _SLOT_HEAD.unpack_from(body)
+                if (magic, s_size, s_region) == (_SLOT_MAGIC, size, region) and (best is None or seq > best[0]):
+                    best = (seq, body[_SLOT_HEAD.size:])
+        elif len(raw) == _MAP_HEAD.size + len(m._bits) + 8:  # the single-copy format of earlier versions
+            body, check = raw[:-8], raw[-8:]
+            if xxhash.xxh3_64_digest(body) == check and _MAP_HEAD.unpack_from(body) == (_MAP_MAGIC, size, region):
+                best = (0, body[_MAP_HEAD.size:])
+        if best is None:
             m.mark(0, size)  # unknown state: assume everything differs rather than trust it
+            return m
+        m._seq = best[0]
+        m._bits[:] = best[1]
+        m._count = sum(b.bit_count() for b in m._bits)
         return m
 
     def snapshot_bits(self) -> bytes:
@@ -157,8 +234,10 @@ class ActivityLog:
     leaves the previous slot valid.
     """
 
-    def __init__(self, path: Path, extent: int = 4 << 20, capacity: int = 1024,
-                 before_evict: Callable[[], None] = lambda: None) -> None:
+    EXTENT = 4 << 20
+
+    def __init__(self, path: Path, extent: int = EXTENT, capacity: int = 1024,
+                 before_evict: Callable[[], bool] = lambda: True) -> None:
         self.path, self.extent, self.capacity = path, extent, capacity
         self._before_evict = before_evict
         self._hot: OrderedDict[int, int] = OrderedDict()  # extent -> writes in flight
@@ -182,23 +261,18 @@ class ActivityLog:
 
     def recover(self) -> list[int]:
         """Extents logged by the previous run (possibly with writes in flight when it died)."""
-        best: tuple[int, list[int]] | None = None
-        for slot in (0, 1):
-            raw = os.pread(self._fd, self._slot_size, slot * self._slot_size)
-            if len(raw) < _AL_HEAD.size + 8:
-                continue
-            magic, seq, extent, count = _AL_HEAD.unpack_from(raw)
-            end = _AL_HEAD.size + 8 * count
-            if magic != _AL_MAGIC or extent != self.extent or end + 8 > len(raw):
-                continue
-            if xxhash.xxh3_64_digest(raw[:end]) != raw[end:end + 8]:
-                continue
-            if best is None or seq > best[0]:
-                best = (seq, list(struct.unpack_from(f">{count}Q", raw, _AL_HEAD.size)))
-        if best is None:
+        seq, extents = _read_log(os.pread(self._fd, 2 * self._slot_size, 0), self._slot_size, self.extent)
+        self._seq = max(self._seq, seq)
+        return extents
+
+    @classmethod
+    def logged(cls, path: Path, extent: int = 4 << 20, capacity: int = 1024) -> list[int]:
+        """``recover`` without opening the log for writing (offline status): [] if there is none."""
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
             return []
-        self._seq = best[0]
-        return best[1]
+        return _read_log(raw, _AL_HEAD.size + 8 * capacity * 4 + 8, extent)[1]
 
     def byte_range(self, e: int) -> tuple[int, int]:
         return e * self.extent, self.extent
@@ -206,7 +280,8 @@ class ActivityLog:
     def admit(self, offset: int, length: int) -> Completion | None:
         """Count a write in flight in its extents. None if they are already durably logged (the
         common case, no I/O); else a Completion that finishes once they are (the log is written by
-        its own thread, several admissions per fdatasync), and fails if the log cannot be written."""
+        its own thread, several admissions per fdatasync), and fails if the log cannot be written
+        (then nothing was admitted: there is no ticket to end)."""
         first, last = offset // self.extent, (offset + max(length, 1) - 1) // self.extent
         with self._lock:
             hot = self._hot
@@ -280,14 +355,23 @@ class ActivityLog:
         self.end_many(((offset, length),))
 
     def end_many(self, ranges: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> None:
-        """``end`` for every (offset, length), under one lock (an ack covers a whole batch)."""
+        """``end`` for every (offset, length), under one lock (an ack covers a whole batch). Each
+        range must be one that was admitted (its ticket), ended exactly once: an extent that would go
+        below zero raises ActivityLogImbalance instead of hiding the bug (an extent at zero may be
+        dropped from the log while a write to it is still in flight)."""
         ext, hot = self.extent, self._hot
         with self._lock:
             for offset, length in ranges:
                 for e in range(offset // ext, (offset + max(length, 1) - 1) // ext + 1):
                     n = hot.get(e)
-                    if n:
-                        hot[e] = n - 1
+                    if not n:
+                        raise ActivityLogImbalance(f"activity log: extent {e} ended more often than admitted "
+                                                   f"(range {offset}+{length})")
+                    hot[e] = n - 1
+
+    def in_flight(self, offset: int) -> int:
+        """Writes admitted and not yet ended in the extent holding ``offset`` (statistics, tests)."""
+        return self._hot.get(offset // self.extent, 0)
 
     def clear(self) -> None:
         """Forget idle extents (the dirty map is saved first)."""
@@ -312,8 +396,10 @@ class ActivityLog:
                 idle = [(e, self._gen[e]) for e, n in self._hot.items() if n == 0]
                 if not all_idle:
                     idle = idle[: max(0, len(self._hot) - self.capacity)]
-            if idle:
-                self._before_evict()  # the dirty map must hold their bits before they leave the log
+            if idle and not self._before_evict():
+                # The dirty map could not be saved (a full disk, say): the extents stay in the log,
+                # which is then the only durable record of what may differ.
+                idle = []
             with self._lock:
                 for e, gen in idle:
                     if self._hot.get(e) == 0 and self._gen[e] == gen:
@@ -335,3 +421,21 @@ class ActivityLog:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _read_log(raw: bytes, slot_size: int, extent: int) -> tuple[int, list[int]]:
+    """(sequence, extents) of the newest valid slot of an activity log; (0, []) if none is."""
+    best: tuple[int, list[int]] = (0, [])
+    for base in (0, slot_size):
+        part = raw[base:base + slot_size]
+        if len(part) < _AL_HEAD.size + 8:
+            continue
+        magic, seq, ext, count = _AL_HEAD.unpack_from(part)
+        end = _AL_HEAD.size + 8 * count
+        if magic != _AL_MAGIC or ext != extent or end + 8 > len(part):
+            continue
+        if xxhash.xxh3_64_digest(part[:end]) != part[end:end + 8]:
+            continue
+        if seq > best[0]:
+            best = (seq, list(struct.unpack_from(f">{count}Q", part, _AL_HEAD.size)))
+    return best

@@ -1,10 +1,14 @@
 """The interception seam: every write-like op of a served volume passes through MirrorLayer.
 
-With no replicator attached it is a pass-through. A replicator (sync now; async later) sees each op
-before it is applied locally, so the replica frame can be on the wire while the local write runs, and
-may return a Completion that delays the host's acknowledgement until the replica has the write. It is
-also told when the local write has finished (``local_done``): a resync that reads the volume must not
-read a region while a write to it is still landing, or it could ship older data after newer.
+With no replicator attached it is a pass-through: that is an unmirrored volume. A mirrored volume
+always has one (mirror/base.py ``Marking`` while no replica can be sent to), so no write is ever
+unrecorded; ``attach`` swaps replicators atomically for writes (each op uses the one it started
+with). A replicator (sync now; async later) admits each op's range before it is issued, sees the op
+before it is applied locally (a fast zero: just after), so the replica frame can be on the wire
+while the local write runs, and may return a Completion that delays the host's acknowledgement until
+the replica has the write. It is also told when the local write has finished (``local_done``): a
+resync that reads the volume must not read a region while a write to it is still landing, or it
+could ship older data after newer.
 
 Batches (DESIGN.md, "The sync mirror: what was measured"): between ``plug()`` and ``unplug()`` on one
 thread (the NBD server plugs around each run of small inline writes of a receive batch) the local
@@ -25,8 +29,10 @@ class Replicator(Protocol):
     after an admission that had to wait, from the thread that finished it)."""
 
     def admit(self, offset: int, length: int) -> WriteResult:
-        """Before a write/zero is issued: None to go ahead, or a Completion to wait for (the mirror's
-        activity log must record the range first; the caller's thread must not block on that)."""
+        """Before a write/zero/trim is issued: None to go ahead, or a Completion to wait for (the
+        mirror's activity log must record the range first; the caller's thread must not block on
+        that). Each admission is closed exactly once, by ``local_done``/``landed`` once the op was
+        issued, or by ``withdraw``; one whose Completion fails was not made."""
     def on_write(self, offset: int, data: memoryview | bytes, fua: bool,
                  done: Completion | None = None) -> WriteResult:
         """Queue the write for the replica. Returns None when there is nothing to wait for, else the
@@ -54,12 +60,16 @@ class MirrorLayer(Layer):
     def __init__(self, inner: Backend) -> None:
         super().__init__(inner)
         self.replicator: Replicator | None = None
-        # Local halves deferred by plug(): (data, offset, fua, completion); the plugging thread's id.
+        # Local halves deferred by plug(): (data, offset, fua, completion); the plugging thread's id
+        # and the replicator they were handed to.
         self._deferred: list[tuple[memoryview | bytes, int, bool, Completion]] = []
         self._plug_thread = 0
+        self._plug_rep: Replicator | None = None
         self._plug_lock = threading.Lock()
 
     def attach(self, replicator: Replicator | None) -> None:
+        """Hand later ops to ``replicator`` (one assignment: atomic for writes; ops already started
+        finish with the replicator they began with, which must mark what it cannot send)."""
         self.replicator = replicator
 
     @staticmethod
@@ -122,7 +132,7 @@ class MirrorLayer(Layer):
             done.finish()  # nothing to wait for from the replica (degraded)
         elif remote is not done:
             remote.add_done_callback(done.finish)
-        if self._plug_thread == threading.get_ident():
+        if self._plug_thread == threading.get_ident() and rep is self._plug_rep:
             self._deferred.append((data, offset, fua, done))
         else:
             self._write_local(rep, data, offset, fua, done)
@@ -157,6 +167,7 @@ class MirrorLayer(Layer):
         with self._plug_lock:
             if self._plug_thread == 0 and rep is not None:
                 self._plug_thread = threading.get_ident()
+                self._plug_rep = rep
                 rep.hold()
                 return
         self.inner.plug()
@@ -168,10 +179,10 @@ class MirrorLayer(Layer):
             else:
                 mine, self._plug_thread = True, 0
                 deferred, self._deferred = self._deferred, []
+                rep, self._plug_rep = self._plug_rep, None
         if not mine:
             self.inner.unplug()
             return
-        rep = self.replicator
         if rep is None:
             return
         rep.push()  # the batch's frames leave in one sendmsg; the replica applies while we write
@@ -202,15 +213,17 @@ class MirrorLayer(Layer):
             return self.inner.write_zeroes(length, offset, fua, may_trim, fast)
 
         def issue() -> WriteResult:
-            if fast:  # FastZeroUnsupported must reach the host before anything is sent to the replica
+            if fast:
+                # FastZeroUnsupported must reach the host before anything is sent to the replica,
+                # so the local half goes first; admit() has already registered the range as
+                # landing, so an overlapping write issued meanwhile is seen as a conflict.
                 try:
                     local = self.inner.write_zeroes(length, offset, fua, may_trim, fast)
                 except BaseException:
                     rep.withdraw(offset, length)
                     raise
                 remote = rep.on_zero(offset, length, fua, False)
-                rep.local_done(offset, length, True)
-                return combine([local, remote])
+                return combine([self._local(rep, offset, length, lambda: local), remote])
             remote = rep.on_zero(offset, length, fua, False)
             local = self._local(rep, offset, length, lambda: self.inner.write_zeroes(length, offset, fua, may_trim))
             return combine([local, remote])

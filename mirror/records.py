@@ -53,6 +53,7 @@ class MirrorStats:
     al_writes: int
     replica: str | None
     last_error: str | None
+    save_error: str | None = None  # why the dirty map could not be saved (it is kept in memory)
 
 
 @dataclass

@@ -24,12 +24,14 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from blockdev.backend import EXTENT_HOLE, Backend, Completion, WriteResult, wait
+from blockdev.backend import Backend, Completion, WriteResult, wait
 from blockdev.errors import BlockError
 
+from .base import Marking, MirrorState
 from .dirty import ActivityLog, DirtyMap
 from .hold import HeldWrites
 from .records import MirrorStats, Pairing, SyncConfig, VolumeIdentity
+from .resync import chunk, mark_allocated, read_frames
 from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
 from .wire.codec import (
@@ -46,37 +48,44 @@ from .wire.events import PROTOCOL_VERSION, Ack, Bye, HashQuery, HashReply, Hello
 from .wire.link import Link, Outbox, connect
 
 log = logging.getLogger("vdisk.mirror")
-_ZEROS = bytes(1 << 20)
 HOST, RESYNC, FLUSH = 0, 1, 2
 EAGER_SEND = 1 << 20  # queued bytes after which the trio thread sends without waiting for its batch
 
 
 class _Entry:
-    __slots__ = ("completion", "kind", "length", "offset", "seq")
+    """One frame in flight. ``ticket``: the activity-log admission this frame ends when acknowledged
+    (the last frame of an op carries it; the others None), so every admission ends exactly once."""
 
-    def __init__(self, seq: int, completion: Completion | None, offset: int, length: int, kind: int) -> None:
-        self.seq, self.completion, self.offset, self.length, self.kind = seq, completion, offset, length, kind
+    __slots__ = ("completion", "kind", "length", "offset", "seq", "ticket")
+
+    def __init__(self, seq: int, completion: Completion | None, offset: int, length: int, kind: int,
+                 ticket: tuple[int, int] | None) -> None:
+        self.seq, self.completion, self.offset, self.length = seq, completion, offset, length
+        self.kind, self.ticket = kind, ticket
 
 
-class SyncReplicator:
-    """The Replicator behind MirrorLayer for ``--mode sync``. Start ``run`` in a nursery."""
+class SyncReplicator(Marking):
+    """The Replicator behind MirrorLayer for ``--mode sync``. Start ``run`` in a nursery.
+
+    ``dirty``, ``al`` and ``held`` are the volume's MirrorState (mirror/base.py), shared with the
+    replicator before and after this one."""
 
     mode = "sync"
 
     def __init__(self, config: SyncConfig, ident: VolumeIdentity, image: Backend, dirty: DirtyMap,
-                 al: ActivityLog, pairing: Pairing, save_pairing: Callable[[Pairing], None] = lambda p: None) -> None:
-        self.config, self.ident, self.image = config, ident, image
-        self.dirty, self.al, self.pairing = dirty, al, pairing
+                 al: ActivityLog, pairing: Pairing, save_pairing: Callable[[Pairing], None] = lambda p: None,
+                 held: HeldWrites | None = None) -> None:
+        super().__init__(MirrorState(dirty, al, held or HeldWrites(config.block_timeout)))
+        self.config, self.ident, self.image, self.pairing = config, ident, image, pairing
+        self.on_link_loss = config.on_link_loss
+        self._held.timeout = config.block_timeout
         self._save_pairing = save_pairing
-        # Replicator.admit: before a write its extents must be in the activity log (usually they
-        # are already). Bound directly: one call less on every host write.
-        self.admit: Callable[[int, int], WriteResult] = al.admit
         self.outbox = Outbox()
         self._lock = self.outbox.lock  # one lock: sequence numbers, wire order and pending agree
         self._link: Link | None = None
+        self._closed = False  # replaced: ops that land from now on are resent by the successor
         self._pending: deque[_Entry] = deque()
-        self._local: dict[tuple[int, int], int] = {}  # local writes still landing: (offset, length) -> count
-        self._blocked = HeldWrites(config.block_timeout)  # writes waiting for the link (block mode)
+        self._local: dict[tuple[int, int], int] = {}  # ops admitted, local half not landed: (offset, length) -> count
         self._seq = 0
         self._acked = 0
         self._token: trio.lowlevel.TrioToken | None = None
@@ -86,6 +95,7 @@ class SyncReplicator:
         self._send_event = trio.Event()
         self._ack_event = trio.Event()
         self._dirty_event = trio.Event()
+        self._resync_idle = False  # the resync task waits for new dirty bits (wake it on a mark)
         self._send_error: BaseException | None = None
         self._resync_inflight = 0
         self._hash_waiters: dict[int, tuple[trio.Event, list[bytes]]] = {}
@@ -100,8 +110,23 @@ class SyncReplicator:
         self.conflicts = 0  # ops that overlapped a local write still landing (resent by resync)
 
     # -- the Replicator protocol (any thread) ----------------------------------------------------
+    def admit(self, offset: int, length: int) -> WriteResult:  # type: ignore[override]
+        """Register the op as landing *before* it is issued (a fast zero's local half runs before
+        its frame is queued), then admit its extents to the activity log. Every admission is
+        closed once: by local_done/landed, or by withdraw if the op is never issued."""
+        key = (offset, length)
+        with self._lock:
+            local = self._local
+            if local and self._overlaps_landing_locked(offset, length):
+                self._conflict_locked(offset, length)
+            local[key] = local.get(key, 0) + 1
+        gate = self.al.admit(offset, length)
+        if gate is not None:  # the log write failed: nothing was admitted, nothing will land
+            gate.add_done_callback(lambda exc: exc is None or self.landed([key]))
+        return gate
 
     def withdraw(self, offset: int, length: int) -> None:
+        self.landed([(offset, length)])
         self.al.end(offset, length)
 
     def on_write(self, offset: int, data: memoryview | bytes, fua: bool,
@@ -111,14 +136,8 @@ class SyncReplicator:
         n = len(data)
         c = done if done is not None else Completion()
         with self._lock:
-            local = self._local
-            key = (offset, n)
-            conflict = bool(local) and self._overlaps_landing_locked(offset, n)
-            local[key] = local.get(key, 0) + 1
             if self._link is None:
-                return self._offline_locked(offset, n)
-            if conflict:
-                self._conflict_locked(offset, n)
+                return self._unsent(offset, n)
             outbox = self.outbox
             queued = outbox.bytes
             if n <= MAX_PAYLOAD:
@@ -126,7 +145,7 @@ class SyncReplicator:
                 # Zero-copy: the front end keeps ``data`` alive until the Completion finishes (the
                 # NBD server pins its receive buffer), and a frame is sent or dropped before that.
                 outbox.put_pair_locked(frame_header(T_WRITE, data, F_FUA if fua else 0, seq, offset), data)
-                self._pending.append(_Entry(seq, c, offset, n, HOST))
+                self._pending.append(_Entry(seq, c, offset, n, HOST, (offset, n)))
             else:
                 view = memoryview(data)
                 for pos in range(0, n, MAX_PAYLOAD):
@@ -134,7 +153,7 @@ class SyncReplicator:
                     last = pos + MAX_PAYLOAD >= n
                     outbox.put_locked(encode_write(self._seq, offset + pos, view[pos:pos + MAX_PAYLOAD], fua))
                     self._pending.append(_Entry(self._seq, c if last else None, offset + pos,
-                                                min(MAX_PAYLOAD, n - pos), HOST))
+                                                min(MAX_PAYLOAD, n - pos), HOST, (offset, n) if last else None))
         # Frames of one host batch leave together (measured: sending the first frame of a batch at
         # once splits the pipeline into small waves and doubles the CPU per write on both sides):
         # at the batch's push() when one is open (hold), else once the front end yields. A very
@@ -151,28 +170,24 @@ class SyncReplicator:
 
     def on_zero(self, offset: int, length: int, fua: bool, trim: bool) -> WriteResult:
         with self._lock:
-            conflict = bool(self._local) and self._overlaps_landing_locked(offset, length)
-            self._local[(offset, length)] = self._local.get((offset, length), 0) + 1
             if self._link is None:
-                return self._offline_locked(offset, length)
-            if conflict:
-                self._conflict_locked(offset, length)
+                return self._unsent(offset, length)
             self._seq += 1
             c = Completion()
             self.outbox.put_locked([encode_zero(self._seq, offset, length, fua, trim)])
-            self._pending.append(_Entry(self._seq, c, offset, length, HOST))
+            self._pending.append(_Entry(self._seq, c, offset, length, HOST, (offset, length)))
         self._kick()
         return c
 
     def on_flush(self) -> WriteResult:
         with self._lock:
             if self._link is None:
-                c = self._hold_locked()
+                c = self._held.hold() if self.on_link_loss == "block" else None
             else:
                 self._seq += 1
                 c = Completion()
                 self.outbox.put_locked([encode_flush(self._seq)])
-                self._pending.append(_Entry(self._seq, c, 0, 0, FLUSH))
+                self._pending.append(_Entry(self._seq, c, 0, 0, FLUSH, None))
         if c is None:
             self.dirty.save()  # what the replica lacks is durable before the host's flush returns
             return None
@@ -181,7 +196,7 @@ class SyncReplicator:
 
     def local_done(self, offset: int, length: int, ok: bool) -> None:
         self.landed([(offset, length)])
-        if not ok:  # the replica may now hold what the volume does not
+        if not ok:  # the replica may now hold what the volume does not: resync resends the volume's data
             self.dirty.mark(offset, length)
 
     def landed(self, ranges: list[tuple[int, int]]) -> None:
@@ -191,35 +206,36 @@ class SyncReplicator:
                 left = local.pop(key, 1) - 1
                 if left:
                     local[key] = left
+        if self._closed:  # the successor's resync may have read the range before this op landed
+            for offset, length in ranges:
+                self.dirty.mark(offset, length)
 
     def _overlaps_landing_locked(self, offset: int, length: int) -> bool:
         end = offset + length
         return any(o < end and offset < o + n for o, n in self._local)
 
     def _conflict_locked(self, offset: int, length: int) -> None:
-        """This op overlaps a local write still landing: the two may land locally in the other
-        order than their frames apply on the replica (two worker threads, say), and the replica
-        would silently differ. Resend the range from the volume once every write there has landed
-        (the resync reads a region only then); the frame itself still goes, so the host's ack keeps
-        its meaning of "the replica has this write"."""
-        self.dirty.mark(offset, length)
+        """This op overlaps one admitted earlier whose local half has not landed: the two may land
+        locally in the other order than their frames apply on the replica (two worker threads, say),
+        and the replica would silently differ. Resend the range from the volume once every write
+        there has landed (the resync reads a region only then); the frame itself still goes, so the
+        host's ack keeps its meaning of "the replica has this write"."""
         self.conflicts += 1
-        token = self._token
+        self.dirty.mark(offset, length)  # wakes the resync (on_mark)
+
+    def _wake_resync(self) -> None:
+        """DirtyMap.on_mark (any thread): a new dirty bit wakes a resync that waits for one; one
+        crossing into trio at most per wait, and none while the resync runs (it will see the bit)."""
+        if not self._resync_idle:
+            return
+        self._resync_idle = False
         if threading.get_ident() == self._trio_thread:
             self._dirty_event.set()
-        elif token is not None:
+        elif self._token is not None:
             try:
-                token.run_sync_soon(self.request_resync)
+                self._token.run_sync_soon(self.request_resync)
             except trio.RunFinishedError:
                 pass
-
-    def _offline_locked(self, offset: int, length: int) -> WriteResult:
-        self.dirty.mark(offset, length)
-        self.al.end(offset, length)  # recorded in the map, which is saved before the extent leaves the log
-        return self._hold_locked()
-
-    def _hold_locked(self) -> Completion | None:
-        return self._blocked.hold() if self.config.on_link_loss == "block" else None
 
     # -- sending (trio thread) -------------------------------------------------------------------
     def _kick(self) -> None:
@@ -308,7 +324,7 @@ class SyncReplicator:
             while pending and pending[0].seq <= seq:
                 done.append(pending.popleft())
             self._acked = max(self._acked, seq)
-        self.al.end_many([(e.offset, e.length) for e in done if e.kind != FLUSH])
+        self.al.end_many([e.ticket for e in done if e.ticket is not None])
         for e in done:
             if e.kind == RESYNC:
                 self._resync_inflight -= e.length
@@ -329,8 +345,9 @@ class SyncReplicator:
         """Connect, sync, mirror; on link loss degrade (or block) and reconnect with backoff. Forever."""
         self._token = trio.lowlevel.current_trio_token()
         self._trio_thread = threading.get_ident()
+        self.dirty.on_mark = self._wake_resync  # the shared map: this replicator resyncs from now on
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._blocked.expire_forever)
+            nursery.start_soon(self._held.expire_forever)
             task_status.started()
             backoff = self.config.backoff_min
             try:
@@ -404,27 +421,24 @@ class SyncReplicator:
         self._verify_first = None
         if welcome.created:
             # A brand-new (sparse) replica: copy every allocated region (the rest is zero on both).
-            self._mark_allocated()
+            mark_allocated(self.image, self.ident.size, self.dirty)
             self.pairing = Pairing(welcome.replica_id, False, self.dirty.dirty_bytes)
-            self.dirty.save(force=True)
+            self._save_map_first()
             self._save_pairing(self.pairing)
         elif welcome.replica_id != p.replica_id:
             # An existing replica we did not fill (restored from elsewhere, or paired before a
             # --stop): compare Merkle trees first and resend only the blocks that differ.
             self._verify_first = welcome.replica_id
 
-    def _mark_allocated(self) -> None:
-        size, pos = self.ident.size, 0
-        while pos < size:
-            runs = self.image.extents(size - pos, pos)
-            if not runs:
-                break
-            for length, flags in runs:
-                if not flags & EXTENT_HOLE:
-                    self.dirty.mark(pos, length)
-                pos += length
+    def _save_map_first(self) -> None:
+        """Before a pairing that relies on the map is recorded: a pairing saved over an unsaved map
+        would, after a crash, claim a replica that lacks what only the lost map said it lacks."""
+        if not self.dirty.save(force=True):
+            raise OSError(self.dirty.save_error)
 
     def _link_down(self) -> None:
+        """Every unacknowledged frame is marked dirty (for whichever replicator resyncs next), the
+        map saved, then their activity-log tickets end; held host writes complete or wait."""
         with self._lock:
             if self._link is None and not self._pending:
                 return
@@ -435,21 +449,17 @@ class SyncReplicator:
                 if e.kind != FLUSH:
                     self.dirty.mark(e.offset, e.length)
             held = [e.completion for e in lost if e.kind != RESYNC and e.completion is not None]
-            if self.config.on_link_loss == "block":
-                self._blocked.add(held)
+            if self.on_link_loss == "block":
+                self._held.add(held)
                 held = []
         self._resync_inflight = 0
+        self._resync_idle = False
         for event, _box in self._hash_waiters.values():  # a verify in progress fails now, not in 60 s
             event.set()
         self._hash_waiters.clear()
         self.state = "degraded" if self.connects else "disconnected"
-        try:
-            self.dirty.save()
-        except OSError as e:
-            log.error("mirror %s: cannot save the dirty map: %s", self.ident.name, e)
-        for e in lost:
-            if e.kind != FLUSH:
-                self.al.end(e.offset, e.length)
+        self.dirty.save()  # on failure logged by the map and retried; the log keeps the extents meanwhile
+        self.al.end_many([e.ticket for e in lost if e.ticket is not None])
         for c in held:
             c.finish()
 
@@ -463,7 +473,7 @@ class SyncReplicator:
             report = await compare(self.image, self.ident.size, self.dirty.region, self.query_hashes)
             for b in report.differing_blocks:
                 self.dirty.mark_region(b)
-            self.dirty.save(force=True)  # before the pairing that relies on it
+            self._save_map_first()
             self.pairing = Pairing(self._verify_first, False, self.dirty.dirty_bytes)
             self._save_pairing(self.pairing)
             self._verify_first = None
@@ -487,11 +497,15 @@ class SyncReplicator:
                     continue
                 self._reach_in_sync()
                 self._dirty_event = trio.Event()
-                await self._dirty_event.wait()
+                self._resync_idle = True  # from here a mark wakes us (_wake_resync)...
+                if not self.dirty.count:  # ...and one made just before is seen here
+                    await self._dirty_event.wait()
+                self._resync_idle = False
                 self.state = "syncing"
                 cursor = 0
                 continue
-            first, last, offset, length = self._chunk(r)
+            first, last, offset, length = chunk(self.dirty, r, self.config.resync_chunk, self.ident.size)
+            # One admission (ticket) for the chunk, ended once: by its last frame's ack, or here.
             await wait(self.al.admit(offset, length))  # the log write must not stall the trio thread
             cursor = self._send_chunk(first, last, offset, length)
             while self._resync_inflight > self.config.resync_window:
@@ -517,17 +531,7 @@ class SyncReplicator:
         # The activity log keeps its hot extents (as DRBD's does): clearing them here would cost an
         # fdatasync on the next write to each, in the host's latency.
         self.dirty.save()
-        self._blocked.release()
-
-    def _chunk(self, first: int) -> tuple[int, int, int, int]:
-        """Contiguous dirty regions from ``first``, up to one chunk: (first, last, offset, length)."""
-        d = self.dirty
-        last = first
-        limit = first + max(1, self.config.resync_chunk // d.region)
-        while last + 1 < min(limit, d.regions) and d.test(last + 1):
-            last += 1
-        offset = first * d.region
-        return first, last, offset, min((last + 1) * d.region, self.ident.size) - offset
+        self._held.release()
 
     def _send_chunk(self, first: int, last: int, offset: int, length: int) -> int:
         """Read and queue a chunk (its extents admitted to the activity log); the next cursor."""
@@ -540,16 +544,16 @@ class SyncReplicator:
                 return last + 1
             for r in range(first, last + 1):
                 d.clear_region(r)
-            frames = self._read_frames(offset, length)
+            frames = read_frames(self.image, offset, length)
             sent = 0
-            for f_off, f_len, payload in frames:
+            for i, (f_off, f_len, payload) in enumerate(frames, 1 - len(frames)):
                 self._seq += 1
                 if payload is None:
                     self.outbox.put_locked([encode_zero(self._seq, f_off, f_len, False, True)])
                 else:
                     self.outbox.put_locked(encode_write(self._seq, f_off, payload))
                     sent += f_len
-                self._pending.append(_Entry(self._seq, None, f_off, f_len, RESYNC))
+                self._pending.append(_Entry(self._seq, None, f_off, f_len, RESYNC, None if i else (offset, length)))
                 self._resync_inflight += f_len
             if not frames:
                 self.al.end(offset, length)
@@ -557,29 +561,6 @@ class SyncReplicator:
         self.resync_regions_sent += last + 1 - first
         self._kick()
         return last + 1
-
-    def _read_frames(self, offset: int, length: int) -> list[tuple[int, int, memoryview | None]]:
-        """(offset, length, data or None for zeroes) covering a range, merged. Zero runs go as zero
-        frames (a few bytes on the wire): even a brand-new replica may hold data there by now."""
-        out: list[tuple[int, int, memoryview | None]] = []
-        pos, end = offset, offset + length
-        while pos < end:
-            runs = self.image.extents(end - pos, pos) or [(end - pos, 0)]
-            for n, flags in runs:
-                n = min(n, end - pos)
-                if flags & EXTENT_HOLE:
-                    data: memoryview | None = None
-                else:
-                    buf = memoryview(bytearray(n))
-                    self.image.pread(buf, pos)
-                    data = None if buf == memoryview(_ZEROS)[:n] else buf
-                if out and (out[-1][2] is None) == (data is None) and out[-1][0] + out[-1][1] == pos:
-                    o, m, prev = out[-1]
-                    out[-1] = (o, m + n, None if data is None else memoryview(bytes(prev) + bytes(data)))
-                else:
-                    out.append((pos, n, data))
-                pos += n
-        return out
 
     # -- verify (see verify.py) ------------------------------------------------------------------
     async def query_hashes(self, leaf_size: int, level: int, indices: list[int]) -> bytes:
@@ -602,7 +583,7 @@ class SyncReplicator:
 
     async def wait_in_sync(self, timeout: float) -> bool:
         with trio.move_on_after(timeout):
-            while self.state != "in_sync" or self.dirty.count:
+            while self.statistics().state != "in_sync":
                 await trio.sleep(0.05)
             return True
         return False
@@ -611,10 +592,14 @@ class SyncReplicator:
     def statistics(self) -> MirrorStats:
         p = self.pairing
         total = p.sync_total
-        remaining = self.dirty.dirty_bytes if not p.initial_sync_done else 0
+        dirty = self.dirty.dirty_bytes
+        remaining = dirty if not p.initial_sync_done else 0
+        state = self.state
+        if state == "in_sync" and (dirty or self._resync_inflight):
+            state = "syncing"  # in_sync means nothing dirty and no resync frame unacknowledged
         return MirrorStats(
-            mode="sync", state=self.state, target=f"{self.config.host}:{self.config.port}",
-            on_link_loss=self.config.on_link_loss, dirty_bytes=self.dirty.dirty_bytes,
+            mode="sync", state=state, target=f"{self.config.host}:{self.config.port}",
+            on_link_loss=self.on_link_loss, dirty_bytes=dirty,
             in_flight=len(self._pending), acked_seq=self._acked, sent_seq=self._seq,
             resync_bytes_sent=self.resync_bytes_sent, resync_regions_sent=self.resync_regions_sent,
             conflicts=self.conflicts,
@@ -622,16 +607,18 @@ class SyncReplicator:
                           "copied_bytes": max(0, total - remaining),
                           "percent": 100.0 if p.initial_sync_done or not total else
                           round(100.0 * max(0, total - remaining) / total, 1)},
-            blocked=len(self._blocked), connects=self.connects, al_hot=self.al.hot, al_writes=self.al.writes,
-            replica=p.replica_id, last_error=self.last_error)
+            blocked=len(self._held), connects=self.connects, al_hot=self.al.hot, al_writes=self.al.writes,
+            replica=p.replica_id, last_error=self.last_error, save_error=self.dirty.save_error)
 
-    def close(self) -> None:
-        """Persist what the replica lacks; fail held writes (the mirror is going away, and in
-        ``block`` mode a write is acknowledged only once the replica has it: it never will now)."""
+    def close(self, fail_held: bool = True) -> None:
+        """Stop (after the run task was cancelled): every unacknowledged write is marked dirty and
+        the map saved. Held writes fail (the mirror is going away, and in ``block`` mode a write is
+        acknowledged only once the replica has it: it never will now) unless a successor takes
+        them over (``fail_held=False``: a reconfiguration hands the shared state on)."""
+        self._closed = True
         self._link_down()
-        self._blocked.fail(BlockError("the mirror stopped before the replica had this write (--on-link-loss block)"))
+        if self.dirty.on_mark == self._wake_resync:
+            self.dirty.on_mark = None
+        if fail_held:
+            self._held.fail(BlockError("the mirror stopped before the replica had this write (--on-link-loss block)"))
         self.dirty.save()
-        with self._lock:
-            idle = not self._pending
-        if idle:
-            self.al.clear()

@@ -27,11 +27,97 @@ def test_a_corrupt_or_foreign_dirty_map_marks_everything(tmp_path):
     m.mark(0, 1)
     m.save()
     raw = bytearray((tmp_path / "d").read_bytes())
-    raw[30] ^= 1
+    slot = len(raw) // 2
+    raw[slot + 30] ^= 1  # the only slot written so far (sequence 1)
     (tmp_path / "d").write_bytes(bytes(raw))
     assert DirtyMap.load(4 * MiB, 64 << 10, tmp_path / "d").count == 64
     m.save(force=True)
     assert DirtyMap.load(8 * MiB, 64 << 10, tmp_path / "d").count == 128  # another size: not trusted
+
+
+def test_a_torn_dirty_map_save_falls_back_to_the_other_slot(tmp_path):
+    m = DirtyMap(4 * MiB, 64 << 10, tmp_path / "d")
+    m.mark(0, 1)
+    m.save()                 # slot 1: {0}
+    m.mark(MiB, 1)
+    m.save()                 # slot 0: {0, 16}
+    assert list(DirtyMap.load(4 * MiB, 64 << 10, tmp_path / "d")) == [0, 16]
+    fd = os.open(tmp_path / "d", os.O_RDWR)
+    os.pwrite(fd, b"\xff" * 16, 40)  # tear slot 0
+    os.close(fd)
+    assert list(DirtyMap.load(4 * MiB, 64 << 10, tmp_path / "d")) == [0]
+
+
+def test_dirty_map_reads_the_single_copy_format_of_earlier_versions(tmp_path):
+    import struct
+
+    import xxhash
+
+    bits = bytearray(8)
+    bits[0] = 0b101
+    body = struct.pack(">8sQQ", b"VDDIRTY1", 4 * MiB, 64 << 10) + bytes(bits)
+    (tmp_path / "d").write_bytes(body + xxhash.xxh3_64_digest(body))
+    m = DirtyMap.load(4 * MiB, 64 << 10, tmp_path / "d")
+    assert list(m) == [0, 2]
+    m.mark(MiB, 1)
+    assert m.save()  # rewritten in the two-slot format
+    assert list(DirtyMap.load(4 * MiB, 64 << 10, tmp_path / "d")) == [0, 2, 16]
+
+
+def test_a_failed_dirty_map_save_keeps_the_bits_unsaved_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    m = DirtyMap(4 * MiB, 64 << 10, tmp_path / "d")
+    m.mark(0, 1)
+    assert m.save()
+    m.mark(MiB, 1)
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    assert not m.save()
+    assert m.save_error is not None and str(tmp_path / "d") in m.save_error and "No space" in m.save_error
+    monkeypatch.setattr(os, "pwrite", real)
+    assert m.save()  # not forced: the failed save left the map marked as unsaved
+    assert m.save_error is None
+    assert list(DirtyMap.load(4 * MiB, 64 << 10, tmp_path / "d")) == [0, 16]
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temp file, ever
+
+
+def test_dirty_marks_call_the_hook_only_for_new_bits(tmp_path):
+    m = DirtyMap(4 * MiB, 64 << 10)
+    calls = []
+    m.on_mark = lambda: calls.append(1)
+    m.mark(0, 1)
+    m.mark(100, 1)  # same region: nothing new
+    m.mark_region(0)
+    m.mark_region(5)
+    assert len(calls) == 2
+
+
+def test_activity_log_imbalance_raises_instead_of_flooring(tmp_path):
+    import pytest
+
+    from mirror.dirty import ActivityLogImbalance
+
+    al = ActivityLog(tmp_path / "al", extent=MiB, capacity=8)
+    al.begin(0, 4096)
+    al.begin(4096, 4096)
+    al.end_many([(0, 4096), (4096, 4096)])
+    assert al.in_flight(0) == 0
+    with pytest.raises(ActivityLogImbalance):
+        al.end(0, 4096)
+
+
+def test_activity_log_keeps_extents_whose_map_could_not_be_saved(tmp_path):
+    al = ActivityLog(tmp_path / "al", extent=MiB, capacity=8, before_evict=lambda: False)
+    al.begin(0, 1)
+    al.end(0, 1)
+    al.clear()  # the map save failed: the extent must stay the durable record
+    assert ActivityLog.logged(tmp_path / "al", MiB) == [0]
+    assert ActivityLog.logged(tmp_path / "missing", MiB) == []
 
 
 def test_activity_log_recovers_the_extents_hot_at_a_crash(tmp_path):
@@ -58,7 +144,7 @@ def test_a_torn_activity_log_write_falls_back_to_the_previous_slot(tmp_path):
 
 def test_activity_log_evicts_only_idle_extents_after_saving_the_dirty_map(tmp_path):
     saved = []
-    al = ActivityLog(tmp_path / "al", extent=MiB, capacity=2, before_evict=lambda: saved.append(1))
+    al = ActivityLog(tmp_path / "al", extent=MiB, capacity=2, before_evict=lambda: saved.append(1) or True)
     al.begin(0, 1)             # extent 0 stays in flight
     al.begin(MiB, 1)
     al.end(MiB, 1)

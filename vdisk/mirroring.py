@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from mirror.base import Marking, MirrorState
 from mirror.dirty import ActivityLog, DirtyMap
+from mirror.hold import HeldWrites
 from mirror.sync import Pairing, SyncConfig, SyncReplicator, VolumeIdentity
 from mirror.verify import compare
 
@@ -101,12 +103,52 @@ def check_section(section: dict[str, Any]) -> SyncConfig:
                       timeout=parse_duration(section.get("timeout", 10.0), "timeout"))
 
 
+class _Mirrored:
+    """One mirrored volume while it is served: its MirrorState, which outlives replicators, and the
+    replicator on top of it (None: ``marking`` is attached, so writes are still recorded)."""
+
+    def __init__(self, state: MirrorState) -> None:
+        self.state = state
+        self.marking = Marking(state)
+        self.rep: SyncReplicator | None = None
+        self.scope: trio.CancelScope | None = None
+
+
+def sweep_temp_files(root: Path, name: str) -> None:
+    """Remove ``.NAME.*.PID.tmp`` files of processes that are gone (an atomic write interrupted by a
+    crash or a full disk); a live pid's file is its own business."""
+    for tmp in root.glob(f".{name}.*.tmp"):
+        pid = tmp.name[:-4].rpartition(".")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("volume %s: removing %s, left by process %s", name, tmp, pid)
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
+def recorded_dirty(root: Path, name: str, size: int) -> DirtyMap:
+    """What the files say may differ from the replica: the saved map and every extent in the
+    activity log (writes that may have been in flight, or whose bits were not saved yet: an extent
+    leaves the log only once the map holding its bits is saved). The daemon starts from exactly
+    this, and offline status reports it."""
+    dirty_path, al_path = (root / f"{name}{suffix}" for suffix in MIRROR_SIDECARS)
+    dirty = DirtyMap.load(size, REGION, dirty_path)
+    extent = ActivityLog.EXTENT
+    for e in ActivityLog.logged(al_path, extent):
+        dirty.mark(e * extent, min(extent, size - e * extent))
+    return dirty
+
+
 class MirrorManager:
-    """Runs one replicator per mirrored volume of a daemon."""
+    """Runs one replicator per mirrored volume of a daemon, over that volume's MirrorState."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.running: dict[str, tuple[SyncReplicator, trio.CancelScope]] = {}
+        self.mirrors: dict[str, _Mirrored] = {}
         self._nursery: trio.Nursery | None = None
         daemon.control.register("mirror", self._cmd_mirror)
         daemon.control.register("verify", self._cmd_verify)
@@ -124,36 +166,60 @@ class MirrorManager:
                 section = self.daemon.store.meta(vol.name).extra.get("mirror")
                 if isinstance(section, dict):
                     try:
+                        self._open(vol)  # from here on every write is recorded, whatever follows
                         await self.start(vol, section)
-                    except ValueError as e:
+                    except (ValueError, OSError) as e:
                         log.error("volume %s: mirror not started: %s", vol.name, e)
+            nursery.start_soon(self._keep_saved)
             task_status.started()
             try:
                 await trio.sleep_forever()
             finally:
-                for name in list(self.running):
-                    self._stop(name)
+                for name, m in self.mirrors.items():
+                    vol = self.daemon.volumes.get(name)
+                    if vol is not None:
+                        vol.mirror.attach(m.marking)  # late writes (a drain that timed out) are still marked
+                    self._retire(m.rep, m.scope, fail_held=True)
+                    m.rep = m.scope = None
+
+    def close(self) -> None:
+        """Once the front ends are stopped: save every map, drop idle extents, close the logs."""
+        for m in self.mirrors.values():
+            m.state.close()
+        self.mirrors.clear()
+
+    def _open(self, vol: ServedVolume) -> _Mirrored:
+        """The volume's MirrorState from its files (dirty = saved map | logged extents), attached
+        as ``Marking`` until a replicator takes over."""
+        m = self.mirrors.get(vol.name)
+        if m is not None:
+            return m
+        root, size = self.daemon.store.root, vol.meta.size
+        sweep_temp_files(root, vol.name)
+        dirty = recorded_dirty(root, vol.name, size)
+        al = ActivityLog(self._paths(vol.name)[1], before_evict=dirty.save)
+        recovered = al.recover()  # already in ``dirty``: the last run died with these extents hot
+        if recovered:
+            log.warning("volume %s: %d extents from the activity log marked for resync", vol.name, len(recovered))
+        if dirty.save(force=True):  # else logged, naming the file; retried by _keep_saved
+            al.clear()  # the recovered extents' bits are saved now
+        m = self.mirrors[vol.name] = _Mirrored(MirrorState(dirty, al, HeldWrites(30.0)))
+        vol.mirror.attach(m.marking)
+        return m
 
     async def start(self, vol: ServedVolume, section: dict[str, Any]) -> SyncReplicator:
+        """Start (or replace) the volume's replicator. The new one is running before it is attached,
+        and attached in one step: writes never go unrecorded, and whatever the old one had not got
+        acknowledged is marked dirty in the shared map, for the new one to resend."""
         config = check_section(section)
-        self._stop(vol.name)
+        m = self._open(vol)
         meta = vol.meta
-        dirty_path, al_path = self._paths(vol.name)
-        dirty = DirtyMap.load(meta.size, REGION, dirty_path)
-        al = ActivityLog(al_path, before_evict=dirty.save)
-        recovered = al.recover()
-        if recovered:  # the last run died with these extents hot: their writes may be on one side only
-            log.warning("volume %s: %d extents from the activity log marked for resync", vol.name, len(recovered))
-            for e in recovered:
-                off, n = al.byte_range(e)
-                dirty.mark(off, min(n, meta.size - off))
-        dirty.save(force=True)
-        al.clear()
         pairing = Pairing(section.get("replica_id"), bool(section.get("initial_sync_done")),
                           int(section.get("sync_total", 0)))
         ident = VolumeIdentity(meta.uuid, vol.name, meta.size, meta.block_size, meta.generation)
-        rep = SyncReplicator(config, ident, vol.image, dirty, al, pairing,
-                             save_pairing=lambda p: self._save_pairing(vol.name, p))
+        st = m.state
+        rep = SyncReplicator(config, ident, vol.image, st.dirty, st.al, pairing,
+                             save_pairing=lambda p: self._save_pairing(vol.name, p), held=st.held)
         assert self._nursery is not None
         scope = trio.CancelScope()
 
@@ -162,30 +228,68 @@ class MirrorManager:
                 await rep.run(task_status=task_status)
 
         await self._nursery.start(run)
+        old, old_scope = m.rep, m.scope
         vol.mirror.attach(rep)
-        self.running[vol.name] = (rep, scope)
+        m.rep, m.scope = rep, scope
+        if old is not None:
+            self._retire(old, old_scope, fail_held=False)
+            if config.on_link_loss != "block":
+                st.held.release()  # degrade now: writes held by the old policy complete (they are marked)
         return rep
 
+    @staticmethod
+    def _retire(rep: SyncReplicator | None, scope: trio.CancelScope | None, fail_held: bool) -> None:
+        """Stop a replicator that is no longer attached: cancel its tasks, mark what it had in flight."""
+        if scope is not None:
+            scope.cancel()
+        if rep is not None:
+            rep.close(fail_held=fail_held)
+
     def _stop(self, name: str) -> None:
-        entry = self.running.pop(name, None)
-        if entry is None:
+        """``mirror --stop``: unmirrored from now on; the state goes too."""
+        m = self.mirrors.pop(name, None)
+        if m is None:
             return
-        rep, scope = entry
         vol = self.daemon.volumes.get(name)
         if vol is not None:
             vol.mirror.attach(None)
-        scope.cancel()
-        rep.close()
-        rep.al.close()
+        self._retire(m.rep, m.scope, fail_held=True)
+        m.state.close()
+
+    async def _keep_saved(self) -> None:
+        """Retry dirty-map saves that failed (a full disk, say), with backoff up to 5 s; the map is
+        complete in memory meanwhile and the activity log keeps the extents whose bits are unsaved."""
+        delay = 0.1
+        while True:
+            await trio.sleep(delay)
+            failing = [m.state.dirty for m in self.mirrors.values() if m.state.dirty.save_error]
+            for dirty in failing:
+                await trio.to_thread.run_sync(dirty.save, True)
+            still = any(d.save_error for d in failing)
+            delay = min(delay * 2, 5.0) if still else (0.1 if failing else 1.0)
 
     def _save_pairing(self, name: str, p: Pairing) -> None:
         section = dict(self.daemon.store.meta(name).extra.get("mirror") or {})
         section.update(replica_id=p.replica_id, initial_sync_done=p.initial_sync_done, sync_total=p.sync_total)
-        self.daemon.store.update(name, mirror=section)
+        try:
+            self.daemon.store.update(name, mirror=section)
+        except OSError as e:
+            # Safe to lose: without a recorded replica id the next start compares Merkle trees.
+            log.error("volume %s: cannot save the mirror pairing in %s: %s", name,
+                      self.daemon.store.root / f"{name}.json", e.strerror or e)
 
     def status(self, name: str) -> dict[str, Any] | None:
-        entry = self.running.get(name)
-        return dataclasses.asdict(entry[0].statistics()) if entry else None
+        m = self.mirrors.get(name)
+        if m is None:
+            return None
+        if m.rep is not None:
+            return dataclasses.asdict(m.rep.statistics())
+        section = self.daemon.store.meta(name).extra.get("mirror") or {}
+        dirty = m.state.dirty
+        return {"mode": section.get("mode"), "state": "stopped", "target": section.get("to"),
+                "on_link_loss": section.get("on_link_loss"), "dirty_bytes": dirty.dirty_bytes,
+                "in_flight": 0, "initial_sync": {"done": bool(section.get("initial_sync_done"))},
+                "last_error": "the mirror is not running (see the daemon's log)", "save_error": dirty.save_error}
 
     # -- control commands ------------------------------------------------------------------------
     def _volume(self, req: dict[str, Any]) -> ServedVolume:
@@ -222,10 +326,11 @@ class MirrorManager:
 
     async def _cmd_verify(self, req: dict[str, Any]) -> dict[str, Any]:
         vol = self._volume(req)
-        entry = self.running.get(vol.name)
-        if entry is None:
-            raise ControlError(f"volume {vol.name!r} is not mirrored")
-        rep = entry[0]
+        m = self.mirrors.get(vol.name)
+        rep = m.rep if m is not None else None
+        if rep is None:
+            raise ControlError(f"volume {vol.name!r} is not mirrored" if m is None else
+                               f"the mirror of {vol.name!r} is not running (see the daemon's log)")
         if rep.state not in ("in_sync", "syncing"):
             raise ControlError(f"the mirror of {vol.name!r} is {rep.state}: verify needs a connected replica")
         try:

@@ -39,6 +39,12 @@ class FuseExport:
         self.loop: SessionLoop | None = None
         self.support: Support | None = None
 
+    async def drain(self) -> None:
+        """Stop taking requests and wait for the replies of those taken (our loop only: pyfuse3's
+        own loop, the fallback, is simply cancelled)."""
+        if self.loop is not None:
+            await self.loop.drain()
+
     def statistics(self) -> dict[str, object]:
         loop = self.loop
         return {"mountpoint": str(self.mountpoint), "adapter": loop is not None,

@@ -199,6 +199,7 @@ class ReplyGate:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.open = True
+        self.owed = 0  # requests dispatched through us and not yet replied to (shutdown drains them)
 
     def close(self) -> None:
         with self.lock:
@@ -213,12 +214,17 @@ class Reply:
     def __init__(self, req: int, gate: ReplyGate) -> None:
         self._req = req
         self._gate = gate
+        with gate.lock:
+            gate.owed += 1
 
     def _send(self, fn: Callable[..., int], *args: int) -> None:
-        with self._gate.lock:
+        gate = self._gate
+        with gate.lock:
             req, self._req = self._req, 0
-            if req and self._gate.open:
-                fn(req, *args)
+            if req:
+                gate.owed -= 1
+                if gate.open:
+                    fn(req, *args)
 
     def error(self, err: int) -> None:
         """Reply with ``err`` (0 is success for ops that return no data)."""

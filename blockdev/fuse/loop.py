@@ -117,6 +117,9 @@ class SessionLoop:
         self._has_leader = False
         self._streak = 0
         self._pin: _Pin | None = None
+        self._draining = False
+        self._wait_scope: trio.CancelScope | None = None
+        self._waiting = 0  # requests whose handler is suspended (awaiting in trio)
         self.requests = 0  # requests read
         self.waits = 0  # times the leader found nothing queued and waited in trio
 
@@ -132,16 +135,30 @@ class SessionLoop:
             for _ in range(self.tasks):
                 nursery.start_soon(self._one_task)
 
+    async def drain(self) -> None:
+        """Shutdown, before the replicas and images close: read no more requests, and wait until every
+        request read so far has been replied to (big writes on workers, and their Completions: a
+        sync mirror's replica ack). The tasks then end; what the kernel still queues fails at unmount."""
+        self._draining = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+        gate = self.adapter.gate
+        while gate.owed or self._waiting:
+            await trio.sleep(0.01)  # replies come from worker threads: no trio wake-up to wait on
+
     async def _wait(self) -> bool:
         """Wait until /dev/fuse is readable; False when the session is over. Only the leader waits,
         so at most one task waits on the fd (as trio requires)."""
-        if _lib.fuse_session_exited(self.session):
+        if _lib.fuse_session_exited(self.session) or self._draining:
             return False
         try:
-            await trio.lowlevel.wait_readable(self._fd)
+            with trio.CancelScope() as self._wait_scope:  # drain() ends the wait
+                await trio.lowlevel.wait_readable(self._fd)
         except trio.ClosedResourceError:  # pyfuse3.terminate()
             return False
-        return True
+        finally:
+            self._wait_scope = None
+        return not self._draining
 
     async def _one_task(self) -> None:
         """Leader/followers: the leader reads and processes requests; when a handler has to wait
@@ -159,7 +176,11 @@ class SessionLoop:
                     self._followers.unpark_all()
                     return
                 self._followers.unpark()
-                await _continue(*suspended)
+                self._waiting += 1
+                try:
+                    await _continue(*suspended)
+                finally:
+                    self._waiting -= 1
         finally:
             if buf.mem:
                 _libc.free(buf.mem)
@@ -170,6 +191,8 @@ class SessionLoop:
         receive, process, take_retval = _lib.fuse_session_receive_buf, _lib_gil.fuse_session_process_buf, \
             self.adapter.take_retval
         while True:
+            if self._draining:
+                return None
             # The fd is non-blocking: try the read first, wait only when nothing is queued.
             res = receive(session, ref)
             if res == -errno.EAGAIN:
