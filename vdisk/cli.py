@@ -37,6 +37,17 @@ def duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def count_arg(text: str) -> int:
+    """argparse type for a count flag (--max-connections): a plain integer of at least 1."""
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: must be a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: must be at least 1")
+    return n
+
+
 def store_of(args: argparse.Namespace) -> VolumeStore:
     return VolumeStore(args.data_dir)
 
@@ -179,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="NBD listener (repeatable; default unix:DATA_DIR/NAME.nbd.sock)")
     sp.add_argument("--fuse", metavar="MOUNTPOINT", help="also export each volume as MOUNTPOINT/NAME")
     sp.add_argument("--read-only", action="store_true", help="refuse writes (EPERM); the only way to serve a replica")
-    sp.add_argument("--max-connections", type=_positive_int, default=1000, metavar="N",
+    sp.add_argument("--max-connections", type=count_arg, default=1000, metavar="N",
                     help="open NBD connections per listener; more are refused (default 1000)")
     sp.add_argument("-v", "--verbose", action="store_true")
 

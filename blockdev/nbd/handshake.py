@@ -88,7 +88,10 @@ Lookup = Callable[[str], "ExportInfo | None"]
 class ServerHandshake:
     """The option-haggling state machine of one connection."""
 
-    def __init__(self, lookup: Lookup, list_names: Callable[[], list[str]]) -> None:
+    def __init__(self, lookup: Lookup, list_names: Callable[[], list[str]], refuse: str | None = None) -> None:
+        """``refuse``: the server will not serve this client (e.g. too many connections): every option
+        is answered NBD_REP_ERR_POLICY with this message, as the spec asks of an unwilling server."""
+        self._refuse = refuse
         self._lookup = lookup
         self._list_names = list_names
         self._in = bytearray()
@@ -164,6 +167,10 @@ class ServerHandshake:
         self._reply(opt, rep, msg.encode()[:4096])
 
     def _option(self, opt: int, data: bytes) -> None:
+        if self._refuse is not None and opt != P.OPT_ABORT:
+            if opt == P.OPT_EXPORT_NAME:  # this option cannot be answered with an error
+                raise HandshakeError(f"refused ({self._refuse})")
+            return self._error(opt, P.REP_ERR_POLICY, self._refuse)
         if opt == P.OPT_EXPORT_NAME:
             info = self._find(_decode(data))
             if info is None:

@@ -33,12 +33,16 @@ class RequestParser:
         self.discard = 0
         self.max_payload = max_payload
 
-    def parse(self, view: memoryview) -> tuple[list[Request], int, int]:
-        """Parse ``view``; returns (requests, bytes consumed, bytes the next request needs in all)."""
+    def parse(self, view: memoryview, limit: int = 1 << 30) -> tuple[list[Request], int, int]:
+        """Parse ``view``, at most ``limit`` requests; returns (requests, bytes consumed, bytes the
+        next request needs in all). The limit bounds one batch: 16 MiB of 28-byte requests would
+        otherwise be 600,000 tuples at once."""
         out: list[Request] = []
         pos, end = 0, len(view)
         unpack = REQ.unpack_from
-        while True:
+        left = limit
+        while left:
+            left -= 1
             if self.discard:
                 n = min(self.discard, end - pos)
                 pos += n
@@ -64,6 +68,7 @@ class RequestParser:
             else:
                 out.append((cmd, flags, handle, offset, length, None, 0))
                 pos += REQ_SIZE
+        return out, pos, REQ_SIZE
 
 
 _KNOWN_FLAGS = {
