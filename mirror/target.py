@@ -121,13 +121,11 @@ class TargetServer:
     """Accepts replication links; at most one source per replica at a time. Nothing a peer sends
     ends the server: each link runs behind ``_guarded``, and a peer's error ends that link only."""
 
-    def __init__(self, store: VolumeStore, config: TargetConfig = TargetConfig(), *,
-                 open_replica: Callable[[str], ReplicaImage] | None = None) -> None:
+    def __init__(self, store: VolumeStore, config: TargetConfig = TargetConfig()) -> None:
         self.store, self.config = store, config
         self.active: dict[str, str] = {}  # replica name -> source peer
         self.applied_bytes = 0
         self.handshaking = 0  # connections not yet authenticated
-        self._open_replica = open_replica or store.open_image
         self._ro: dict[str, FileImage] = {}
         self._sessions: dict[str, tuple[trio.CancelScope, trio.Event]] = {}  # source uuid -> its link's
         self._io_limiter = trio.CapacityLimiter(config.io_threads)
@@ -176,12 +174,15 @@ class TargetServer:
         counted = [True]  # handle() clears it once the peer has authenticated
         try:
             await self.handle(stream, counted)
-        except Exception:
+        except* Exception:  # Cancelled and KeyboardInterrupt (also inside groups) propagate
             log.exception("internal error on the link from %s (the link is closed)", _peer(stream))
         finally:
             if counted[0]:
                 self.handshaking -= 1
-            stream.socket.close()  # no-op if handle() closed it
+            try:
+                stream.socket.close()  # no-op if handle() closed it
+            except OSError:
+                pass
 
     # -- one source ------------------------------------------------------------------------------
     async def handle(self, stream: trio.SocketStream, counted: list[bool] | None = None) -> None:
@@ -189,6 +190,13 @@ class TargetServer:
         # A small buffer until the peer has authenticated (an idle connection costs kilobytes, not
         # the 16 MiB a source gets after the Welcome).
         link = Link(stream.socket, Connection(Role.TARGET, self.config.psk, reader=FrameReader(HANDSHAKE_BUFFER)))
+        try:
+            await self._handle(link, counted)
+        finally:
+            with trio.CancelScope(shield=True):
+                await link.close()  # always: the Link's socket object shares the stream's descriptor
+
+    async def _handle(self, link: Link, counted: list[bool] | None) -> None:
         name: str | None = None
         lock = image = None
         session: tuple[trio.CancelScope, trio.Event] | None = None
@@ -217,7 +225,7 @@ class TargetServer:
             except VolumeError as e:
                 raise Refused(str(e)) from None
             lock.describe({"pid": os.getpid(), "replica_of": hello.volume_uuid, "source": link.peer})
-            image = self._open_replica(name)
+            image = self.store.open_image(name)
             meta = self.store.update(name, replica={
                 "source_uuid": hello.volume_uuid, "source_name": hello.name, "generation": hello.generation,
                 "last_connected": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
@@ -252,8 +260,6 @@ class TargetServer:
                 session[1].set()
                 if self._sessions.get(session_uuid) is session:
                     del self._sessions[session_uuid]
-        with trio.CancelScope(shield=True):
-            await link.close()
 
     async def _take_over(self, uuid: str, peer: str) -> None:
         """A source that reconnects (authenticated) replaces its previous link: after a partition
@@ -398,13 +404,13 @@ def _peer(stream: trio.SocketStream) -> str:
 
 
 def _single(group: BaseExceptionGroup) -> BaseException:
-    """The one error inside (nested) groups, or the group itself if there are several."""
-    leaves: list[BaseException] = []
+    """The first real error inside (nested) groups; Cancelled is dropped beside one (trio delivers it
+    again at the next checkpoint). The group itself if it holds nothing else."""
     stack: list[BaseException] = [group]
     while stack:
-        e = stack.pop()
+        e = stack.pop(0)
         if isinstance(e, BaseExceptionGroup):
-            stack.extend(e.exceptions)
-        else:
-            leaves.append(e)
-    return leaves[0] if len(leaves) == 1 else group
+            stack[:0] = e.exceptions
+        elif not isinstance(e, trio.Cancelled):
+            return e
+    return group

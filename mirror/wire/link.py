@@ -121,7 +121,9 @@ class Link:
             raise RemoteProtocolError(f"link to {self.peer} failed: {e.strerror or e}") from None
 
     async def close(self, error: WireError | None = None, message: str | None = None) -> None:
-        """Tell the peer why (best effort, bounded), then hang up."""
+        """Tell the peer why (best effort, bounded), then hang up. Idempotent."""
+        if self.raw.fileno() < 0:
+            return
         if message is not None:
             self.conn.fail(message, "error")
         data = self.conn.data_to_send()
