@@ -11,6 +11,10 @@ from mirror.wire import AuthError, Connection, PeerError, RemoteProtocolError, R
 from mirror.wire.events import (
     PROTOCOL_VERSION,
     Ack,
+    Auth,
+    Bye,
+    Challenge,
+    ErrorMsg,
     Flush,
     HashQuery,
     HashReply,
@@ -233,4 +237,147 @@ def test_oversized_frame_header_is_refused_without_buffering_it():
     tgt = Connection(Role.TARGET)
     tgt.receive_data(struct.pack(">IBBHQQQ", codec.MAX_PAYLOAD + 1, codec.T_WRITE, 0, 0, 1, 0, 0))
     with pytest.raises(RemoteProtocolError, match="too large"):
+        tgt.next_events()
+
+
+# -- every frame type, every field -----------------------------------------------------------------
+U64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
+INT = st.integers(min_value=0, max_value=codec.MAX_INT)
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=codec.MAX_NAME)
+HEX = st.binary(max_size=64)
+EVENTS = st.one_of(
+    st.builds(Hello, INT, st.uuids().map(str), TEXT, st.integers(1, codec.MAX_INT), st.integers(1, 1 << 30), INT,
+              HEX, TEXT, st.lists(TEXT, max_size=32).map(tuple)),
+    st.builds(Challenge, INT, HEX, HEX, st.booleans()),
+    st.builds(Auth, HEX),
+    st.builds(Welcome, TEXT, TEXT, st.booleans(), INT),
+    st.builds(ErrorMsg, st.text(st.characters(blacklist_categories=("Cs",)), max_size=2000),
+              st.text(st.characters(blacklist_categories=("Cs",)), max_size=64)),
+    st.builds(Bye),
+    st.builds(Write, U64, U64, st.binary(max_size=5000).map(memoryview), st.booleans()),
+    st.builds(Zero, U64, U64, U64, st.booleans(), st.booleans()),
+    st.builds(Flush, U64), st.builds(Ack, U64), st.builds(Ping, U64),
+    st.builds(HashQuery, INT, INT, st.integers(0, 64), st.lists(INT, max_size=100).map(tuple)),
+    st.builds(HashReply, U64, st.binary(max_size=40).map(lambda b: b[:len(b) // 16 * 16])),
+)
+
+
+def plain(ev):
+    return (type(ev), ev.seq, ev.offset, bytes(ev.data), ev.fua) if isinstance(ev, Write) else ev
+
+
+@given(evs=st.lists(EVENTS, min_size=1, max_size=8), split=st.integers(1, 3000))
+@settings(max_examples=300, deadline=None)
+def test_every_event_with_any_valid_fields_survives_encode_and_decode_at_any_split(evs, split):
+    data = b"".join(codec.encode(e) for e in evs)
+    reader = codec.FrameReader(4096)
+    got = []
+    for i in range(0, len(data), split):
+        reader.feed(data[i:i + split])
+        got += [plain(e) for e in reader.frames()]
+    assert got == [plain(e) for e in evs]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                    max_leaves=12)
+ANY_INT = st.integers() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
+HEXSTR = st.binary(max_size=80).map(bytes.hex)
+# Per field: values of roughly the right type (any int, bools among them, long strings) or any JSON.
+FIELD = {"version": ANY_INT, "volume_uuid": st.uuids().map(str) | TEXT, "name": st.text(max_size=300),
+         "size": ANY_INT, "block_size": ANY_INT, "generation": ANY_INT, "nonce": HEXSTR, "mode": TEXT,
+         "caps": st.lists(st.text(max_size=300), max_size=40), "proof": HEXSTR, "auth": st.booleans(),
+         "replica_id": TEXT, "replica_name": TEXT, "created": st.booleans() | ANY_INT,
+         "message": st.text(max_size=3000), "code": st.text(max_size=100), "req": ANY_INT,
+         "leaf_size": ANY_INT, "level": ANY_INT, "indices": st.lists(ANY_INT, max_size=20)}
+CONTROL_KEYS = {
+    codec.T_HELLO: ["version", "volume_uuid", "name", "size", "block_size", "generation", "nonce", "mode", "caps"],
+    codec.T_CHALLENGE: ["version", "nonce", "proof", "auth"],
+    codec.T_AUTH: ["proof"],
+    codec.T_WELCOME: ["replica_id", "replica_name", "created", "generation"],
+    codec.T_ERROR: ["message", "code"],
+    codec.T_HASHQ: ["req", "leaf_size", "level", "indices"],
+}
+
+
+def _fields_in_bounds(ev) -> None:
+    for k, v in vars(ev).items():
+        assert not isinstance(v, float)
+        if isinstance(v, int) and not isinstance(v, bool):
+            assert 0 <= v <= codec.MAX_INT, (k, v)
+            if k in ("size", "block_size"):
+                assert v >= 1, (k, v)
+        if isinstance(v, str):
+            assert len(v) <= 2000, k
+    if isinstance(ev, HashQuery):
+        assert all(type(i) is int and i >= 0 for i in ev.indices) and len(ev.indices) <= codec.MAX_QUERY_INDICES
+
+
+@given(ftype=st.sampled_from(sorted(CONTROL_KEYS)), data=st.data())
+@settings(max_examples=400, deadline=None)
+def test_control_frames_with_any_json_field_values_decode_in_bounds_or_raise_protocol_errors(ftype, data):
+    keys = CONTROL_KEYS[ftype]
+    obj = {k: data.draw(FIELD[k] | JSON if data.draw(st.integers(0, 9), label=f"{k} any JSON") == 0 else FIELD[k],
+                        label=k)
+           for k in keys if data.draw(st.integers(0, 19), label=f"{k} missing") != 0}
+    import json
+
+    payload = json.dumps(obj).encode()
+    reader = codec.FrameReader()
+    reader.feed(codec._frame(ftype, payload) + payload)
+    try:
+        (ev,) = reader.frames()
+    except RemoteProtocolError:
+        return
+    _fields_in_bounds(ev)
+
+
+@given(ftype=st.sampled_from(sorted(codec._KNOWN_TYPES)), flags=st.integers(0, 255), a=U64, b=U64,
+       payload=st.binary(max_size=64), role=st.sampled_from([Role.SOURCE, Role.TARGET]))
+@settings(max_examples=400, deadline=None)
+def test_any_well_checksummed_header_after_the_handshake_only_raises_wire_errors(ftype, flags, a, b, payload, role):
+    src, tgt = handshake(None, None)
+    conn = src if role is Role.SOURCE else tgt
+    conn.receive_data(codec._frame(ftype, payload, flags, a, b) + payload)
+    try:
+        for ev in conn.next_events():
+            if isinstance(ev, HashQuery | Hello):
+                _fields_in_bounds(ev)
+    except WireError:
+        pass
+
+
+def test_deeply_nested_json_is_a_protocol_error_not_a_recursion_error():
+    body = b"[" * 100_000 + b"]" * 100_000
+    src = Connection(Role.SOURCE)
+    src.start(hello())
+    src.receive_data(codec._frame(codec.T_CHALLENGE, body) + body)  # the source takes big control frames
+    with pytest.raises(RemoteProtocolError, match="nested too deeply"):
+        src.next_events()
+
+
+def test_a_target_takes_only_small_frames_until_the_source_has_authenticated():
+    import struct
+
+    tgt = Connection(Role.TARGET, reader=codec.FrameReader(4096))
+    tgt.receive_data(struct.pack(">IBBHQQQ", codec.PRE_AUTH_PAYLOAD + 1, codec.T_HELLO, 0, 0, 0, 0, 0))
+    with pytest.raises(RemoteProtocolError, match="too large"):
+        tgt.next_events()
+    assert tgt.reader.capacity == 4096  # nothing was buffered for it
+    _, ready = handshake(None, None)
+    assert ready.reader.max_payload == codec.MAX_PAYLOAD
+
+
+@pytest.mark.parametrize("field,value", [("volume_uuid", "../../etc"), ("volume_uuid", UUID.upper()),
+                                         ("size", 0), ("size", True), ("size", 1.5), ("generation", -1),
+                                         ("name", "x" * 256), ("caps", ["a"] * 33), ("block_size", 1 << 31)])
+def test_hello_fields_out_of_bounds_are_refused(field, value):
+    import json
+
+    d = json.loads(codec.encode(hello())[codec.HEADER_SIZE:])
+    d[field] = value
+    payload = json.dumps(d).encode()
+    tgt = Connection(Role.TARGET)
+    tgt.receive_data(codec._frame(codec.T_HELLO, payload) + payload)
+    with pytest.raises(RemoteProtocolError, match=field):
         tgt.next_events()
