@@ -52,13 +52,15 @@ class CLI:
 class Server:
     """A running `vdisk serve` subprocess."""
 
-    def __init__(self, cli: CLI, names: tuple[str, ...], sock: Path, extra: tuple[str, ...]) -> None:
+    def __init__(self, cli: CLI, names: tuple[str, ...], sock: Path, extra: tuple[str, ...],
+                 preexec: Callable[[], None] | None = None) -> None:
         self.names = names
         self.sock = sock
         self.log_path = sock.with_suffix(".log")
         self._log = open(self.log_path, "w+b")  # noqa: SIM115 - lives as long as the server
         args = [VDISK, "serve", *names, "--nbd", f"unix:{sock}", *extra]
-        self.proc = subprocess.Popen(args, env=cli.env, stdout=subprocess.PIPE, stderr=self._log)
+        self.proc = subprocess.Popen(args, env=cli.env, stdout=subprocess.PIPE, stderr=self._log,
+                                     preexec_fn=preexec)  # noqa: PLW1509 - only resource limits, set in the child
         self.banner = self._wait_banner()
 
     def _wait_banner(self) -> str:
@@ -132,9 +134,10 @@ def sock_dir() -> Iterator[Path]:
 
 
 def _server_factory(cli: CLI, sock_dir: Path, servers: list[Server]) -> Callable[..., Server]:
-    def start(*names: str, read_only: bool = False, extra: tuple[str, ...] = (), sock: Path | None = None) -> Server:
+    def start(*names: str, read_only: bool = False, extra: tuple[str, ...] = (), sock: Path | None = None,
+              preexec: Callable[[], None] | None = None) -> Server:
         flags = (("--read-only",) if read_only else ()) + tuple(extra)
-        srv = Server(cli, names, sock or sock_dir / f"s{len(servers)}.sock", flags)
+        srv = Server(cli, names, sock or sock_dir / f"s{len(servers)}.sock", flags, preexec)
         servers.append(srv)
         return srv
     return start
@@ -161,7 +164,8 @@ def _stop_all(servers: list[Server]) -> None:
 
 @pytest.fixture
 def serve(vd: CLI, sock_dir: Path) -> Iterator[Callable[..., Server]]:
-    """``serve(*names, read_only=False, extra=())`` -> a running Server; all are stopped at teardown."""
+    """``serve(*names, read_only=False, extra=(), preexec=None)`` -> a running Server; all are stopped at
+    teardown (``preexec`` runs in the child before exec: resource limits)."""
     servers: list[Server] = []
     yield _server_factory(vd, sock_dir, servers)
     _stop_all(servers)
