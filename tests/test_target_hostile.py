@@ -3,7 +3,6 @@ connections are cheap and bounded, verify work is bounded and off the frame loop
 slow disk does not stall another source. After every hostile input a legitimate source still mirrors."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -11,16 +10,23 @@ import time
 
 import pytest
 import trio
+from target_peers import (
+    OTHER,
+    SIZE,
+    UUID,
+    RawSource,
+    drained,
+    hashq,
+    hello_json,
+    json_frame,
+    legit_source_mirrors,
+)
 
 from blockdev.volume import VolumeError, VolumeStore
 from mirror import verify
 from mirror.target import TargetConfig, TargetServer
-from mirror.wire import Connection, Role, codec
-from mirror.wire.events import PROTOCOL_VERSION, Auth, Bye, HashQuery, Hello
-
-SIZE = 4 << 20
-UUID = "9f1d6d7e-1111-4c4c-8888-000000000001"
-OTHER = "9f1d6d7e-2222-4c4c-8888-000000000002"
+from mirror.wire import codec
+from mirror.wire.events import Auth, Bye, HashQuery
 
 
 async def start_target(nursery, tmp, open_replica=None, **over) -> tuple[TargetServer, int]:
@@ -32,103 +38,6 @@ async def start_target(nursery, tmp, open_replica=None, **over) -> tuple[TargetS
     server = TargetServer(store, cfg)
     addr = await nursery.start(server.serve, "127.0.0.1", 0)
     return server, int(addr.rsplit(":", 1)[1])
-
-
-class RawSource:
-    """A hand-driven source over a real TCP socket."""
-
-    def __init__(self, stream: trio.SocketStream, conn: Connection) -> None:
-        self.stream, self.conn, self.seq = stream, conn, 0
-        self.reader = codec.FrameReader(1 << 20)
-
-    @classmethod
-    async def connect(cls, port: int, uuid: str = UUID, size: int = SIZE, name: str = "vol") -> RawSource:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = Connection(Role.SOURCE)
-        conn.start(Hello(PROTOCOL_VERSION, uuid, name, size, 4096, 1, b""))
-        await stream.send_all(conn.data_to_send())
-        with trio.fail_after(5):
-            while True:
-                data = await stream.receive_some(65536)
-                assert data, "the target closed the link during the handshake"
-                conn.receive_data(data)
-                evs = conn.next_events()
-                await stream.send_all(conn.data_to_send())
-                if evs:
-                    return cls(stream, conn)
-
-    async def send(self, *frames: bytes) -> None:
-        await self.stream.send_all(b"".join(frames))
-
-    def write(self, offset: int, data: bytes, fua: bool = False) -> bytes:
-        self.seq += 1
-        return b"".join(bytes(x) for x in codec.encode_write(self.seq, offset, data, fua))
-
-    def flush(self) -> bytes:
-        self.seq += 1
-        return codec.encode_flush(self.seq)
-
-    async def events(self, timeout: float = 5.0) -> list:
-        with trio.fail_after(timeout):
-            while True:
-                evs = self.reader.frames()
-                if evs:
-                    return evs
-                data = await self.stream.receive_some(1 << 20)
-                assert data, "the target closed the link"
-                self.reader.feed(data)
-
-    async def until_ack(self, seq: int, timeout: float = 5.0) -> list:
-        seen: list = []
-        with trio.fail_after(timeout):
-            while True:
-                evs = await self.events(timeout)
-                seen += evs
-                if any(type(e) is codec.Ack and e.seq >= seq for e in evs):
-                    return seen
-
-    async def close(self) -> None:
-        await self.stream.send_all(codec.encode(Bye()))
-        await self.stream.aclose()
-
-
-async def legit_source_mirrors(port: int, tmp, offset: int = 8192) -> None:
-    """A legitimate source connects, writes, flushes and is acknowledged; the replica has the data."""
-    src = await RawSource.connect(port)
-    payload = os.urandom(4096)
-    await src.send(src.write(offset, payload), src.flush())
-    await src.until_ack(src.seq)
-    fd = os.open(tmp / "dst" / "vol.img", os.O_RDONLY)
-    try:
-        assert os.pread(fd, 4096, offset) == payload
-    finally:
-        os.close(fd)
-    await src.close()
-
-
-async def drained(stream: trio.SocketStream) -> bytes:
-    """Everything the target sends until it hangs up (a reset counts as a hang-up)."""
-    data = b""
-    with trio.fail_after(5):
-        while True:
-            try:
-                chunk = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                return data
-            if not chunk:
-                return data
-            data += chunk
-
-
-def json_frame(ftype: int, payload: bytes) -> bytes:
-    return codec._frame(ftype, payload) + payload
-
-
-def hello_json(**over) -> bytes:
-    d = {"version": PROTOCOL_VERSION, "volume_uuid": OTHER, "name": "x", "size": SIZE, "block_size": 4096,
-         "generation": 1, "nonce": "ab" * 32, "mode": "sync", "caps": []}
-    d.update(over)
-    return json_frame(codec.T_HELLO, json.dumps(d).encode())
 
 
 NEST = 30000  # within the 64 KiB pre-auth frame cap; the codec test covers 100k levels
@@ -160,7 +69,7 @@ async def test_nothing_before_authentication_ends_the_target(tmp_path, nursery, 
         pass
     await drained(s)
     await s.aclose()
-    await legit_source_mirrors(port, tmp_path)
+    await legit_source_mirrors(port, tmp_path / "dst")
     assert not [r for r in caplog.records if r.exc_info], "a peer's mistake was logged as an internal error"
     assert not any(p.name.startswith(("..", "replica-..")) for p in (tmp_path / "dst").iterdir())
     assert (tmp_path / "tmp" / "x.img").exists() is False
@@ -171,11 +80,6 @@ async def test_a_name_with_a_trailing_newline_gets_a_safe_replica_name(tmp_path,
     src = await RawSource.connect(port, name="vol\n")
     assert list(server.active) == ["replica-9f1d6d7e"]
     await src.close()
-
-
-def hashq(req: int, leaf: int, level: int, indices) -> bytes:
-    payload = json.dumps({"req": req, "leaf_size": leaf, "level": level, "indices": indices}).encode()
-    return json_frame(codec.T_HASHQ, payload)
 
 
 AFTER_AUTH = {
@@ -203,7 +107,7 @@ async def test_nothing_after_authentication_ends_the_target(tmp_path, nursery, c
     await src.send(AFTER_AUTH[case])
     reply = await drained(src.stream)
     assert b"protocol" in reply or b"bad" in reply  # the source is told why
-    await legit_source_mirrors(port, tmp_path)
+    await legit_source_mirrors(port, tmp_path / "dst")
     assert not [r for r in caplog.records if r.exc_info], "a peer's mistake was logged as an internal error"
 
 
@@ -221,7 +125,7 @@ async def test_a_bug_in_one_link_is_logged_with_its_traceback_and_the_target_goe
     server._replica_for = buggy  # type: ignore[method-assign]
     with pytest.raises(AssertionError):
         await RawSource.connect(port)
-    await legit_source_mirrors(port, tmp_path)
+    await legit_source_mirrors(port, tmp_path / "dst")
     internal = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert len(internal) == 1 and internal[0].exc_info is not None
 
@@ -240,7 +144,7 @@ async def test_idle_unauthenticated_connections_are_capped_timed_out_and_cheap(t
     for s in idle:
         assert b"handshake" in await drained(s)
         await s.aclose()
-    await legit_source_mirrors(port, tmp_path)
+    await legit_source_mirrors(port, tmp_path / "dst")
     assert sum("refused a connection" in r.getMessage() for r in caplog.records) == 1
 
 
