@@ -64,3 +64,6 @@ class Pairing:
     initial_sync_done: bool = False
     sync_total: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # The operator chose to overwrite a split-brain replica: asked in every Hello until a Merkle
+    # compare has marked what differs (a new Pairing then drops it).
+    discard_replica: bool = False

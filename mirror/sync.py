@@ -32,6 +32,7 @@ from .dirty import ActivityLog, DirtyMap
 from .hold import HeldWrites
 from .records import MirrorStats, Pairing, SyncConfig, VolumeIdentity
 from .resync import chunk, mark_allocated, read_frames
+from .seal import DISCARD_REPLICA, SPLIT_BRAIN
 from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
 from .wire.codec import (
@@ -357,6 +358,8 @@ class SyncReplicator(Marking):
                         await self._session()
                     except (WireError, OSError) as e:
                         self.last_error = str(e)
+                        if getattr(e, "code", None) == SPLIT_BRAIN:
+                            await self._split_brain(str(e).removeprefix("peer: "))
                         log.warning("mirror %s -> %s:%s: %s", self.ident.name, self.config.host,
                                     self.config.port, e)
                     except Exception as e:  # a bug here must not stop the volume being served
@@ -377,8 +380,9 @@ class SyncReplicator(Marking):
         self.outbox.clear()
         link.outbox = self.outbox  # the sender task drains the outbox that on_write fills
         try:
+            caps = (DISCARD_REPLICA,) if self.pairing.discard_replica else ()
             conn.start(Hello(PROTOCOL_VERSION, self.ident.uuid, self.ident.name, self.ident.size,
-                             self.ident.block_size, self.ident.generation, b"", "sync", ()))
+                             self.ident.block_size, self.ident.generation, b"", "sync", caps))
             await link.send_control()
             with trio.move_on_after(self.config.timeout) as scope:
                 events = await link.receive()
@@ -425,10 +429,20 @@ class SyncReplicator(Marking):
             self.pairing = Pairing(welcome.replica_id, False, self.dirty.dirty_bytes)
             self._save_map_first()
             self._save_pairing(self.pairing)
-        elif welcome.replica_id != p.replica_id:
+        elif welcome.replica_id != p.replica_id or welcome.verify:
             # An existing replica we did not fill (restored from elsewhere, or paired before a
-            # --stop): compare Merkle trees first and resend only the blocks that differ.
+            # --stop), or one that may have changed without us (the target says so: it died
+            # mid-session, or --discard-replica after a split brain): compare Merkle trees first
+            # and resend only the blocks that differ.
             self._verify_first = welcome.replica_id
+
+    async def _split_brain(self, message: str) -> None:
+        """The target refuses: its replica was written outside the mirror. Leave the pair
+        disconnected (writes go on here, marked dirty) until the operator reconfigures the mirror
+        (`vdisk mirror NAME --discard-replica` starts a new replicator)."""
+        self.state, self.last_error = "split_brain", message
+        log.error("mirror %s -> %s:%s: %s", self.ident.name, self.config.host, self.config.port, message)
+        await trio.sleep_forever()
 
     def _save_map_first(self) -> None:
         """Before a pairing that relies on the map is recorded: a pairing saved over an unsaved map

@@ -27,6 +27,7 @@ from blockdev.image.file import FileImage
 from blockdev.layers import ReadOnlyLayer
 from blockdev.volume import NAME_RE, VolumeBusy, VolumeError, VolumeStore, validate_name
 
+from . import seal as seals
 from .target_io import INLINE_BYTES, Batch, Hasher, ReplicaImage, apply_batch, check_batch, check_query
 from .wire import Connection, PeerError, PeerSilent, Role, WireError
 from .wire.codec import FrameReader, encode_ack
@@ -40,7 +41,11 @@ LOCK_FILE = ".vdisk-target.lock"
 
 
 class Refused(Exception):
-    """The target will not take this source (the message goes to the source)."""
+    """The target will not take this source (the message goes to the source, with ``code``)."""
+
+    def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -225,21 +230,23 @@ class TargetServer:
             except VolumeError as e:
                 raise Refused(str(e)) from None
             lock.describe({"pid": os.getpid(), "replica_of": hello.volume_uuid, "source": link.peer})
-            image = self.store.open_image(name)
-            meta = self.store.update(name, replica={
-                "source_uuid": hello.volume_uuid, "source_name": hello.name, "generation": hello.generation,
-                "last_connected": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
-            link.conn.accept(Welcome(meta.uuid, name, created, hello.generation))
+            # Was the replica written behind the mirror's back since the last session? (seal.py)
+            verdict = seals.admit(self.store, name, hello.name, created=created,
+                                  discard=seals.DISCARD_REPLICA in hello.caps)
+            image = seals.SealedImage(self.store.open_image(name), self.store, name, hello.name)
+            meta = seals.open_session(self.store, name, {
+                "source_uuid": hello.volume_uuid, "source_name": hello.name, "source_addr": link.peer,
+                "generation": hello.generation, "last_connected": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+            link.conn.accept(Welcome(meta.uuid, name, created, hello.generation, verdict.verify))
             link.conn.reader.reserve(RECV_BUFFER)
             await link.send_control()
             self.active[name] = link.peer
             log.info("source %s mirrors %r (%s) into replica %s", link.peer, hello.name, hello.volume_uuid, name)
             with session[0]:
                 await self._session(link, image, hello.size)
-        except Refused as e:
+        except (Refused, seals.SplitBrain) as e:
             log.warning("refused source %s: %s", link.peer, e)
-            with trio.CancelScope(shield=True):
-                await link.close(message=str(e))
+            link.conn.fail(str(e), e.code)
             return
         except PeerError as e:
             log.warning("source %s: %s", link.peer, e)
@@ -253,6 +260,8 @@ class TargetServer:
             if name is not None and self.active.get(name) == link.peer:
                 del self.active[name]
             if image is not None:
+                with trio.CancelScope(shield=True):  # before the lock goes: nobody else can write yet
+                    await self._seal(image)
                 image.close()
             if lock is not None:
                 lock.release()
@@ -260,6 +269,19 @@ class TargetServer:
                 session[1].set()
                 if self._sessions.get(session_uuid) is session:
                     del self._sessions[session_uuid]
+
+    async def _seal(self, image: seals.SealedImage) -> None:
+        """The session is over: record the image as the target leaves it (or a split brain, if
+        someone else wrote it meanwhile). If that fails, session_open stays and the next connect
+        compares."""
+        try:
+            reason = await trio.to_thread.run_sync(lambda: image.seal(session_open=False), limiter=self._io_limiter)
+        except (OSError, VolumeError) as e:
+            log.error("replica %s: cannot record its seal (the next session starts with a compare): %s",
+                      image.name, e)
+            return
+        if reason is not None and not image.reported:
+            log.error("%s", seals.message(image.name, image.source_name, reason))
 
     async def _take_over(self, uuid: str, peer: str) -> None:
         """A source that reconnects (authenticated) replaces its previous link: after a partition
@@ -311,6 +333,8 @@ class TargetServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hasher.run)
+                if isinstance(image, seals.SealedImage):
+                    nursery.start_soon(image.keep_sealed, self._io_limiter)
                 try:
                     await self._apply(link, image, size, hasher, send)
                 finally:

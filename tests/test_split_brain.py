@@ -3,7 +3,9 @@ and a replica changed anyway (dd into the image, an older vdisk) is detected as 
 instead of being silently resynced over; `vdisk mirror NAME --discard-replica` is the way back."""
 from __future__ import annotations
 
+import json
 import os
+import time
 
 import pytest
 
@@ -65,3 +67,146 @@ def test_every_writable_serve_bumps_the_volume_generation(procs):
         assert store.meta("vol").generation == expected
         srv.terminate()
         srv.wait(10)
+
+
+# -- split brain -------------------------------------------------------------------------------------
+def mirrored(procs: Procs, size: str = "16M") -> tuple[int, str]:
+    """`vol` served from src and sync-mirrored into dst, in sync, with 2 MiB of data; (port, socket)."""
+    procs.run("--data-dir", str(procs.tmp / "src"), "create", "vol", "--size", size)
+    _, port = procs.target("dst", 0)
+    _, sock = procs.serve("src", "vol")
+    procs.run("--data-dir", str(procs.tmp / "src"), "mirror", "vol", "--to", f"127.0.0.1:{port}", "--timeout", "3s")
+    write(sock, 0, os.urandom(2 * MiB))
+    procs.wait_state("src", "vol", "in_sync")
+    return port, sock
+
+
+def write(sock: str, offset: int, data: bytes) -> None:
+    h = nbd.NBD()
+    h.connect_unix(sock)
+    h.pwrite(data, offset)
+    h.flush()
+    h.shutdown()
+
+
+def stop(p) -> None:  # type: ignore[no-untyped-def]
+    p.terminate()
+    p.wait(20)
+
+
+def replica_idle(procs: Procs) -> None:
+    """Until the target has closed the session (sealed the replica and released its lock)."""
+    store = VolumeStore(procs.tmp / "dst")
+    deadline = time.monotonic() + 20
+    while store.holder("vol") is not None:
+        assert time.monotonic() < deadline, "the target still holds the replica"
+        time.sleep(0.05)
+
+
+def tamper(procs: Procs, offsets: tuple[int, ...] = (4096, 3 * MiB)) -> None:
+    """What a DR admin's `dd` into the replica does (serve and mount refuse it now)."""
+    fd = os.open(procs.tmp / "dst" / "vol.img", os.O_WRONLY)
+    try:
+        for off in offsets:
+            os.pwrite(fd, b"\xa5" * 512, off)
+    finally:
+        os.close(fd)
+
+
+def planted(procs: Procs, offsets: tuple[int, ...] = (4096, 3 * MiB)) -> bool:
+    with open(procs.tmp / "dst" / "vol.img", "rb") as f:
+        return all(os.pread(f.fileno(), 512, off) == b"\xa5" * 512 for off in offsets)
+
+
+def images_equal(procs: Procs) -> bool:
+    return (procs.tmp / "src" / "vol.img").read_bytes() == (procs.tmp / "dst" / "vol.img").read_bytes()
+
+
+def split_brain_lines(procs: Procs, log: str) -> list[str]:
+    path = procs.tmp / log
+    return [ln for ln in path.read_text().splitlines() if "split brain" in ln] if path.exists() else []
+
+
+def discard_and_check(procs: Procs) -> None:
+    """`vdisk mirror vol --discard-replica`: back in sync, verify clean, the decision not kept."""
+    src = ["--data-dir", str(procs.tmp / "src")]
+    procs.run(*src, "mirror", "vol", "--discard-replica")
+    procs.wait_state("src", "vol", "in_sync")
+    res = procs.run(*src, "verify", "vol", "--json")
+    assert json.loads(res.stdout)["differing_bytes"] == 0
+    assert images_equal(procs)
+    assert "discard_replica" not in VolumeStore(procs.tmp / "src").meta("vol").extra["mirror"]
+    assert "split_brain" not in VolumeStore(procs.tmp / "dst").meta("vol").extra["replica"]
+
+
+def test_a_replica_written_while_the_source_was_down_is_split_brain_until_discard_replica(procs):
+    mirrored(procs)
+    stop(procs.procs[-1])  # the source daemon
+    replica_idle(procs)
+    tamper(procs)
+    procs.serve("src", "vol")
+    st = procs.wait_state("src", "vol", "split_brain")
+    assert st["last_error"].startswith("split brain: replica 'vol' was written outside the mirror (its image was "
+                                       "modified at ")
+    assert "run `vdisk mirror vol --discard-replica` on the source" in st["last_error"]
+    text = procs.run("--data-dir", str(procs.tmp / "src"), "status", "vol").stdout
+    assert "split_brain" in text and "split brain: replica 'vol'" in text
+    # Both sides say it in one line; nothing was resynced over the replica's own change.
+    assert len(split_brain_lines(procs, "target.log")) >= 1 and len(split_brain_lines(procs, "serve.log")) == 1
+    assert planted(procs) and not images_equal(procs)
+    assert VolumeStore(procs.tmp / "dst").meta("vol").extra["replica"]["split_brain"]["reason"]
+    res = procs.run("--data-dir", str(procs.tmp / "src"), "verify", "vol", check=False)
+    assert res.returncode == 1 and "split_brain" in res.stderr  # verify needs a connected replica
+
+    # The decision is the operator's: a restart of the source does not end it.
+    stop(procs.procs[-1])
+    procs.serve("src", "vol")
+    procs.wait_state("src", "vol", "split_brain")
+    assert planted(procs)
+    discard_and_check(procs)
+
+
+def test_a_replica_written_during_a_session_is_split_brain(procs):
+    mirrored(procs)
+    tamper(procs, (5 * MiB,))  # the target holds the replica: it notices at its next idle check
+    st = procs.wait_state("src", "vol", "split_brain", timeout=15)
+    assert "after the target's last write" in st["last_error"]
+    assert planted(procs, (5 * MiB,))
+    discard_and_check(procs)
+
+
+def test_a_target_killed_mid_session_is_not_split_brain(procs):
+    port, sock = mirrored(procs)
+    tgt = procs.procs[0]
+    h = nbd.NBD()
+    h.connect_unix(sock)
+    for i in range(64):  # writes in flight and unsealed when the target dies
+        h.pwrite(os.urandom(64 << 10), i * (128 << 10))
+    Procs.kill9(tgt)
+    for i in range(16):  # and more while it is gone (the source's dirty map)
+        h.pwrite(os.urandom(4096), 9 * MiB + i * 8192)
+    h.flush()
+    h.shutdown()
+    assert VolumeStore(procs.tmp / "dst").meta("vol").extra["replica"]["session_open"]
+    procs.target("dst", port)
+    procs.wait_state("src", "vol", "in_sync")
+    res = procs.run("--data-dir", str(procs.tmp / "src"), "verify", "vol", "--json")
+    assert json.loads(res.stdout)["differing_bytes"] == 0 and images_equal(procs)
+    assert not split_brain_lines(procs, "target.log") and not split_brain_lines(procs, "serve.log")
+
+
+def test_clean_stops_and_starts_of_either_side_are_not_split_brain_and_need_no_compare(procs):
+    port, sock = mirrored(procs)
+    stop(procs.procs[0])  # the target
+    write(sock, 6 * MiB, os.urandom(MiB))  # while it is down: the dirty map's business
+    procs.target("dst", port)
+    procs.wait_state("src", "vol", "in_sync")
+    stop(procs.procs[1])  # the source
+    replica_idle(procs)
+    _, sock = procs.serve("src", "vol")
+    procs.wait_state("src", "vol", "in_sync")
+    write(sock, 8 * MiB, os.urandom(MiB))
+    procs.wait_state("src", "vol", "in_sync")
+    assert images_equal(procs)
+    assert not split_brain_lines(procs, "target.log") and not split_brain_lines(procs, "serve.log")
+    assert "existing replica differs" not in (procs.tmp / "serve.log").read_text()  # no Merkle compare ran

@@ -19,6 +19,8 @@ from .control import ControlError, call
 from .mirroring import MIRROR_SIDECARS, POLICIES, check_section, parse_hostport, read_psk
 from .units import format_size
 
+CONFIG_KEYS = ("to", "mode", "on_link_loss", "psk_file", "block_timeout", "timeout")
+
 
 def _daemon(store: VolumeStore, name: str) -> str | None:
     """The control address of the daemon serving ``name``, or None."""
@@ -81,11 +83,20 @@ def cmd_mirror(args: argparse.Namespace) -> int:
                 (store.root / f"{args.name}{suffix}").unlink(missing_ok=True)
         emit(args, {"stopped": args.name}, f"mirror of {args.name} stopped")
         return 0
-    if not args.to:
+    section: dict[str, Any]
+    if args.to:
+        section = {"to": args.to, "mode": args.mode, "on_link_loss": args.on_link_loss,
+                   "psk_file": str(Path(args.psk_file).resolve()) if args.psk_file else None,
+                   "block_timeout": args.block_timeout, "timeout": args.timeout}
+    elif args.discard_replica:  # the configuration as it is, plus the operator's decision
+        old = store.meta(args.name).extra.get("mirror")
+        if not isinstance(old, dict) or not old.get("to"):
+            raise ValueError(f"volume {args.name!r} is not mirrored: give --to HOST:PORT")
+        section = {k: old[k] for k in CONFIG_KEYS if k in old}
+    else:
         raise ValueError("give --to HOST:PORT (or --stop)")
-    section: dict[str, Any] = {"to": args.to, "mode": args.mode, "on_link_loss": args.on_link_loss,
-                               "psk_file": str(Path(args.psk_file).resolve()) if args.psk_file else None,
-                               "block_timeout": args.block_timeout, "timeout": args.timeout}
+    if args.discard_replica:
+        section["discard_replica"] = True
     check_section(section)  # fail here, not in the daemon's log
     if control:
         reply = call(control, "mirror", name=args.name, set=section)
@@ -96,7 +107,8 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         store.update(args.name, mirror={**section, **keep})
         reply, where = {}, "saved; it starts with `vdisk serve`"
     emit(args, {"name": args.name, "mirror": section, **reply},
-         f"mirror {args.name} -> {args.to} ({args.mode}, on link loss: {args.on_link_loss}) {where}")
+         f"mirror {args.name} -> {section['to']} ({section.get('mode')}, on link loss: {section.get('on_link_loss')})"
+         f"{', discarding what differs on the replica' if args.discard_replica else ''} {where}")
     if args.wait and control:
         sys.stdout.flush()
         _wait_in_sync(control, args)
@@ -128,15 +140,22 @@ def _wait_in_sync(control: str, args: argparse.Namespace) -> None:
                 init = st.get("initial_sync", {})
                 bar.update(task, total=init.get("total_bytes") or None, completed=init.get("copied_bytes", 0),
                            description=f"{args.name}: {st.get('state')}")
-                if st.get("state") == "in_sync":
+                if _done(st):
                     return
                 time.sleep(0.2)
     else:
         while time.monotonic() < deadline:
-            if _mirror_status(control, args.name).get("state") == "in_sync":
+            if _done(_mirror_status(control, args.name)):
                 return
             time.sleep(0.1)
     raise ControlError(f"the mirror of {args.name} is not in sync after {args.wait_timeout:g}s")
+
+
+def _done(st: dict[str, Any]) -> bool:
+    """In sync (True), still syncing (False), or a split brain that no waiting will end (raises)."""
+    if st.get("state") == "split_brain":
+        raise ControlError(str(st.get("last_error")))
+    return st.get("state") == "in_sync"
 
 
 def offline_status(store: VolumeStore, name: str) -> dict[str, Any] | None:
@@ -208,6 +227,9 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
                     help="target silence before link loss (default 10s)")
     sp.add_argument("--psk-file", help="pre-shared key file")
     sp.add_argument("--stop", action="store_true", help="stop mirroring and forget the pairing")
+    sp.add_argument("--discard-replica", action="store_true",
+                    help="after a split brain: overwrite what differs on the replica (found by Merkle compare); "
+                         "without --to, keeps the stored configuration")
     sp.add_argument("--wait", action="store_true", help="wait until the replica is in sync (progress bar on a tty)")
     sp.add_argument("--wait-timeout", type=duration_arg, default=3600.0, help="with --wait (default 1h)")
 

@@ -215,7 +215,7 @@ class MirrorManager:
         m = self._open(vol)
         meta = vol.meta
         pairing = Pairing(section.get("replica_id"), bool(section.get("initial_sync_done")),
-                          int(section.get("sync_total", 0)))
+                          int(section.get("sync_total", 0)), discard_replica=bool(section.get("discard_replica")))
         ident = VolumeIdentity(meta.uuid, vol.name, meta.size, meta.block_size, meta.generation)
         st = m.state
         rep = SyncReplicator(config, ident, vol.image, st.dirty, st.al, pairing,
@@ -271,6 +271,8 @@ class MirrorManager:
     def _save_pairing(self, name: str, p: Pairing) -> None:
         section = dict(self.daemon.store.meta(name).extra.get("mirror") or {})
         section.update(replica_id=p.replica_id, initial_sync_done=p.initial_sync_done, sync_total=p.sync_total)
+        if not p.discard_replica:  # the compare it asked for is done: a later connect must not discard again
+            section.pop("discard_replica", None)
         try:
             self.daemon.store.update(name, mirror=section)
         except OSError as e:

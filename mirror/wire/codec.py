@@ -118,7 +118,8 @@ def encode(event: Event) -> bytes:
             return _json_frame(T_AUTH, {"proof": event.proof.hex()})
         case Welcome():
             return _json_frame(T_WELCOME, {"replica_id": event.replica_id, "replica_name": event.replica_name,
-                                           "created": event.created, "generation": event.generation})
+                                           "created": event.created, "generation": event.generation,
+                                           "verify": event.verify})
         case ErrorMsg():
             return _json_frame(T_ERROR, {"message": event.message, "code": event.code})
         case Bye():
@@ -190,8 +191,11 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
     if ftype == T_AUTH:
         return Auth(_hexfield(d, "proof"))
     if ftype == T_WELCOME:
+        verify = d.get("verify", False)  # optional: a target from before split-brain checks omits it
+        if not isinstance(verify, bool):
+            raise RemoteProtocolError("bad frame: field 'verify' is not bool")
         return Welcome(_field(d, "replica_id", str), _field(d, "replica_name", str), _field(d, "created", bool),
-                       _field(d, "generation", int))
+                       _field(d, "generation", int), verify)
     if ftype == T_ERROR:
         return ErrorMsg(_field(d, "message", str, maxlen=MAX_JSON)[:2000], _field(d, "code", str)[:64])
     # T_HASHQ

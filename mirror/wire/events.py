@@ -53,6 +53,7 @@ class Welcome:
     replica_name: str
     created: bool
     generation: int
+    verify: bool = False  # Merkle-compare before trusting the pairing (the replica may have changed)
 
 
 @dataclass(frozen=True)
