@@ -92,13 +92,43 @@ def leaf_digests(image: Backend, size: int, leaf: int, stop: threading.Event | N
             if tail:
                 out[i + full * DIGEST:i + (full + 1) * DIGEST] = _h(bytes(tail))
         else:
-            image.pread(view[:n], pos)
-            i = pos // leaf * DIGEST
-            for off in range(0, n, leaf):
-                out[i:i + DIGEST] = _h(view[off:min(off + leaf, n)])
-                i += DIGEST
+            _hash_chunk(image, view, out, runs, n, pos, leaf, zero_leaf)
         pos += n
     return out
+
+
+def _hash_chunk(image: Backend, view: memoryview, out: bytearray, runs: list[tuple[int, int]], n: int,
+                pos: int, leaf: int, zero_leaf: bytes) -> None:
+    """Leaves of one chunk (leaf <= CHUNK): runs of hole leaves get the zero digest without a read,
+    each run of leaves touching data is read with one pread. What ``runs`` do not cover is data."""
+    count = (n + leaf - 1) // leaf
+    data = bytearray(count)  # 1: the leaf must be read
+    covered = 0
+    for length, flags in runs:
+        if not flags & EXTENT_HOLE and length:
+            first, last = covered // leaf, (covered + length - 1) // leaf
+            data[first:last + 1] = b"\1" * (last - first + 1)
+        covered += length
+    if covered < n:
+        data[covered // leaf:] = b"\1" * (count - covered // leaf)
+    base = pos // leaf * DIGEST
+    j = 0
+    while j < count:
+        k = j
+        while k < count and data[k] == data[j]:
+            k += 1
+        a, b = j * leaf, min(k * leaf, n)
+        if data[j]:
+            image.pread(view[a:b], pos + a)
+            for off in range(a, b, leaf):
+                i = base + off // leaf * DIGEST
+                out[i:i + DIGEST] = _h(view[off:min(off + leaf, b)])
+        else:
+            full = (b - a) // leaf
+            out[base + j * DIGEST:base + (j + full) * DIGEST] = zero_leaf * full
+            if (b - a) % leaf:  # the volume's last, short leaf
+                out[base + (j + full) * DIGEST:base + (j + full + 1) * DIGEST] = _h(bytes((b - a) % leaf))
+        j = k
 
 
 def _piece(image: Backend, view: memoryview, n: int, pos: int) -> bytes:
