@@ -10,6 +10,7 @@ import time
 import pytest
 
 from blockdev.volume import VolumeStore
+from mirror.seal import Verdict, judge
 from tests.mirror_procs import Procs
 
 nbd = pytest.importorskip("nbd") if not os.environ.get("CI") else __import__("nbd")
@@ -158,6 +159,10 @@ def test_a_replica_written_while_the_source_was_down_is_split_brain_until_discar
     res = procs.run("--data-dir", str(procs.tmp / "src"), "verify", "vol", check=False)
     assert res.returncode == 1 and "split_brain" in res.stderr  # verify needs a connected replica
 
+    # Waiting does not end it either: `mirror --wait` says why at once instead of timing out.
+    port = VolumeStore(procs.tmp / "src").meta("vol").extra["mirror"]["to"]
+    res = procs.run("--data-dir", str(procs.tmp / "src"), "mirror", "vol", "--to", port, "--wait", check=False)
+    assert res.returncode == 1 and "split brain: replica 'vol'" in res.stderr
     # The decision is the operator's: a restart of the source does not end it.
     stop(procs.procs[-1])
     procs.serve("src", "vol")
@@ -210,3 +215,27 @@ def test_clean_stops_and_starts_of_either_side_are_not_split_brain_and_need_no_c
     assert images_equal(procs)
     assert not split_brain_lines(procs, "target.log") and not split_brain_lines(procs, "serve.log")
     assert "existing replica differs" not in (procs.tmp / "serve.log").read_text()  # no Merkle compare ran
+
+
+SEAL = {"ino": 12, "size": 1 << 20, "mtime_ns": 1000, "ctime_ns": 2000, "generation": 1}
+
+
+@pytest.mark.parametrize("rep,now,verdict", [
+    ({"seal": SEAL}, SEAL, Verdict()),
+    ({"seal": SEAL, "session_open": True}, SEAL, Verdict()),  # died while idle: its last seal holds
+    ({"seal": SEAL}, {**SEAL, "mtime_ns": 1001}, "modified at"),
+    ({"seal": SEAL}, {**SEAL, "size": 2 << 20}, "modified at"),
+    ({"seal": SEAL}, {**SEAL, "ino": 13}, "replaced"),
+    ({"seal": SEAL}, {**SEAL, "generation": 2}, "opened writable outside the mirror (generation 1 -> 2)"),
+    ({"seal": SEAL, "session_open": True}, {**SEAL, "generation": 2}, "generation 1 -> 2"),
+    ({"seal": SEAL, "session_open": True}, {**SEAL, "mtime_ns": 5000}, Verdict(verify=True)),  # its own writes?
+    ({"seal": SEAL}, {**SEAL, "ctime_ns": 2001}, Verdict(verify=True)),  # chmod: attributes, maybe not data
+    ({}, SEAL, Verdict(verify=True)),  # no seal yet: trust nothing
+    ({"seal": SEAL, "split_brain": {"reason": "earlier"}}, SEAL, "earlier"),  # until the operator decides
+])
+def test_judge_tells_split_brain_from_the_targets_own_writes(rep, now, verdict):
+    got = judge(rep, now)
+    if isinstance(verdict, str):
+        assert got.split_brain is not None and verdict in got.split_brain and not got.verify
+    else:
+        assert got == verdict
