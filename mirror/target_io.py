@@ -105,7 +105,6 @@ class Hasher:
         self.stop = threading.Event()  # set when the session ends: a running hash gives up within a chunk
         self._tree: MerkleTree | None = None
         self._leaf = 0
-        self.busy = False
 
     def submit(self, q: HashQuery) -> None:
         """Queue a checked query (frame loop); a peer flooding queries is a protocol error."""
@@ -121,12 +120,8 @@ class Hasher:
                 if tree is None or q.leaf_size != self._leaf or q.level == tree.top:
                     # A root query starts a new verify: hash the replica as it is now.
                     self._tree = None
-                    self.busy = True
-                    try:
-                        tree = await trio.to_thread.run_sync(build_tree, self._image, self._size, q.leaf_size,
-                                                             self.stop, limiter=self._limiter)
-                    finally:
-                        self.busy = False
+                    tree = await trio.to_thread.run_sync(build_tree, self._image, self._size, q.leaf_size,
+                                                         self.stop, limiter=self._limiter)
                     self._tree, self._leaf = tree, q.leaf_size
                 await self._send_frames([encode_hash_reply(q.req, tree.nodes(q.level, q.indices))])
         except Abandoned:

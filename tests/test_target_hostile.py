@@ -327,3 +327,33 @@ def test_keyless_listening_beyond_loopback_is_refused_unless_insecure(tmp_path, 
         check_exposure("::1", TargetConfig())
         check_exposure("0.0.0.0", TargetConfig(psk=b"k" * 16))
     assert len(caplog.records) == 2
+
+
+async def test_accept_errors_such_as_emfile_are_logged_rate_limited_and_survived(tmp_path, caplog, autojump_clock):
+    import errno
+
+    server = TargetServer(VolumeStore(tmp_path / "dst"), TargetConfig())
+    calls = []
+
+    class Exhausted:
+        """A listener out of descriptors for its first 4 accepts."""
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        async def accept(self):
+            calls.append(1)
+            if len(calls) <= 4:
+                raise OSError(errno.EMFILE, "Too many open files")
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._accept_loop, Exhausted(), nursery)
+        with trio.fail_after(5):
+            while len(calls) < 5:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert sum("accept failed: Too many open files" in r.getMessage() for r in caplog.records) == 1
