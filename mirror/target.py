@@ -191,7 +191,10 @@ class TargetServer:
 
     # -- one source ------------------------------------------------------------------------------
     async def handle(self, stream: trio.SocketStream, counted: list[bool] | None = None) -> None:
-        stream.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            stream.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # already reset by the peer
+            return
         # A small buffer until the peer has authenticated (an idle connection costs kilobytes, not
         # the 16 MiB a source gets after the Welcome).
         link = Link(stream.socket, Connection(Role.TARGET, self.config.psk, reader=FrameReader(HANDSHAKE_BUFFER)))
