@@ -21,7 +21,7 @@ from blockdev.backend import Backend, Completion, Layer, WriteResult
 from blockdev.fuse import FuseMountError, serve_fuse
 from blockdev.fuse import adapter as adapter_mod
 from blockdev.image.file import FileImage, fallocate
-from blockdev.layers import FaultLayer, ReadOnlyLayer, StatsLayer
+from blockdev.layers import FaultLayer, ReadOnlyLayer, StallLayer, StatsLayer
 from blockdev.layers.faults import Fault
 from tests.fusekit import VERIFY, fio, require_fuse_host
 
@@ -290,29 +290,34 @@ async def test_writes_and_punches_reply_only_when_their_completion_finishes(tmp_
 async def test_a_waiting_flush_does_not_stall_other_requests(tmp_path: Path, image: FileImage) -> None:
     # The fsync's handler suspends on its Completion: the loop's leader must hand /dev/fuse to a
     # follower and keep serving, instead of making every other request wait behind the flush.
-    times: dict[str, float] = {}
+    slow = StallLayer(image)
+    fsynced = threading.Event()
 
     def fsync(mnt: Path) -> None:
         fd = os.open(mnt / "slow", os.O_RDWR)
-        t0 = time.monotonic()
-        os.fsync(fd)
-        times["fsync"] = time.monotonic() - t0
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            fsynced.set()
+            os.close(fd)
 
-    def reads(mnt: Path) -> None:
-        time.sleep(0.05)  # the fsync is pending by now
-        t0 = time.monotonic()
+    def reads(mnt: Path) -> list[bytes]:
         fd = os.open(mnt / "fast", os.O_RDONLY)
-        for i in range(50):
-            os.pread(fd, 4096, i * 4096)
-        times["reads"] = time.monotonic() - t0
-        os.close(fd)
+        try:
+            return [os.pread(fd, 4096, i * 4096) for i in range(50)]
+        finally:
+            os.close(fd)
 
-    async with exported(tmp_path, {"slow": LateLayer(image, 0.5), "fast": image}) as mnt, \
-            trio.open_nursery() as nursery:
+    async with exported(tmp_path, {"slow": slow, "fast": image}) as mnt, trio.open_nursery() as nursery:
         nursery.start_soon(in_thread, fsync, mnt)
-        nursery.start_soon(in_thread, reads, mnt)
-    assert times["fsync"] >= 0.45 and times["reads"] < 0.3
+        with trio.fail_after(20):
+            while not slow.held():  # the flush reached the volume and waits there: no timing involved
+                await trio.sleep(0.005)
+            # These could never finish if the loop were stuck behind the flush (fail_after would say so).
+            got = await in_thread(reads, mnt)
+        assert len(got) == 50 and not fsynced.is_set() and slow.held() == 1  # still waiting, meanwhile
+        slow.release()
+    assert fsynced.is_set()
 
 
 class QueueingLayer(Layer):
@@ -356,10 +361,38 @@ async def test_backend_errors_reach_the_caller_as_their_errno(tmp_path: Path, im
         assert await in_thread(io, mnt) == (errno.ENOSPC, errno.EIO, 0)
 
 
+class GateLayer(Layer):
+    """The first write blocks the thread it runs on (the FUSE loop's: small writes are inline) until
+    ``gate`` opens, so that requests from other writers pile up in /dev/fuse meanwhile."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def pwrite(self, data: memoryview | bytes, offset: int, fua: bool = False) -> WriteResult:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.gate.wait(30)
+        return self.inner.pwrite(data, offset, fua)
+
+
+def in_pwrite_syscall(tid: int) -> bool:
+    """Is thread ``tid`` of this process blocked inside pwrite64 (its FUSE request queued)?"""
+    with open(f"/proc/self/task/{tid}/syscall") as f:
+        return f.read().split()[0] == "18"  # __NR_pwrite64 on x86-64
+
+
 async def test_our_request_loop_reads_queued_requests_without_waiting(tmp_path: Path, image: FileImage) -> None:
+    gated = GateLayer(image)
+
     def hammer(mnt: Path) -> None:
+        tids: list[int] = []
+        opened = threading.Barrier(4)  # opens are FUSE requests too: all done before the gate closes
+
         def one(seed: int) -> None:
+            tids.append(threading.get_native_id())
             fd = os.open(mnt / "vol", os.O_RDWR)
+            opened.wait(30)
             for i in range(300):
                 os.pwrite(fd, b"q" * 4096, ((seed * 300 + i) * 4096) % SIZE)
             os.close(fd)
@@ -367,17 +400,25 @@ async def test_our_request_loop_reads_queued_requests_without_waiting(tmp_path: 
         threads = [threading.Thread(target=one, args=(s,)) for s in range(4)]
         for t in threads:
             t.start()
+        # The loop is stuck in the first write: once every writer sits in pwrite, at least three
+        # requests are queued in /dev/fuse, and the loop must read them without waiting in between.
+        assert gated.entered.wait(30)
+        deadline = time.monotonic() + 30
+        while not (len(tids) == 4 and all(in_pwrite_syscall(t) for t in tids)):
+            assert time.monotonic() < deadline, "the writers never reached the kernel"
+            time.sleep(0.001)
+        gated.gate.set()
         for t in threads:
             t.join()
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     async with trio.open_nursery() as nursery:
-        export = await nursery.start(serve_fuse, mnt, lambda: {"vol": image})
+        export = await nursery.start(serve_fuse, mnt, lambda: {"vol": gated})
         await in_thread(hammer, mnt)
         stats = export.statistics()
         nursery.cancel_scope.cancel()
-    # 4 writers keep requests queued: most are read straight after the previous one, without waiting.
+    # Requests queued behind the gated write were read straight after the previous one, without waiting.
     assert stats["adapter"] and stats["requests"] >= 1200
     assert 0 < stats["waits"] < stats["requests"]
 

@@ -525,5 +525,7 @@ def test_sigterm_is_prompt_with_idle_and_half_negotiated_clients(vd, serve, raw_
     assert idle.call(P.CMD_READ, 0, 512)[0] == 0
     t0 = time.monotonic()
     assert srv.stop(timeout=20) == 0
-    assert time.monotonic() - t0 < 3, "an idle client held shutdown back"
+    # Held back, shutdown would take the 10 s drain grace (idle) or the 30 s handshake timeout (half
+    # negotiated); a bound well below those, not a speed test, so a loaded machine does not fail it.
+    assert time.monotonic() - t0 < 8, "an idle client held shutdown back"
     assert silent.recv_exact(18) and silent.closed_by_server()
