@@ -21,7 +21,10 @@ On connect the target compares the seal with the image as it is now (``judge``):
     is found and resent instead of trusted.
 Residual risk: after a target crash, a foreign write is indistinguishable from the target's own
 (it is then overwritten by the compare, not reported); a write within one kernel timestamp tick of a
-seal may go unseen by the stat comparison. Timestamps not being settable backwards for ctime is what
+seal may go unseen by the stat comparison; a foreign write while the source keeps writing is hidden
+by the target's next write (only a Merkle verify finds it). The mtime comparison assumes the
+kernel that writes the replica stamps its times (a local filesystem, not a network one whose
+server's clock runs ahead, which would report false split brains). Timestamps not being settable backwards for ctime is what
 makes ``touch -d`` tampering visible.
 
 Within a session, a write by someone else shows as an mtime later than the end of the target's own

@@ -239,3 +239,13 @@ def test_judge_tells_split_brain_from_the_targets_own_writes(rep, now, verdict):
         assert got.split_brain is not None and verdict in got.split_brain and not got.verify
     else:
         assert got == verdict
+
+
+def test_welcome_verify_is_optional_on_the_wire():
+    from mirror.wire.codec import T_WELCOME, FrameReader, _json_frame, encode
+    from mirror.wire.events import Welcome
+
+    r = FrameReader()
+    r.feed(encode(Welcome("rid", "vol", False, 3, verify=True)))
+    r.feed(_json_frame(T_WELCOME, {"replica_id": "rid", "replica_name": "vol", "created": False, "generation": 3}))
+    assert r.frames() == [Welcome("rid", "vol", False, 3, True), Welcome("rid", "vol", False, 3, False)]
