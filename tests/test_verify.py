@@ -53,3 +53,31 @@ def test_leaf_bounds():
             verify.check_leaf(1 << 20, bad)
     with pytest.raises(ValueError, match="more than"):
         verify.check_leaf(128 << 30, 4096)
+
+
+def test_hashing_a_huge_sparse_volume_costs_its_extents_not_its_size(tmp_path):
+    size = 8 << 40  # 2^20 leaves of 8 MiB; a per-chunk walk would make a million extent queries
+    store = VolumeStore(tmp_path)
+    store.create("v", size)
+    img = store.open_image("v")
+    calls = []
+
+    class Counting:
+        def extents(self, length, offset):
+            calls.append(offset)
+            return img.extents(length, offset)
+
+        def pread(self, buf, offset):
+            img.pread(buf, offset)
+
+    try:
+        img.pwrite(b"x" * 4096, 3 << 40)
+        leaf = verify.leaf_for(size, 65536)
+        digests = verify.leaf_digests(Counting(), size, leaf)
+    finally:
+        img.close()
+    assert len(calls) < 20
+    zero = _h(bytes(leaf))
+    hot = (3 << 40) // leaf
+    assert digests[hot * 16:(hot + 1) * 16] == _h(b"x" * 4096 + bytes(leaf - 4096))
+    assert digests[:hot * 16] == zero * hot and digests[(hot + 1) * 16:] == zero * ((size // leaf) - hot - 1)
