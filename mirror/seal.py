@@ -119,16 +119,6 @@ def open_session(store: VolumeStore, name: str, fields: dict[str, Any]) -> Volum
     return store.update(name, replica=rep)
 
 
-def record_seal(store: VolumeStore, name: str, *, session_open: bool) -> dict[str, int]:
-    """After an fdatasync of everything the target wrote: the image as it is now is the target's own."""
-    meta = store.meta(name)
-    seal = image_seal(store.image_path(name), meta.generation)
-    rep = dict(meta.extra.get("replica") or {})
-    rep.update(seal=seal, session_open=session_open)
-    store.update(name, replica=rep)
-    return seal
-
-
 def record_split_brain(store: VolumeStore, name: str, reason: str) -> None:
     """Persist the verdict, so that it holds until the operator decides, whatever the image does next."""
     rep = dict(store.meta(name).extra.get("replica") or {})
