@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import nbd
 import pytest
 
+from tests.facilities import require_nbd
 from tests.fusekit import leaks, require_fuse_host, served, sweep, vdisk, wait_for
 
 SIZE = "64M"
@@ -75,7 +75,7 @@ def test_mkfs_copy_umount_then_nbd_and_a_remount_see_the_same_data(home: Path, t
         fuse_file = tmp_path / "fuse" / "vol"
         fsck = subprocess.run(["e2fsck", "-fn", str(fuse_file)], check=False, capture_output=True, text=True)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-        h = nbd.NBD()
+        h = require_nbd().NBD()
         h.connect_unix(str(sock))
         size = h.get_size()
         via_nbd = hashlib.sha256()
