@@ -251,7 +251,8 @@ EVENTS = st.one_of(
     st.builds(Challenge, INT, HEX, HEX, st.booleans()),
     st.builds(Auth, HEX),
     st.builds(Welcome, TEXT, TEXT, st.booleans(), INT),
-    st.builds(ErrorMsg, st.text(st.characters(blacklist_categories=("Cs",)), max_size=2000),
+    st.builds(ErrorMsg, st.text(st.characters(blacklist_categories=("Cs",)), max_size=2000).map(
+        lambda t: "".join(c if c.isprintable() else " " for c in t)),  # what a peer's message becomes
               st.text(st.characters(blacklist_categories=("Cs",)), max_size=64)),
     st.builds(Bye),
     st.builds(Write, U64, U64, st.binary(max_size=5000).map(memoryview), st.booleans()),
@@ -381,3 +382,12 @@ def test_hello_fields_out_of_bounds_are_refused(field, value):
     tgt.receive_data(codec._frame(codec.T_HELLO, payload) + payload)
     with pytest.raises(RemoteProtocolError, match=field):
         tgt.next_events()
+
+
+def test_a_peer_error_message_cannot_inject_lines_into_our_log():
+    src = Connection(Role.SOURCE)
+    src.start(hello())
+    src.receive_data(codec.encode(ErrorMsg("bad\nvdisk target: forged line\x1b[2J", "x")))
+    with pytest.raises(PeerError) as e:
+        src.next_events()
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and "forged line" in str(e.value)

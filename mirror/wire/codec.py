@@ -197,7 +197,9 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
         return Welcome(_field(d, "replica_id", str), _field(d, "replica_name", str), _field(d, "created", bool),
                        _field(d, "generation", int), verify)
     if ftype == T_ERROR:
-        return ErrorMsg(_field(d, "message", str, maxlen=MAX_JSON)[:2000], _field(d, "code", str)[:64])
+        # Printable only: the peer's message ends up in our log and on the user's terminal.
+        message = "".join(c if c.isprintable() else " " for c in _field(d, "message", str, maxlen=MAX_JSON)[:2000])
+        return ErrorMsg(message, _field(d, "code", str)[:64])
     # T_HASHQ
     indices = d.get("indices")
     if (not isinstance(indices, list) or len(indices) > MAX_QUERY_INDICES
