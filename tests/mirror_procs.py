@@ -88,3 +88,16 @@ class Procs:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill9(p)
+
+
+def corrupt_silently(image: Path | str, writes: list[tuple[int, bytes]]) -> None:
+    """Change a replica's bytes as bit rot would: the content changes, its timestamps do not. (A
+    write through the filesystem moves the image's mtime, which the target reports as split brain.)"""
+    st = os.stat(image)
+    fd = os.open(image, os.O_WRONLY)
+    try:
+        for off, data in writes:
+            os.pwrite(fd, data, off)
+    finally:
+        os.close(fd)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))

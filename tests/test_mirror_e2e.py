@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.mirror_procs import Procs
+from tests.mirror_procs import Procs, corrupt_silently
 
 nbd = pytest.importorskip("nbd") if not os.environ.get("CI") else __import__("nbd")
 MiB = 1 << 20
@@ -189,10 +189,8 @@ def test_verify_finds_planted_differences_and_repair_resends_only_them(procs):
     h.pwrite(rng.randbytes(8 * MiB), 0)
     h.flush()
     procs.wait_state("src", "vol", "in_sync")
-    fd = os.open(procs.tmp / "dst" / "vol.img", os.O_WRONLY)
-    for off in (10, 3 * MiB + 5, 3 * MiB + REGION + 1, 20 * MiB):  # the last one in a hole
-        os.pwrite(fd, b"\x5a", off)
-    os.close(fd)
+    corrupt_silently(procs.tmp / "dst" / "vol.img",  # the last one in a hole
+                     [(off, b"\x5a") for off in (10, 3 * MiB + 5, 3 * MiB + REGION + 1, 20 * MiB)])
     data = ["--data-dir", str(procs.tmp / "src")]
     res = procs.run(*data, "verify", "vol", check=False)
     assert res.returncode == 1 and "3 differing ranges" in res.stdout, res.stdout

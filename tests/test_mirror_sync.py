@@ -17,6 +17,7 @@ from mirror.layer import MirrorLayer
 from mirror.sync import Pairing, SyncConfig, SyncReplicator, VolumeIdentity
 from mirror.target import TargetConfig, TargetServer
 from mirror.verify import compare
+from tests.mirror_procs import corrupt_silently
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -220,10 +221,7 @@ async def test_verify_finds_planted_differences_and_repair_sends_only_those(rig)
     await until(lambda: rep.state == "in_sync")
     clean = await compare(rig.image, SIZE, 64 << 10, rep.query_hashes)
     assert clean.ranges == [] and clean.digests_exchanged == 1
-    fd = os.open(rig.dst.image_path("vol"), os.O_WRONLY)
-    for off in (0, 5 * MiB + 7, 15 * MiB + 100):  # silent corruption on the replica
-        os.pwrite(fd, b"\xff", off)
-    os.close(fd)
+    corrupt_silently(rig.dst.image_path("vol"), [(off, b"\xff") for off in (0, 5 * MiB + 7, 15 * MiB + 100)])
     report = await compare(rig.image, SIZE, 64 << 10, rep.query_hashes)
     assert report.ranges == [(0, 64 << 10), (5 * MiB, 64 << 10), (15 * MiB, 64 << 10)]
     before = rep.resync_bytes_sent
