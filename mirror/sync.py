@@ -76,7 +76,7 @@ class SyncReplicator(Marking):
     def __init__(self, config: SyncConfig, ident: VolumeIdentity, image: Backend, dirty: DirtyMap,
                  al: ActivityLog, pairing: Pairing, save_pairing: Callable[[Pairing], None] = lambda p: None,
                  held: HeldWrites | None = None) -> None:
-        super().__init__(MirrorState(dirty, al, held or HeldWrites(config.block_timeout)))
+        super().__init__(MirrorState(dirty, al, HeldWrites(config.block_timeout) if held is None else held))
         self.config, self.ident, self.image, self.pairing = config, ident, image, pairing
         self.on_link_loss = config.on_link_loss
         self._held.timeout = config.block_timeout

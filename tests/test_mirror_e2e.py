@@ -230,3 +230,32 @@ def test_overlapping_writes_in_flight_leave_source_and_replica_identical(procs):
         time.sleep(0.1)
     src, dst = images(procs)
     assert src == dst, f"replica differs from the source; mirror status {st}"
+
+
+def test_reconfiguring_a_running_mirror_under_load_loses_no_write(procs):
+    # `vdisk mirror NAME ...` again while the volume is served and written: the new replicator is
+    # attached in one step and what the old one had not got acknowledged is resent. With the same
+    # --to the pairing is kept (no compare runs), so a write that went nowhere would stay missing.
+    _, port, _, sock = mirrored(procs)
+    procs.wait_state("src", "vol", "in_sync")
+    stop, log = threading.Event(), []
+    threads = [threading.Thread(target=writer, args=(sock, stop, log, seed)) for seed in (11, 12, 13)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(8):
+            while len(log) < 200 * (i + 1):  # writes in flight across every hand-over
+                time.sleep(0.01)
+            policy = ("--on-link-loss", "block") if i % 2 else ()
+            procs.run("--data-dir", str(procs.tmp / "src"), "mirror", "vol", "--to", f"127.0.0.1:{port}",
+                      "--mode", "sync", "--timeout", "3", *policy)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    st = procs.wait_state("src", "vol", "in_sync")
+    assert st["dirty_bytes"] == 0 and st["on_link_loss"] == "block"
+    res = procs.run("--data-dir", str(procs.tmp / "src"), "verify", "vol", "--json")
+    assert '"differing_bytes": 0' in res.stdout, res.stdout
+    src, dst = images(procs)
+    assert src == dst

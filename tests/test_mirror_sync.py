@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from blockdev.backend import Completion, wait
 from blockdev.errors import BlockError, to_errno
@@ -176,7 +177,7 @@ async def _held_write(rig, block_timeout: float) -> tuple[SyncReplicator, Comple
     rig.stop_target()
     await until(lambda: rep.state == "degraded")
     res = rig.layer.pwrite(b"x" * 4096, 0)
-    await trio.sleep(0.2)
+    await trio.testing.wait_all_tasks_blocked()  # every task had its chance to (wrongly) finish it
     assert res is not None and not res.done  # waiting for the link
     return rep, res
 
@@ -368,7 +369,7 @@ async def test_overlapping_writes_that_land_out_of_order_are_resent(rig):
         gate.set()
     await wait(results[0])
     assert rig.source_bytes()[:65536] == b"A" * 65536
-    await trio.sleep(0.2)  # a resync, if any, has started
+    assert rep.statistics().conflicts == 1  # B was marked dirty as it overlapped A: the wait covers its resend
     await until(lambda: rep.dirty.count == 0 and rep.statistics().in_flight == 0 and rep.state == "in_sync")
     assert rig.source_bytes() == rig.replica_bytes()
     assert rep.statistics().conflicts == 1
@@ -376,3 +377,83 @@ async def test_overlapping_writes_that_land_out_of_order_are_resent(rig):
 
 async def _run_and_keep(results: list, fn) -> None:
     results.append(await trio.to_thread.run_sync(fn))
+
+
+async def test_a_resync_chunk_of_several_frames_ends_its_activity_log_admission_once(rig):
+    # One chunk (four regions in one 4 MiB extent) goes as three frames: data, zeroes, data. It was
+    # admitted once; if each frame's ack ended it, the count of a host write in flight in the same
+    # extent would be taken too, and the extent could leave the log while that write is in flight.
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    region = 64 << 10
+    rig.image.pwrite(b"a" * region, 0)  # behind the mirror's back: the resync below must send them
+    rig.image.pwrite(b"b" * region, 3 * region)
+    await wait(rep.al.admit(2 * MiB, 4096))  # a host write in flight in extent 0
+    assert rep.al.in_flight(0) == 1
+    for r in range(4):
+        rep.dirty.mark_region(r)  # a dirty mark wakes the resync by itself
+    await until(lambda: rep.statistics().state == "in_sync" and rep.statistics().in_flight == 0)
+    assert rep.resync_regions_sent == 4
+    assert rep.al.in_flight(0) == 1  # the chunk's ticket ended once; the host write's is still there
+    rep.al.end(2 * MiB, 4096)
+    assert rep.al.in_flight(0) == 0
+    assert rig.source_bytes() == rig.replica_bytes()
+
+
+async def test_a_local_write_failing_after_its_frame_left_is_resent_from_the_volume(tmp_path, nursery):
+    # ENOSPC on the source after the frame went: the replica holds what the volume refused. The
+    # range is marked, the mark wakes the resync, and in_sync is reported only once both agree again.
+    from blockdev.layers.faults import Fault, FaultLayer
+
+    rig = Rig(tmp_path, nursery)
+    faults = FaultLayer(rig.image)
+    rig.layer = MirrorLayer(faults)
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    faults.arm(Fault("pwrite", errno.ENOSPC, offset=MiB, length=4096, count=1))
+    with pytest.raises(BlockError) as e:
+        await rig.write(MiB, b"z" * 4096)
+    assert to_errno(e.value) == errno.ENOSPC
+    st = rep.statistics()
+    assert not (st.state == "in_sync" and (st.dirty_bytes or st.in_flight))
+    await until(lambda: rep.statistics().state == "in_sync" and rep.statistics().in_flight == 0)
+    assert rep.statistics().dirty_bytes == 0
+    assert rig.replica_bytes()[MiB:MiB + 4096] == bytes(4096)  # the refused write is gone from the replica too
+    assert rig.source_bytes() == rig.replica_bytes()
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_fast_zero_racing_an_overlapping_write_leaves_both_sides_equal(rig):
+    # A fast zero's local half runs before its frame is queued (a refusal must reach the host first).
+    # Z zeroes locally, then (here: held) queues its frame; meanwhile W overwrites the range, its frame
+    # first and its local write after Z's. Replica: W then Z = zeroes; volume: W. The zero's range is
+    # registered as landing before it is issued, so W is seen as a conflict and the range resent.
+    import threading
+
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    await rig.write(0, b"o" * 65536)
+    zeroed, gate = threading.Event(), threading.Event()
+    real_zero = rig.image.write_zeroes
+
+    def zero_then_stall(length, offset, fua=False, may_trim=True, fast=False):
+        res = real_zero(length, offset, fua, may_trim)
+        zeroed.set()
+        gate.wait(10)  # the frame is queued only after this returns
+        return res
+
+    rig.image.write_zeroes = zero_then_stall
+    results: list = []
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: _run_and_keep(results, lambda: rig.layer.write_zeroes(65536, 0, fast=True)))
+        await until(zeroed.is_set)
+        await rig.write(0, b"W" * 65536)  # frame before Z's, local write after Z's
+        gate.set()
+    await wait(results[0])
+    assert rig.source_bytes()[:65536] == b"W" * 65536
+    await until(lambda: rep.statistics().state == "in_sync" and rep.statistics().in_flight == 0)
+    assert rep.statistics().conflicts == 1
+    assert rig.source_bytes() == rig.replica_bytes()
