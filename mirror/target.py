@@ -28,7 +28,7 @@ from blockdev.layers import ReadOnlyLayer
 from blockdev.volume import NAME_RE, VolumeBusy, VolumeError, VolumeStore, validate_name
 
 from . import seal as seals
-from .target_io import INLINE_BYTES, Batch, Hasher, ReplicaImage, apply_batch, check_batch, check_query
+from .target_io import Batch, Hasher, ReplicaImage, apply_batch, check_batch, check_query
 from .wire import Connection, PeerError, PeerSilent, Role, WireError
 from .wire.codec import FrameReader, encode_ack
 from .wire.events import Bye, Flush, HashQuery, Hello, Ping, Welcome, Write, Zero
@@ -383,14 +383,14 @@ class TargetServer:
         """Apply a run of data frames, then ack the last; the new applied seq."""
         if not batch:
             return applied
-        sync, nbytes = check_batch(batch, size)
-        if sync or nbytes >= INLINE_BYTES:
+        sync, nbytes, threaded = check_batch(batch, size)
+        if threaded:
             # The receive buffer the Writes point into is not touched until this returns: the frame
             # loop receives again only after it.
             await trio.to_thread.run_sync(apply_batch, image, batch, sync, limiter=self._io_limiter)
         else:  # page-cache pwrites of a few KiB: a thread hop would cost more than the writes
             apply_batch(image, batch, False)
-        self.applied_bytes += sum(len(ev.data) for ev in batch if type(ev) is Write)  # type: ignore[union-attr]
+        self.applied_bytes += nbytes
         last = batch[-1].seq
         await send([encode_ack(last)])
         return last

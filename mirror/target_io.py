@@ -47,9 +47,11 @@ class ReplicaImage(Protocol):
 Batch = list[Write | Zero | Flush]
 
 
-def check_batch(batch: Batch, size: int) -> tuple[bool, int]:
-    """(needs fdatasync, bytes written); RemoteProtocolError for a frame beyond the replica's end."""
-    sync, nbytes = False, 0
+def check_batch(batch: Batch, size: int) -> tuple[bool, int, bool]:
+    """(needs fdatasync, bytes written, needs a thread); RemoteProtocolError for a frame beyond the
+    replica's end. A zero or trim always takes a thread: fallocate may wait on the disk like a sync."""
+    sync = zero = False
+    nbytes = 0
     for ev in batch:
         t = type(ev)
         if t is Write:
@@ -61,11 +63,11 @@ def check_batch(batch: Batch, size: int) -> tuple[bool, int]:
         elif t is Zero:
             if ev.offset + ev.length > size:  # type: ignore[union-attr]
                 raise RemoteProtocolError(f"zero of {ev.length} bytes at {ev.offset} is beyond the replica's end")  # type: ignore[union-attr]
-            nbytes += INLINE_BYTES  # fallocate may wait on the disk like an fdatasync: never inline
+            zero = True
             sync = sync or ev.fua  # type: ignore[union-attr]
         else:
             sync = True
-    return sync, nbytes
+    return sync, nbytes, sync or zero or nbytes >= INLINE_BYTES
 
 
 def apply_batch(image: ReplicaImage, batch: Sequence[Write | Zero | Flush], sync: bool) -> None:
