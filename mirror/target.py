@@ -5,6 +5,12 @@ metadata has a ``replica`` section) and named after the source. While a source m
 replica's serve lock is held, so nothing else can open it writable; DR hosts read it through the
 read-only NBD export. Frames are checked (checksum, sequence, bounds) before anything is applied,
 and FUA/flush fdatasync the replica before the ack that covers them.
+
+Nothing a peer sends ends the target: every connection runs behind ``_guarded`` (a peer's error ends
+that link with its reason logged and sent back; our own bug is logged with its traceback as that
+link's internal error). Before the peer has authenticated it costs a few KiB (a 4 KiB buffer, frames
+of at most 64 KiB), at most ``max_handshakes`` of them exist at once, and each has
+``handshake_timeout`` seconds. Replica I/O and verify hashing run on worker threads (target_io.py).
 """
 from __future__ import annotations
 
@@ -50,6 +56,8 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class TargetConfig:
+    """How the target treats its peers. Timeouts in seconds."""
+
     psk: bytes | None = None
     timeout: float = 30.0  # silence after which the source is declared gone
     handshake_timeout: float = 10.0  # from accept to authenticated Hello
