@@ -357,3 +357,24 @@ async def test_accept_errors_such_as_emfile_are_logged_rate_limited_and_survived
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert sum("accept failed: Too many open files" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_read_error_while_hashing_ends_that_link_as_an_io_error(tmp_path, nursery, caplog):
+    import errno
+
+    class Failing(GatedImage):
+        def extents(self, length, offset):
+            raise OSError(errno.EIO, "Input/output error")
+
+    first = []
+
+    def open_replica(image):
+        first.append(image)
+        return Failing(image) if len(first) == 1 else image
+
+    _, port = await start_target(nursery, tmp_path, open_replica=open_replica)
+    src = await RawSource.connect(port)
+    await src.send(hashq(1, 65536, 1, [0]))
+    assert b"target I/O error" in await drained(src.stream)
+    await legit_source_mirrors(port, tmp_path / "dst")
+    assert not [r for r in caplog.records if r.exc_info]
