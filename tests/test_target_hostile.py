@@ -378,3 +378,52 @@ async def test_a_read_error_while_hashing_ends_that_link_as_an_io_error(tmp_path
     assert b"target I/O error" in await drained(src.stream)
     await legit_source_mirrors(port, tmp_path / "dst")
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def _random_frame(rng, seq: int) -> bytes:
+    """A data or control frame with field values a hostile or buggy source might send."""
+    def num():
+        return rng.choice([0, 1, 2**63, 2**64 - 1, rng.randrange(1 << 64), rng.randrange(100), 4096, 1 << 22])
+
+    kind = rng.randrange(8)
+    if kind == 0:
+        n = rng.choice([0, 1, 4096, 300000])
+        return b"".join(bytes(x) for x in codec.encode_write(seq if rng.random() < 0.8 else num(),
+                                                              rng.choice([0, SIZE - n, num()]), b"x" * n,
+                                                              rng.random() < 0.5))
+    if kind == 1:
+        return codec.encode_zero(seq, rng.choice([0, num()]), rng.choice([0, 4096, num()]), rng.random() < 0.5,
+                                 rng.random() < 0.5)
+    if kind == 2:
+        return codec.encode_flush(seq)
+    if kind == 3:
+        return codec.encode_ping(num())
+    if kind == 4:
+        import json
+
+        q = {"req": num(), "leaf_size": rng.choice([4096, 65536, 1 << 30, num()]),
+             "level": rng.choice([0, 1, 2, num() % 70]), "indices": [rng.choice([0, 63, 64, num()]) for _ in range(3)]}
+        return json_frame(codec.T_HASHQ, json.dumps(q).encode())
+    if kind == 5:
+        return json_frame(rng.choice(sorted(codec._JSON_TYPES)), b'{"x": 1}')
+    if kind == 6:
+        return codec.encode(Bye())
+    return codec._frame(rng.choice(sorted(codec._KNOWN_TYPES)), b"", rng.randrange(256), num(), num())
+
+
+async def test_random_frame_sequences_after_authentication_never_hurt_the_target(tmp_path, nursery, caplog):
+    import random
+
+    _, port = await start_target(nursery, tmp_path, timeout=1.0)
+    rng = random.Random(13)
+    for _ in range(40):
+        src = await RawSource.connect(port)
+        try:
+            await src.send(b"".join(_random_frame(rng, k + 1) for k in range(rng.randrange(1, 6))))
+        except trio.BrokenResourceError:
+            pass
+        with trio.move_on_after(0.3):  # a valid sequence leaves the link open: move on
+            await drained(src.stream)
+        await src.stream.aclose()
+    await legit_source_mirrors(port, tmp_path / "dst")
+    assert not [r for r in caplog.records if r.exc_info]
