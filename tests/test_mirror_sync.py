@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio.testing
 
 from blockdev.backend import Completion, wait
 from blockdev.errors import BlockError, to_errno
@@ -177,8 +176,8 @@ async def _held_write(rig, block_timeout: float) -> tuple[SyncReplicator, Comple
     rig.stop_target()
     await until(lambda: rep.state == "degraded")
     res = rig.layer.pwrite(b"x" * 4096, 0)
-    await trio.testing.wait_all_tasks_blocked()  # every task had its chance to (wrongly) finish it
-    assert res is not None and not res.done  # waiting for the link
+    await until(lambda: rep.statistics().blocked == 1)  # held: waiting for the link
+    assert res is not None and not res.done
     return rep, res
 
 
