@@ -249,3 +249,18 @@ def test_welcome_verify_is_optional_on_the_wire():
     r.feed(encode(Welcome("rid", "vol", False, 3, verify=True)))
     r.feed(_json_frame(T_WELCOME, {"replica_id": "rid", "replica_name": "vol", "created": False, "generation": 3}))
     assert r.frames() == [Welcome("rid", "vol", False, 3, True), Welcome("rid", "vol", False, 3, False)]
+
+
+def test_discard_replica_without_a_daemon_keeps_the_stored_configuration_and_pairing(procs):
+    src = ["--data-dir", str(procs.tmp / "src")]
+    procs.run(*src, "create", "vol", "--size", "8M")
+    procs.run(*src, "mirror", "vol", "--to", "127.0.0.1:9", "--timeout", "2m", "--on-link-loss", "block")
+    store = VolumeStore(procs.tmp / "src")
+    store.update("vol", mirror={**store.meta("vol").extra["mirror"], "replica_id": "r1", "initial_sync_done": True})
+    procs.run(*src, "mirror", "vol", "--discard-replica")
+    section = store.meta("vol").extra["mirror"]
+    assert section["discard_replica"] and section["replica_id"] == "r1" and section["initial_sync_done"]
+    assert section["timeout"] == 120 and section["on_link_loss"] == "block" and section["to"] == "127.0.0.1:9"
+    procs.run(*src, "create", "other", "--size", "8M")
+    res = procs.run(*src, "mirror", "other", "--discard-replica", check=False)
+    assert res.returncode == 1 and "is not mirrored: give --to" in res.stderr

@@ -103,7 +103,8 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         where = "started in the running daemon"
     else:
         old = store.meta(args.name).extra.get("mirror") or {}
-        keep = {k: old[k] for k in ("replica_id", "initial_sync_done", "sync_total") if k in old and old.get("to") == args.to}
+        keep = {k: old[k] for k in ("replica_id", "initial_sync_done", "sync_total")
+                if k in old and old.get("to") == section["to"]}
         store.update(args.name, mirror={**section, **keep})
         reply, where = {}, "saved; it starts with `vdisk serve`"
     emit(args, {"name": args.name, "mirror": section, **reply},
@@ -163,10 +164,10 @@ def offline_status(store: VolumeStore, name: str) -> dict[str, Any] | None:
     section = store.meta(name).extra.get("mirror")
     if not isinstance(section, dict):
         return None
-    from mirror.dirty import DirtyMap
+    from .mirroring import recorded_dirty  # the map and the activity log: what the daemon will resync
 
     meta = store.meta(name)
-    dirty = DirtyMap.load(meta.size, 64 << 10, store.root / f"{name}.mirror-dirty")
+    dirty = recorded_dirty(store.root, name, meta.size)
     return {"mode": section.get("mode"), "state": "disconnected", "target": section.get("to"),
             "on_link_loss": section.get("on_link_loss"), "dirty_bytes": dirty.dirty_bytes,
             "initial_sync": {"done": bool(section.get("initial_sync_done")),
