@@ -129,8 +129,10 @@ def test_target_killed_mid_load_degrades_then_resyncs_only_what_changed(procs):
         killed_at = time.monotonic()
         Procs.kill9(tgt)
         st = procs.wait_state("src", "vol", "degraded")
-        time.sleep(1.0)  # writes go on locally, marking the dirty map
-        assert procs.status("src", "vol")["dirty_bytes"] > 0
+        deadline = time.monotonic() + 30  # writes go on locally, marking the dirty map
+        while procs.status("src", "vol")["dirty_bytes"] == 0:
+            assert time.monotonic() < deadline, "no write was marked dirty while the target was down"
+            time.sleep(0.05)
         before = st["resync_bytes_sent"]
         procs.target("dst", port)
         st = procs.wait_state("src", "vol", "in_sync")
@@ -139,8 +141,10 @@ def test_target_killed_mid_load_degrades_then_resyncs_only_what_changed(procs):
         stop.set()
         t.join(30)
     st = procs.wait_state("src", "vol", "in_sync")
-    # Resent bytes are bounded by the regions written since shortly before the kill (in-flight ones too).
-    touched = {off // REGION for ts, off in log if killed_at - 0.5 <= ts <= resync_done}
+    # Resent bytes are bounded by the regions written from the write in flight at the kill (the writer
+    # has one at a time: the last one started before it) until the resync ended.
+    in_flight = max(ts for ts, _ in log if ts <= killed_at)
+    touched = {off // REGION for ts, off in log if in_flight <= ts <= resync_done}
     resent = st["resync_bytes_sent"] - before
     assert 0 < resent <= len(touched) * REGION
     res = procs.run("--data-dir", str(procs.tmp / "src"), "verify", "vol", "--json")
