@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
 import threading
@@ -407,6 +408,32 @@ def test_burst_of_huge_reads_is_answered_within_bounded_memory(srv, raw_nbd):
         handles.add(h)
     assert handles == set(range(n))
     assert rss(srv.proc.pid) - before < 400 * MiB
+
+
+def test_flood_of_one_byte_reads_never_read_keeps_the_server_small(srv, raw_nbd):
+    # The case: 4.5M one-byte READs, replies never read, grew the server by 635 MiB. Now it stops
+    # reading once its queued replies reach their bound (pieces, not only bytes), so our sends block.
+    before = rss(srv.proc.pid)
+    hog = raw_nbd(srv.sock)
+    hog.go("rw", structured=False)
+    hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.sock.setblocking(False)
+    chunk = b"".join(struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, P.CMD_READ, i, i, 1) for i in range(32768))
+    total, sent = 2_000_000 * 28, 0  # unbounded, these were ~300 MiB of queued replies
+    view = memoryview(chunk)
+    while sent < total:
+        try:
+            n = hog.sock.send(view[sent % len(chunk):])
+        except BlockingIOError:
+            # No progress for 2 s: the server stopped reading us. (If it were merely slow, the bounds
+            # below would still hold; only an unbounded server would finish taking all 56 MB.)
+            if not select.select([], [hog.sock], [], 2.0)[1]:
+                break
+            continue
+        sent += n
+    assert sent < total // 10, f"the server took {sent} bytes of requests whose replies nobody reads"
+    assert rss(srv.proc.pid) - before < 100 * MiB
+    hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST: drop it all
 
 
 def test_disconnect_request_closes_cleanly(client):
