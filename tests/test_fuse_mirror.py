@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,3 +57,61 @@ def test_fuse_writes_punches_and_zeroes_reach_a_sync_replica_byte_exact(procs: P
     replica = (tmp_path / "dst" / "vol.img").read_bytes()
     assert source[63 * MiB:63 * MiB + 4096] == b"tail" * 1024
     assert source == replica
+
+
+def test_shutdown_drains_a_fuse_write_waiting_for_the_replica(procs: Procs, tmp_path: Path) -> None:
+    # SIGTERM while a big FUSE write (on a worker thread) waits for the replica's ack: the daemon
+    # stops reading /dev/fuse, but lets that write finish through the still-running mirror before
+    # it stops the mirror. So the write completes mirrored (nothing left to resync), rather than
+    # being cut off (reply lost at unmount) or degraded by the mirror stopping under it.
+    import mmap
+    import signal
+    import threading
+
+    from vdisk.mirroring import recorded_dirty
+
+    src = str(tmp_path / "src")
+    procs.run("--data-dir", src, "create", "vol", "--size", "64M")
+    target, port = procs.target("dst")
+    mnt = tmp_path / "fuse"
+    mnt.mkdir()
+    daemon, _ = procs.start("--data-dir", src, "serve", "vol", "--fuse", str(mnt), "-v", log="serve.log",
+                            ready=r"serving ")
+    procs.run("--data-dir", src, "mirror", "vol", "--to", f"127.0.0.1:{port}", "--mode", "sync", "--timeout", "20")
+    procs.wait_state("src", "vol", "in_sync")
+    data = os.urandom(MiB)  # >= 128 KiB: written in place by a worker thread
+    result: list[object] = []
+
+    def write() -> None:
+        buf = mmap.mmap(-1, MiB)  # page-aligned: one FUSE request, not two (max_pages)
+        buf[:] = data
+        fd = os.open(mnt / "vol", os.O_WRONLY)
+        try:
+            result.append(os.pwrite(fd, buf, 5 * MiB))
+        except OSError as e:
+            result.append(e)
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # unmounted under us
+
+    os.kill(target.pid, signal.SIGSTOP)  # the replica holds its ack back
+    t = threading.Thread(target=write)
+    try:
+        t.start()
+        deadline = time.monotonic() + 20
+        while procs.status("src", "vol")["in_flight"] == 0:  # the daemon has it, waiting for the ack
+            assert time.monotonic() < deadline, "the write never reached the mirror"
+            time.sleep(0.02)
+        os.kill(daemon.pid, signal.SIGTERM)
+    finally:
+        os.kill(target.pid, signal.SIGCONT)  # the ack comes, during the shutdown
+    assert daemon.wait(30) == 0
+    t.join(30)
+    assert result == [MiB], result  # replied to, not cut off by the unmount
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log, log
+    assert (tmp_path / "src" / "vol.img").read_bytes()[5 * MiB:6 * MiB] == data
+    assert (tmp_path / "dst" / "vol.img").read_bytes()[5 * MiB:6 * MiB] == data
+    assert not set(recorded_dirty(tmp_path / "src", "vol", 64 * MiB))  # mirrored: nothing to resend

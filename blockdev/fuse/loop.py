@@ -134,6 +134,12 @@ class SessionLoop:
         async with trio.open_nursery() as nursery:
             for _ in range(self.tasks):
                 nursery.start_soon(self._one_task)
+        await self._replied()  # after drain(): the session (and the mount) must outlive every reply owed
+
+    async def _replied(self) -> None:
+        gate = self.adapter.gate
+        while self._draining and (gate.owed or self._waiting):
+            await trio.sleep(0.01)  # replies come from worker threads: no trio wake-up to wait on
 
     async def drain(self) -> None:
         """Shutdown, before the replicas and images close: read no more requests, and wait until every
@@ -142,9 +148,7 @@ class SessionLoop:
         self._draining = True
         if self._wait_scope is not None:
             self._wait_scope.cancel()
-        gate = self.adapter.gate
-        while gate.owed or self._waiting:
-            await trio.sleep(0.01)  # replies come from worker threads: no trio wake-up to wait on
+        await self._replied()
 
     async def _wait(self) -> bool:
         """Wait until /dev/fuse is readable; False when the session is over. Only the leader waits,
