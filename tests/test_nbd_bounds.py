@@ -241,6 +241,33 @@ async def test_writes_held_by_a_stalled_replica_stop_the_reading_within_the_volu
         b.close()
 
 
+async def test_a_flood_of_32_mib_fua_writes_to_a_stalled_replica_holds_at_most_the_budget() -> None:
+    # The case (79 MiB -> 2 GiB in 4 s): every 32 MiB write got a fresh receive buffer, held.
+    limits = Limits()  # the defaults: 64 MiB of writes in flight per volume
+    image = MemoryImage(64 * MiB)
+    stall = StallLayer(image)
+    blob = os.urandom(P.MAX_PAYLOAD)
+    n = 8  # 256 MiB
+    async with running({"vol": stall}, limits) as (server, path):
+        c = await Client.connect(path)
+
+        async def flood() -> None:
+            for i in range(n):
+                await c.send(REQ.pack(P.REQUEST_MAGIC, P.CMD_FLAG_FUA, P.CMD_WRITE, i, (i % 2) * P.MAX_PAYLOAD,
+                                      P.MAX_PAYLOAD) + blob)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            await until(lambda: bool(server.connections) and next(iter(server.connections)).waiting,
+                        "the connection to stop reading")
+            budget = server.budget("vol").statistics()
+            assert budget.peak <= limits.write_bytes + P.MAX_PAYLOAD and stall.held() <= 3, (budget, stall.held())
+            stall.release()
+            assert sorted([(await c.reply())[:2] for _ in range(n)]) == [(i, 0) for i in range(n)]
+        assert bytes(image.data) == blob * 2
+        c.close()
+
+
 async def test_a_write_larger_than_the_budget_still_proceeds_alone() -> None:
     limits = Limits(write_bytes=MiB)
     image = MemoryImage(32 * MiB)
