@@ -406,7 +406,9 @@ class Connection:
                         start = end = 0
                     # else: go on filling behind the pinned bytes (a mirror pins every batch until
                     # the replica acks it; a fresh buffer per batch would be an mmap and page faults)
-                elif len(buf.data) - start < need or len(buf.data) - end < 65536:
+                elif not parse_first and (len(buf.data) - start < need or len(buf.data) - end < 65536):
+                    # (Not while complete requests remain to parse: moving them each pass would copy
+                    # up to a buffer per batch.)
                     size = max(need, BUF_SIZE)
                     nxt = buf
                     if buf.pins or len(buf.data) < size:
