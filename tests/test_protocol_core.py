@@ -169,6 +169,20 @@ def test_parser_split_at_every_byte_boundary() -> None:
         assert _parse_all([STREAM[:i], STREAM[i:]]) == whole, f"split at {i}"
 
 
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 100])
+def test_parser_returns_at_most_limit_requests_and_resumes_where_it_stopped(limit: int) -> None:
+    whole = _parse_all([STREAM])
+    parser, view, out = RequestParser(), memoryview(STREAM), []
+    while view:
+        reqs, used, _need = parser.parse(view, limit)
+        assert len(reqs) <= limit and (reqs or not used)
+        out += [(r[0], r[1], r[2], r[3], r[4], bytes(r[5]) if r[5] is not None else None, r[6]) for r in reqs]
+        view = view[used:]
+        if not reqs:
+            break
+    assert out == whole
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=len(STREAM)), min_size=1, max_size=12))
 def test_parser_any_split(cuts: list[int]) -> None:
