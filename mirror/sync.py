@@ -30,9 +30,10 @@ from blockdev.errors import BlockError
 from .base import Marking, MirrorState
 from .dirty import ActivityLog, DirtyMap
 from .hold import HeldWrites
-from .records import MirrorStats, Pairing, SyncConfig, VolumeIdentity
+from .records import Pairing, SyncConfig, VolumeIdentity
 from .resync import chunk, mark_allocated, read_frames
 from .seal import DISCARD_REPLICA, SPLIT_BRAIN
+from .status import SyncStatus
 from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
 from .wire.codec import (
@@ -65,7 +66,7 @@ class _Entry:
         self.kind, self.ticket = kind, ticket
 
 
-class SyncReplicator(Marking):
+class SyncReplicator(SyncStatus, Marking):
     """The Replicator behind MirrorLayer for ``--mode sync``. Start ``run`` in a nursery.
 
     ``dirty``, ``al`` and ``held`` are the volume's MirrorState (mirror/base.py), shared with the
@@ -594,35 +595,6 @@ class SyncReplicator(Marking):
             self._hash_waiters.pop(req, None)
             raise PeerSilent("the target did not answer a verify query")
         return box[0]
-
-    async def wait_in_sync(self, timeout: float) -> bool:
-        with trio.move_on_after(timeout):
-            while self.statistics().state != "in_sync":
-                await trio.sleep(0.05)
-            return True
-        return False
-
-    # -- status ----------------------------------------------------------------------------------
-    def statistics(self) -> MirrorStats:
-        p = self.pairing
-        total = p.sync_total
-        dirty = self.dirty.dirty_bytes
-        remaining = dirty if not p.initial_sync_done else 0
-        state = self.state
-        if state == "in_sync" and (dirty or self._resync_inflight):
-            state = "syncing"  # in_sync means nothing dirty and no resync frame unacknowledged
-        return MirrorStats(
-            mode="sync", state=state, target=f"{self.config.host}:{self.config.port}",
-            on_link_loss=self.on_link_loss, dirty_bytes=dirty,
-            in_flight=len(self._pending), acked_seq=self._acked, sent_seq=self._seq,
-            resync_bytes_sent=self.resync_bytes_sent, resync_regions_sent=self.resync_regions_sent,
-            conflicts=self.conflicts,
-            initial_sync={"done": p.initial_sync_done, "total_bytes": total,
-                          "copied_bytes": max(0, total - remaining),
-                          "percent": 100.0 if p.initial_sync_done or not total else
-                          round(100.0 * max(0, total - remaining) / total, 1)},
-            blocked=len(self._held), connects=self.connects, al_hot=self.al.hot, al_writes=self.al.writes,
-            replica=p.replica_id, last_error=self.last_error, save_error=self.dirty.save_error)
 
     def close(self, fail_held: bool = True) -> None:
         """Stop (after the run task was cancelled): every unacknowledged write is marked dirty and
