@@ -21,7 +21,7 @@ import trio.testing
 from blockdev.image import MemoryImage
 from blockdev.layers import StallLayer
 from blockdev.nbd import proto as P
-from blockdev.nbd.limits import Backoff, Limits, RateLimit, raise_fd_limit
+from blockdev.nbd.limits import Backoff, Limits, RateLimited, raise_fd_limit
 from blockdev.nbd.server import Export, NBDServer
 from blockdev.nbd.session import BUF_SIZE
 
@@ -354,12 +354,15 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_rate_limit_and_backoff_are_pure() -> None:
+def test_rate_limited_log_and_backoff_are_pure(caplog: pytest.LogCaptureFixture) -> None:
     now = [100.0]
-    rl = RateLimit(10.0, clock=lambda: now[0])
-    assert rl.allow() == 0 and rl.allow() is None and rl.allow() is None
-    now[0] += 10
-    assert rl.allow() == 2 and rl.allow() is None
+    say = RateLimited(logging.getLogger("test.ratelimit"), 10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, "test.ratelimit"):
+        assert say(logging.WARNING, "failed: %s", "x") and not say(logging.WARNING, "failed: %s", "y")
+        assert not say(logging.WARNING, "failed: %s", "z")
+        now[0] += 10
+        assert say(logging.WARNING, "failed: %s", "w") and not say(logging.WARNING, "failed")
+    assert [r.getMessage() for r in caplog.records] == ["failed: x", "failed: w (2 more since the last message)"]
     b = Backoff(0.05, 0.3)
     assert [b.next() for _ in range(5)] == [0.05, 0.1, 0.2, 0.3, 0.3]
     b.reset()

@@ -5,7 +5,7 @@ that enforce them without costing the hot path more than a comparison per batch.
 - ``WriteBudget``: bytes of host writes in flight on one volume, over all its connections; a
   connection stops reading while the budget is used up (back-pressure to the client).
 - ``raise_fd_limit``: idle connections are descriptors; the soft limit goes up to the hard one.
-- ``RateLimit``: a log line that may repeat (accept failures, refusals) at most once per interval.
+- ``RateLimited``: a log line that may repeat (accept failures, refusals) at most once per interval.
 """
 from __future__ import annotations
 
@@ -109,24 +109,26 @@ def raise_fd_limit(want: int | None = None) -> int:
     return soft
 
 
-class RateLimit:
-    """At most one event per ``interval`` seconds passes; ``allow()`` returns how many were held
-    back since the last one that passed (so the log line can say so), or None to stay quiet."""
+class RateLimited:
+    """A log line that may repeat (a failing accept, refused clients) at most once per ``every``
+    seconds, saying how many were left out since the last one. Pure but for ``logger``: the clock is
+    a parameter, so tests need no sleeping."""
 
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = interval
-        self._clock = clock
+    def __init__(self, logger: logging.Logger, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.every, self._clock = logger, every, clock
         self._next = float("-inf")
-        self._held = 0
+        self.dropped = 0
 
-    def allow(self) -> int | None:
+    def __call__(self, level: int, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` unless one was logged less than ``every`` ago; True if logged."""
         now = self._clock()
         if now < self._next:
-            self._held += 1
-            return None
-        self._next = now + self.interval
-        held, self._held = self._held, 0
-        return held
+            self.dropped += 1
+            return False
+        suffix = f" ({self.dropped} more since the last message)" if self.dropped else ""
+        self._next, self.dropped = now + self.every, 0
+        self.logger.log(level, msg + suffix, *args)
+        return True
 
 
 class Backoff:

@@ -19,7 +19,7 @@ import trio
 
 from ..backend import Backend
 from .handshake import Closed, ExportInfo, Negotiated, ServerHandshake
-from .limits import Backoff, Limits, RateLimit, WriteBudget, raise_fd_limit
+from .limits import Backoff, Limits, RateLimited, WriteBudget, raise_fd_limit
 from .pool import WorkerPool  # WorkerPool is also the FUSE export's (imported from here)
 from .session import Connection, ConnectionStats
 from .transmission import ProtocolError
@@ -58,8 +58,8 @@ class Listener:
         self.addr = addr
         self.open = 0
         self.refused = 0
-        self.refuse_log = RateLimit(LOG_EVERY)
-        self.error_log = RateLimit(LOG_EVERY)
+        self.refuse_log = RateLimited(log, LOG_EVERY)
+        self.error_log = RateLimited(log, LOG_EVERY)
 
 
 class NBDServer:
@@ -125,10 +125,7 @@ class NBDServer:
                             # The pending connection stays queued, so the socket stays readable: without
                             # a pause this loop would spin (and log) as fast as accept fails.
                             delay = backoff.next() if e.errno in _RESOURCE_ERRORS else 0.05
-                            held = listener.error_log.allow()
-                            if held is not None:
-                                more = f" ({held} more since the last message)" if held else ""
-                                log.warning("accept failed on %s: %s%s", addr, e.strerror or e, more)
+                            listener.error_log(logging.WARNING, "accept failed on %s: %s", addr, e.strerror or e)
                             await trio.sleep(delay)
                             continue
                         backoff.reset()
@@ -146,10 +143,7 @@ class NBDServer:
         listener.refused += 1
         reason = (f"too many connections: {listener.open} open on this listener (the maximum is "
                   f"{self.limits.connections})")
-        held = listener.refuse_log.allow()
-        if held is not None:
-            more = f" ({held} more since the last message)" if held else ""
-            log.warning("refusing an NBD client on %s: %s%s", listener.addr, reason, more)
+        listener.refuse_log(logging.WARNING, "refusing an NBD client on %s: %s", listener.addr, reason)
         if self._refusing >= self.limits.refusing or self.draining:
             sock.close()
             return
