@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import shutil
 import socket
 import struct
 import tempfile
@@ -45,8 +46,7 @@ async def running(backends: dict[str, object], limits: Limits) -> AsyncIterator[
                 nursery.cancel_scope.cancel()
     finally:
         server.close()
-        os.unlink(path)
-        os.rmdir(d)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class Client:
