@@ -5,6 +5,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,15 +29,22 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         assert not sweep(tmp_path, tmp_path / "src"), "leaked mounts or daemons"
 
 
-def test_fuse_writes_punches_and_zeroes_reach_a_sync_replica_byte_exact(procs: Procs, tmp_path: Path) -> None:
+def fuse_mirrored(procs: Procs, tmp_path: Path, timeout: str = "3") -> tuple[Any, Any, Path]:
+    """vol (64 MiB) served over FUSE at tmp_path/fuse and in sync with a target: (target, serve, mountpoint)."""
     src = str(tmp_path / "src")
     procs.run("--data-dir", src, "create", "vol", "--size", "64M")
-    _, port = procs.target("dst")
+    target, port = procs.target("dst")
     mnt = tmp_path / "fuse"
     mnt.mkdir()
-    procs.start("--data-dir", src, "serve", "vol", "--fuse", str(mnt), "-v", log="serve.log", ready=r"serving ")
-    procs.run("--data-dir", src, "mirror", "vol", "--to", f"127.0.0.1:{port}", "--mode", "sync", "--timeout", "3")
+    daemon, _ = procs.start("--data-dir", src, "serve", "vol", "--fuse", str(mnt), "-v", log="serve.log",
+                            ready=r"serving ")
+    procs.run("--data-dir", src, "mirror", "vol", "--to", f"127.0.0.1:{port}", "--mode", "sync", "--timeout", timeout)
     procs.wait_state("src", "vol", "in_sync")
+    return target, daemon, mnt
+
+
+def test_fuse_writes_punches_and_zeroes_reach_a_sync_replica_byte_exact(procs: Procs, tmp_path: Path) -> None:
+    _, _, mnt = fuse_mirrored(procs, tmp_path)
 
     file = mnt / "vol"
     # Big writes go through the pinned zero-copy path while the mirror holds their payloads.
@@ -70,15 +78,7 @@ def test_shutdown_drains_a_fuse_write_waiting_for_the_replica(procs: Procs, tmp_
 
     from vdisk.mirroring import recorded_dirty
 
-    src = str(tmp_path / "src")
-    procs.run("--data-dir", src, "create", "vol", "--size", "64M")
-    target, port = procs.target("dst")
-    mnt = tmp_path / "fuse"
-    mnt.mkdir()
-    daemon, _ = procs.start("--data-dir", src, "serve", "vol", "--fuse", str(mnt), "-v", log="serve.log",
-                            ready=r"serving ")
-    procs.run("--data-dir", src, "mirror", "vol", "--to", f"127.0.0.1:{port}", "--mode", "sync", "--timeout", "20")
-    procs.wait_state("src", "vol", "in_sync")
+    target, daemon, mnt = fuse_mirrored(procs, tmp_path, timeout="20")
     data = os.urandom(MiB)  # >= 128 KiB: written in place by a worker thread
     result: list[object] = []
 
