@@ -235,6 +235,7 @@ class ActivityLog:
     """
 
     EXTENT = 4 << 20
+    ALL = (1 << 64) - 1  # logged instead of the extents when they do not fit: the whole volume
 
     def __init__(self, path: Path, extent: int = EXTENT, capacity: int = 1024,
                  before_evict: Callable[[], bool] = lambda: True) -> None:
@@ -405,7 +406,9 @@ class ActivityLog:
                     if self._hot.get(e) == 0 and self._gen[e] == gen:
                         del self._hot[e]
                         del self._gen[e]
-                extents = list(self._hot)[: self.capacity * 4]
+                # More hot extents than a slot holds (evictions failing: the map cannot be saved):
+                # record "everything may differ" rather than a truncated, silently partial list.
+                extents = list(self._hot) if len(self._hot) <= self.capacity * 4 else [self.ALL]
                 self._seq += 1
                 seq = self._seq
             body = _AL_HEAD.pack(_AL_MAGIC, seq, self.extent, len(extents)) + struct.pack(f">{len(extents)}Q", *extents)

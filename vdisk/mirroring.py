@@ -138,8 +138,12 @@ def recorded_dirty(root: Path, name: str, size: int) -> DirtyMap:
     dirty_path, al_path = (root / f"{name}{suffix}" for suffix in MIRROR_SIDECARS)
     dirty = DirtyMap.load(size, REGION, dirty_path)
     extent = ActivityLog.EXTENT
-    for e in ActivityLog.logged(al_path, extent):
-        dirty.mark(e * extent, min(extent, size - e * extent))
+    logged = ActivityLog.logged(al_path, extent)
+    if ActivityLog.ALL in logged:
+        dirty.mark(0, size)
+    for e in logged:
+        if e * extent < size:
+            dirty.mark(e * extent, min(extent, size - e * extent))
     return dirty
 
 
