@@ -7,10 +7,9 @@ the trio thread; the local write runs meanwhile. A receiver task parses cumulati
 and finishes the pending entries they cover. No thread crossing per write, no round trip beyond the
 ack itself.
 
-On link loss every unacknowledged write is recorded in the dirty map; policy ``degrade`` completes
-host writes locally, ``block`` holds them until the replica is in sync again (or a timeout, EIO).
-A resync task sends the dirty regions (initial sync is the same thing: all allocated regions start
-dirty), reading them under the outbox lock so no host write can slip between read and send.
+On link loss every unacknowledged write is marked dirty; ``degrade`` completes host writes locally,
+``block`` holds them until in sync again (or EIO after a timeout). A resync task sends the dirty
+regions (an initial sync marks all allocated ones), read under the outbox lock.
 """
 from __future__ import annotations
 
@@ -88,6 +87,7 @@ class SyncReplicator(SyncStatus, Marking):
         self._closed = False  # replaced: ops that land from now on are resent by the successor
         self._pending: deque[_Entry] = deque()
         self._local: dict[tuple[int, int], int] = {}  # ops admitted, local half not landed: (offset, length) -> count
+        self._late: dict[tuple[int, int], int] = {}  # of those, acked ones: their tickets end on landing
         self._seq = 0
         self._acked = 0
         self._token: trio.lowlevel.TrioToken | None = None
@@ -202,12 +202,19 @@ class SyncReplicator(SyncStatus, Marking):
             self.dirty.mark(offset, length)
 
     def landed(self, ranges: list[tuple[int, int]]) -> None:
-        local = self._local
+        local, late, tickets = self._local, self._late, []
         with self._lock:
             for key in ranges:
                 left = local.pop(key, 1) - 1
                 if left:
                     local[key] = left
+                if late and late.get(key, 0) > left:  # an acked op of this range has landed now
+                    late[key] -= 1
+                    if not late[key]:
+                        del late[key]
+                    tickets.append(key)
+        if tickets:
+            self.al.end_many(tickets)
         if self._closed:  # the successor's resync may have read the range before this op landed
             for offset, length in ranges:
                 self.dirty.mark(offset, length)
@@ -217,11 +224,9 @@ class SyncReplicator(SyncStatus, Marking):
         return any(o < end and offset < o + n for o, n in self._local)
 
     def _conflict_locked(self, offset: int, length: int) -> None:
-        """This op overlaps one admitted earlier whose local half has not landed: the two may land
-        locally in the other order than their frames apply on the replica (two worker threads, say),
-        and the replica would silently differ. Resend the range from the volume once every write
-        there has landed (the resync reads a region only then); the frame itself still goes, so the
-        host's ack keeps its meaning of "the replica has this write"."""
+        """This op overlaps one still landing: the two may land locally in another order than their
+        frames apply on the replica. The range is resent from the volume once all there landed (the
+        frame still goes: the host's ack keeps meaning "the replica has this write")."""
         self.conflicts += 1
         self.dirty.mark(offset, length)  # wakes the resync (on_mark)
 
@@ -326,7 +331,16 @@ class SyncReplicator(SyncStatus, Marking):
             while pending and pending[0].seq <= seq:
                 done.append(pending.popleft())
             self._acked = max(self._acked, seq)
-        self.al.end_many([e.ticket for e in done if e.ticket is not None])
+            local, late, tickets = self._local, self._late, []
+            for e in done:
+                t = e.ticket
+                # The replica has it; if its local half may still be landing, the extent stays
+                # logged until it has (a crash now would leave the replica ahead of the volume).
+                if t is not None and (t not in local or local[t] <= late.get(t, 0)):
+                    tickets.append(t)
+                elif t is not None:
+                    late[t] = late.get(t, 0) + 1
+        self.al.end_many(tickets)
         for e in done:
             if e.kind == RESYNC:
                 self._resync_inflight -= e.length
@@ -597,10 +611,9 @@ class SyncReplicator(SyncStatus, Marking):
         return box[0]
 
     def close(self, fail_held: bool = True) -> None:
-        """Stop (after the run task was cancelled): every unacknowledged write is marked dirty and
-        the map saved. Held writes fail (the mirror is going away, and in ``block`` mode a write is
-        acknowledged only once the replica has it: it never will now) unless a successor takes
-        them over (``fail_held=False``: a reconfiguration hands the shared state on)."""
+        """Stop (after the run task was cancelled): unacknowledged writes are marked, the map saved.
+        Held writes fail (``block``: acknowledged only once the replica has it, which it never will
+        now) unless a successor takes them over (``fail_held=False``: a reconfiguration)."""
         self._closed = True
         self._link_down()
         if self.dirty.on_mark == self._wake_resync:

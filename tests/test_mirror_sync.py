@@ -456,3 +456,33 @@ async def test_a_fast_zero_racing_an_overlapping_write_leaves_both_sides_equal(r
     await until(lambda: rep.statistics().state == "in_sync" and rep.statistics().in_flight == 0)
     assert rep.statistics().conflicts == 1
     assert rig.source_bytes() == rig.replica_bytes()
+
+
+async def test_an_extent_stays_in_the_activity_log_until_both_halves_of_a_write_are_done(rig):
+    # The replica acknowledges a write whose local half is still landing (a slow worker thread):
+    # its extent must stay logged until the local write is done, or a crash in between would leave
+    # the replica ahead of the volume with nothing recording it.
+    import threading
+
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    await rig.write(0, b"o" * 4096)  # extent 0 hot and logged
+    gate = threading.Event()
+    real_pwrite = rig.image.pwrite
+
+    def slow_pwrite(data, offset, fua=False):
+        if bytes(data[:1]) == b"L":
+            gate.wait(10)
+        return real_pwrite(data, offset, fua)
+
+    rig.image.pwrite = slow_pwrite
+    results: list = []
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: _run_and_keep(results, lambda: rig.layer.pwrite(b"L" * 4096, 4096)))
+        await until(lambda: rep._local and rep.statistics().in_flight == 0)  # acked, still landing
+        assert rep.al.in_flight(0) == 1
+        gate.set()
+    await wait(results[0])
+    assert rep.al.in_flight(0) == 0
+    assert rig.source_bytes() == rig.replica_bytes()
