@@ -256,8 +256,13 @@ class ActivityLog:
         if os.fstat(self._fd).st_size < 2 * self._slot_size:
             # Allocated once: a later update then overwrites blocks in place, and its fdatasync need
             # not commit the filesystem journal (which would also flush the volume's dirty data).
-            os.pwrite(self._fd, bytes(2 * self._slot_size - os.fstat(self._fd).st_size), os.fstat(self._fd).st_size)
-            os.fsync(self._fd)
+            try:
+                os.pwrite(self._fd, bytes(2 * self._slot_size - os.fstat(self._fd).st_size), os.fstat(self._fd).st_size)
+                os.fsync(self._fd)
+            except OSError as e:
+                # A full disk: the log is written when first needed; until it can be, a write to a
+                # new extent fails (its admission does) rather than go unrecorded.
+                log.error("cannot allocate the activity log %s: %s", path, e.strerror or e)
         self.writes = 0  # log updates (each one fdatasync): statistics
 
     def recover(self) -> list[int]:

@@ -163,3 +163,24 @@ def test_an_activity_log_too_full_to_list_its_extents_records_the_whole_volume(t
         al.begin(e * MiB, 1)
         al.end(e * MiB, 1)
     assert ActivityLog.logged(tmp_path / "al", MiB, capacity=1) == [ActivityLog.ALL]
+
+
+
+def test_an_activity_log_that_cannot_be_allocated_refuses_admissions_instead_of_losing_them(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    al = ActivityLog(tmp_path / "al", extent=MiB, capacity=8)  # a full disk: no exception here
+    with pytest.raises(OSError):
+        al.begin(0, 4096)  # the write is refused: it could not be recorded
+    assert al.in_flight(0) == 0  # and nothing was admitted
+    monkeypatch.setattr(os, "pwrite", real)
+    al.begin(0, 4096)  # room again
+    assert ActivityLog.logged(tmp_path / "al", MiB, capacity=8) == [0]

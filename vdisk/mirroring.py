@@ -206,7 +206,10 @@ class MirrorManager:
         if recovered:
             log.warning("volume %s: %d extents from the activity log marked for resync", vol.name, len(recovered))
         if dirty.save(force=True):  # else logged, naming the file; retried by _keep_saved
-            al.clear()  # the recovered extents' bits are saved now
+            try:
+                al.clear()  # the recovered extents' bits are saved now
+            except OSError as e:  # the log keeps them; it is written again with the next admission
+                log.error("volume %s: cannot write the activity log: %s", vol.name, e.strerror or e)
         m = self.mirrors[vol.name] = _Mirrored(MirrorState(dirty, al, HeldWrites(30.0)))
         vol.mirror.attach(m.marking)
         return m
