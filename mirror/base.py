@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blockdev.backend import Completion, WriteResult
+from blockdev.errors import BlockError
 
 from .dirty import ActivityLog, DirtyMap
 from .hold import HeldWrites
@@ -41,6 +42,7 @@ class Marking:
     held in ``block`` mode, if a replicator will release them). Thread-safe."""
 
     on_link_loss = "degrade"
+    releases = False  # True for a replicator: it releases held writes once in sync; Marking never does
 
     def __init__(self, state: MirrorState) -> None:
         self.state = state
@@ -59,7 +61,14 @@ class Marking:
         leave the activity log, which holds it until then), then held or done."""
         self.dirty.mark(offset, length)
         self.al.end(offset, length)
-        return self._held.hold() if self.on_link_loss == "block" else None
+        if self.on_link_loss != "block":
+            return None
+        if self.releases:
+            return self._held.hold()
+        # ``block`` and no replicator to send it: the host must not be told it is mirrored.
+        failed = Completion()
+        failed.finish(BlockError("the mirror is not running: a write is not acknowledged unmirrored (--on-link-loss block)"))
+        return failed
 
     def on_write(self, offset: int, data: memoryview | bytes, fua: bool,
                  done: Completion | None = None) -> WriteResult:

@@ -72,6 +72,7 @@ class SyncReplicator(SyncStatus, Marking):
     replicator before and after this one."""
 
     mode = "sync"
+    releases = True
 
     def __init__(self, config: SyncConfig, ident: VolumeIdentity, image: Backend, dirty: DirtyMap,
                  al: ActivityLog, pairing: Pairing, save_pairing: Callable[[Pairing], None] = lambda p: None,
@@ -87,7 +88,7 @@ class SyncReplicator(SyncStatus, Marking):
         self._closed = False  # replaced: ops that land from now on are resent by the successor
         self._pending: deque[_Entry] = deque()
         self._local: dict[tuple[int, int], int] = {}  # ops admitted, local half not landed: (offset, length) -> count
-        self._late: dict[tuple[int, int], int] = {}  # of those, acked ones: their tickets end on landing
+        self._late: dict[tuple[int, int], int] = {}  # of those, acked ones: tickets end on landing
         self._seq = 0
         self._acked = 0
         self._token: trio.lowlevel.TrioToken | None = None
@@ -114,8 +115,7 @@ class SyncReplicator(SyncStatus, Marking):
     # -- the Replicator protocol (any thread) ----------------------------------------------------
     def admit(self, offset: int, length: int) -> WriteResult:  # type: ignore[override]
         """Register the op as landing *before* it is issued (a fast zero's local half runs before
-        its frame is queued), then admit its extents to the activity log. Every admission is
-        closed once: by local_done/landed, or by withdraw if the op is never issued."""
+        its frame is queued), then admit its extents to the activity log (see Replicator.admit)."""
         key = (offset, length)
         with self._lock:
             local = self._local
@@ -334,8 +334,7 @@ class SyncReplicator(SyncStatus, Marking):
             local, late, tickets = self._local, self._late, []
             for e in done:
                 t = e.ticket
-                # The replica has it; if its local half may still be landing, the extent stays
-                # logged until it has (a crash now would leave the replica ahead of the volume).
+                # Local half maybe still landing: the extent stays logged until it has (see _late).
                 if t is not None and (t not in local or local[t] <= late.get(t, 0)):
                     tickets.append(t)
                 elif t is not None:
@@ -460,8 +459,7 @@ class SyncReplicator(SyncStatus, Marking):
         await trio.sleep_forever()
 
     def _save_map_first(self) -> None:
-        """Before a pairing that relies on the map is recorded: a pairing saved over an unsaved map
-        would, after a crash, claim a replica that lacks what only the lost map said it lacks."""
+        """Before a pairing that relies on the map is saved (else a crash loses what the replica lacks)."""
         if not self.dirty.save(force=True):
             raise OSError(self.dirty.save_error)
 
@@ -619,5 +617,6 @@ class SyncReplicator(SyncStatus, Marking):
         if self.dirty.on_mark == self._wake_resync:
             self.dirty.on_mark = None
         if fail_held:
+            self.releases = False  # late writes fail at once from now on (nobody would release them)
             self._held.fail(BlockError("the mirror stopped before the replica had this write (--on-link-loss block)"))
         self.dirty.save()

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import trio
 
 from blockdev.backend import wait
@@ -112,3 +113,14 @@ async def test_writes_are_marked_while_a_configured_mirror_cannot_run(tmp_path, 
     assert not s.differs()
     nursery.cancel_scope.cancel()
 
+
+
+async def test_with_block_policy_a_write_is_refused_while_the_mirror_cannot_run(tmp_path, nursery):
+    from blockdev.errors import BlockError
+
+    s = Served(tmp_path)
+    mgr = await s.start(nursery, {"psk_file": str(tmp_path / "missing-key"), "on_link_loss": "block"})
+    with pytest.raises(BlockError, match="not running"):
+        await wait(s.layer.pwrite(b"x" * 4096, 3 * MiB))  # never acknowledged unmirrored
+    assert list(mgr.mirrors["vol"].state.dirty) == [3 * MiB // (64 << 10)]  # and still recorded
+    nursery.cancel_scope.cancel()

@@ -170,7 +170,9 @@ class MirrorManager:
                 section = self.daemon.store.meta(vol.name).extra.get("mirror")
                 if isinstance(section, dict):
                     try:
-                        self._open(vol)  # from here on every write is recorded, whatever follows
+                        m = self._open(vol)  # from here on every write is recorded, whatever follows
+                        if section.get("on_link_loss") in POLICIES:
+                            m.marking.on_link_loss = section["on_link_loss"]
                         await self.start(vol, section)
                     except (ValueError, OSError) as e:
                         log.error("volume %s: mirror not started: %s", vol.name, e)
@@ -236,6 +238,7 @@ class MirrorManager:
 
         await self._nursery.start(run)
         old, old_scope = m.rep, m.scope
+        m.marking.on_link_loss = config.on_link_loss  # for when no replicator runs (shutdown)
         vol.mirror.attach(rep)
         m.rep, m.scope = rep, scope
         if old is not None:
