@@ -12,12 +12,15 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import re
 import uuid as uuid_mod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("vdisk.volume")
 
 # Checked with fullmatch only: "$" in a plain match also accepts a trailing newline ("abc\n").
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
@@ -121,14 +124,12 @@ class VolumeLock:
 
     def describe(self, info: dict[str, Any]) -> None:
         """Record who holds the lock (pid, control address) for ``vdisk`` commands to find."""
-        data = json.dumps(info).encode()
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
+        os.pwrite(self._fd, _holder_slot(json.dumps(info).encode()), 0)
 
     def release(self) -> None:
         if self._fd >= 0:
             try:
-                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, _holder_slot(b""), 0)  # blanked in place: the block stays allocated
             except OSError:
                 pass
             os.close(self._fd)
@@ -180,6 +181,14 @@ class VolumeStore:
             raise VolumeError(f"cannot create image {img} of {size} bytes: {why}") from None
         os.close(fd)
         write_json_atomic(meta_path, meta.to_json())
+        try:  # the holder record's block, allocated now (see _holder_slot)
+            fd = os.open(self._paths(name)[2], os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.pwrite(fd, _holder_slot(b""), 0)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # written at the first serve instead
         return meta
 
     def meta(self, name: str) -> VolumeMeta:
@@ -241,6 +250,12 @@ class VolumeStore:
         if writable:
             try:
                 self.update(name, generation=self.meta(name).generation + 1)
+            except OSError as e:
+                # A full disk must not keep a volume from being served (its writes may still fit in
+                # allocated blocks). The generation is a hint for pairings; a replica's own seal
+                # (mtime, size, inode) still tells a write behind the mirror's back.
+                log.warning("volume %s: cannot record its new generation in %s: %s", name,
+                            self._paths(name)[1], e.strerror or e)
             except BaseException:
                 lk.release()
                 raise
@@ -293,10 +308,19 @@ class VolumeStore:
         return image
 
 
+HOLDER_SLOT = 4096
+
+
+def _holder_slot(data: bytes) -> bytes:
+    """The lock file's holder record, padded to a fixed size and rewritten in place, never
+    truncated: a daemon starting on a full disk can still say who it is (the block is kept)."""
+    return data.ljust(HOLDER_SLOT) if len(data) < HOLDER_SLOT else data
+
+
 def _read_holder(fd: int) -> dict[str, Any]:
     try:
         raw = os.pread(fd, 4096, 0)
-        data = json.loads(raw) if raw else {}
+        data = json.loads(raw) if raw.strip() else {}
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
