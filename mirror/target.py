@@ -31,6 +31,7 @@ import trio
 from blockdev.backend import Backend
 from blockdev.image.file import FileImage
 from blockdev.layers import ReadOnlyLayer
+from blockdev.nbd.limits import raise_fd_limit
 from blockdev.volume import NAME_RE, VolumeBusy, VolumeError, VolumeStore, validate_name
 
 from . import seal as seals
@@ -154,6 +155,7 @@ class TargetServer:
         check_exposure(host, self.config)
         self.store.root.mkdir(parents=True, exist_ok=True)
         lock = DataDirLock(self.store.root)
+        raise_fd_limit()  # every source link (and handshake) is a descriptor, as for `vdisk serve`
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
             addr = listeners[0].socket.getsockname()

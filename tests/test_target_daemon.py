@@ -88,3 +88,21 @@ def test_keyless_listening_beyond_loopback_needs_insecure(procs, tmp_path):
     while "any local process" not in (tmp_path / "target.log").read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (tmp_path / "target.log").read_text().count("no --psk-file") == 1
+
+
+def test_the_target_raises_its_open_file_limit(procs):
+    """Each source link is a descriptor: a target started under a low soft limit lifts it to the
+    hard limit, as `vdisk serve` does (the child inherits the limit set here around its start)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open-file limit is only {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        p, _ = procs.target("dst")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with open(f"/proc/{p.pid}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files"))
+    assert int(line.split()[3]) > 256, line
