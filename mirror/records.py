@@ -67,3 +67,6 @@ class Pairing:
     # The operator chose to overwrite a split-brain replica: asked in every Hello until a Merkle
     # compare has marked what differs (a new Pairing then drops it).
     discard_replica: bool = False
+    # The target refused this pair as split brain (its message): kept so that status says so even
+    # while no daemon runs; dropped once a Welcome pairs them again.
+    split_brain: str | None = None

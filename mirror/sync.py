@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -435,6 +436,9 @@ class SyncReplicator(SyncStatus, Marking):
             scope.cancel()
 
     def _pair(self, welcome: Welcome) -> None:
+        if self.pairing.split_brain is not None:  # the operator resolved it (or the target forgot it)
+            self.pairing = replace(self.pairing, split_brain=None)
+            self._save_pairing(self.pairing)
         p = self.pairing
         self._verify_first = None
         if welcome.created:
@@ -455,6 +459,9 @@ class SyncReplicator(SyncStatus, Marking):
         disconnected (writes go on here, marked dirty) until the operator reconfigures the mirror
         (`vdisk mirror NAME --discard-replica` starts a new replicator)."""
         self.state, self.last_error = "split_brain", message
+        if self.pairing.split_brain != message:
+            self.pairing = replace(self.pairing, split_brain=message)
+            self._save_pairing(self.pairing)
         log.error("mirror %s -> %s:%s: %s", self.ident.name, self.config.host, self.config.port, message)
         await trio.sleep_forever()
 

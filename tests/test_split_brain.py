@@ -138,6 +138,7 @@ def discard_and_check(procs: Procs) -> None:
     assert images_equal(procs)
     assert "discard_replica" not in VolumeStore(procs.tmp / "src").meta("vol").extra["mirror"]
     assert "split_brain" not in VolumeStore(procs.tmp / "dst").meta("vol").extra["replica"]
+    assert "split_brain" not in VolumeStore(procs.tmp / "src").meta("vol").extra["mirror"]
 
 
 def test_a_replica_written_while_the_source_was_down_is_split_brain_until_discard_replica(procs):
@@ -163,8 +164,11 @@ def test_a_replica_written_while_the_source_was_down_is_split_brain_until_discar
     port = VolumeStore(procs.tmp / "src").meta("vol").extra["mirror"]["to"]
     res = procs.run("--data-dir", str(procs.tmp / "src"), "mirror", "vol", "--to", port, "--wait", check=False)
     assert res.returncode == 1 and "split brain: replica 'vol'" in res.stderr
-    # The decision is the operator's: a restart of the source does not end it.
+    # The decision is the operator's: a restart of the source does not end it. While no daemon
+    # runs, status still says split brain (the source recorded the target's verdict).
     stop(procs.procs[-1])
+    offline = procs.status("src", "vol")
+    assert offline["state"] == "split_brain" and "split brain: replica 'vol'" in offline["last_error"]
     procs.serve("src", "vol")
     procs.wait_state("src", "vol", "split_brain")
     assert planted(procs)

@@ -16,7 +16,7 @@ from blockdev.volume import VolumeStore
 
 from .cli import duration_arg, emit, store_of
 from .control import ControlError, call
-from .mirroring import MIRROR_SIDECARS, POLICIES, check_section, parse_hostport, read_psk
+from .mirroring import MIRROR_SIDECARS, PAIRING_KEYS, POLICIES, check_section, parse_hostport, read_psk
 from .units import format_size
 
 CONFIG_KEYS = ("to", "mode", "on_link_loss", "psk_file", "block_timeout", "timeout")
@@ -103,7 +103,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         where = "started in the running daemon"
     else:
         old = store.meta(args.name).extra.get("mirror") or {}
-        keep = {k: old[k] for k in ("replica_id", "initial_sync_done", "sync_total")
+        keep = {k: old[k] for k in PAIRING_KEYS
                 if k in old and old.get("to") == section["to"]}
         store.update(args.name, mirror={**section, **keep})
         reply, where = {}, "saved; it starts with `vdisk serve`"
@@ -168,7 +168,9 @@ def offline_status(store: VolumeStore, name: str) -> dict[str, Any] | None:
 
     meta = store.meta(name)
     dirty = recorded_dirty(store.root, name, meta.size)
-    return {"mode": section.get("mode"), "state": "disconnected", "target": section.get("to"),
+    split = section.get("split_brain") if isinstance(section.get("split_brain"), str) else None
+    return {"mode": section.get("mode"), "state": "split_brain" if split else "disconnected",
+            "target": section.get("to"), "last_error": split,
             "on_link_loss": section.get("on_link_loss"), "dirty_bytes": dirty.dirty_bytes,
             "initial_sync": {"done": bool(section.get("initial_sync_done")),
                              "total_bytes": section.get("sync_total", 0)}}

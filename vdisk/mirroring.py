@@ -90,6 +90,11 @@ def read_psk(path: str | Path | None) -> bytes | None:
     return key
 
 
+# What a mirror section records about the pairing (not configuration): kept when the mirror is
+# configured again to the same target.
+PAIRING_KEYS = ("replica_id", "initial_sync_done", "sync_total", "split_brain")
+
+
 def check_section(section: dict[str, Any]) -> SyncConfig:
     """The replicator configuration of a ``mirror`` section; ValueError with a user message if bad."""
     if section.get("mode", "sync") != "sync":
@@ -224,7 +229,8 @@ class MirrorManager:
         m = self._open(vol)
         meta = vol.meta
         pairing = Pairing(section.get("replica_id"), bool(section.get("initial_sync_done")),
-                          int(section.get("sync_total", 0)), discard_replica=bool(section.get("discard_replica")))
+                          int(section.get("sync_total", 0)), discard_replica=bool(section.get("discard_replica")),
+                          split_brain=section.get("split_brain") if isinstance(section.get("split_brain"), str) else None)
         ident = VolumeIdentity(meta.uuid, vol.name, meta.size, meta.block_size, meta.generation)
         st = m.state
         rep = SyncReplicator(config, ident, vol.image, st.dirty, st.al, pairing,
@@ -281,6 +287,10 @@ class MirrorManager:
     def _save_pairing(self, name: str, p: Pairing) -> None:
         section = dict(self.daemon.store.meta(name).extra.get("mirror") or {})
         section.update(replica_id=p.replica_id, initial_sync_done=p.initial_sync_done, sync_total=p.sync_total)
+        if p.split_brain is None:
+            section.pop("split_brain", None)
+        else:
+            section["split_brain"] = p.split_brain
         if not p.discard_replica:  # the compare it asked for is done: a later connect must not discard again
             section.pop("discard_replica", None)
         try:
@@ -325,7 +335,7 @@ class MirrorManager:
         old = store.meta(vol.name).extra.get("mirror") or {}
         section = {**new}
         if old.get("to") == new.get("to"):  # same target: keep the pairing (no full resync)
-            for k in ("replica_id", "initial_sync_done", "sync_total"):
+            for k in PAIRING_KEYS:
                 if k in old:
                     section[k] = old[k]
         try:
