@@ -31,11 +31,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vdisk.demo import wait_for_socket  # noqa: E402
+from vdisk.demo import wait_for_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 VDISK = ROOT / ".venv" / "bin" / "vdisk"

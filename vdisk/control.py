@@ -76,7 +76,7 @@ class ControlServer:
         try:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-                raise ValueError("a request is a JSON object with a string 'cmd'")
+                raise ValueError("a request is a JSON object with a string 'cmd'")  # noqa: TRY004 - reported as a bad request
         except ValueError as e:
             return {"ok": False, "error": f"bad request: {e}"}
         handler = self._handlers.get(req["cmd"])
@@ -109,7 +109,7 @@ def call(address: str, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str
             if not chunk:
                 raise ControlError("the vdisk daemon closed the control connection")
             buf += chunk
-    except socket.timeout:
+    except TimeoutError:
         raise ControlError(f"the vdisk daemon did not answer {cmd!r} within {timeout:.0f}s") from None
     finally:
         s.close()
