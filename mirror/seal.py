@@ -12,20 +12,22 @@ replica's metadata:
     session_open  set before a session's first write, cleared with the seal at its end
 
 On connect the target compares the seal with the image as it is now (``judge``):
-  - generation, inode, size or mtime changed, no session left open: split brain. The link is
-    refused (code ``split-brain``) until the source asks for ``--discard-replica`` (then a Merkle
-    compare finds what differs and the source resends it).
-  - only ctime changed (chmod, chown, a hard link: attributes, maybe not data), or the last session
-    never closed (the target died: its own writes after the last idle seal explain any change):
-    no refusal, but the source is told to Merkle-compare first (Welcome.verify), so whatever changed
-    is found and resent instead of trusted.
-Residual risk: after a target crash, a foreign write is indistinguishable from the target's own
-(it is then overwritten by the compare, not reported); a write within one kernel timestamp tick of a
+  - generation, inode or size changed, the image is gone, or mtime changed with no session left
+    open: split brain. The link is refused (code ``split-brain``) until the source asks for
+    ``--discard-replica`` (then an image of the wrong size or a missing one is put back to the
+    volume's size, a Merkle compare finds what differs and the source resends it).
+  - only ctime changed (chmod, chown, a hard link: attributes, maybe not data), or only mtime and
+    the last session never closed (the target died: its own writes after the last idle seal
+    explain any change): no refusal, but the source is told to Merkle-compare first
+    (Welcome.verify), so whatever changed is found and resent instead of trusted; the target logs why.
+Residual risk: after a target crash, a foreign write is indistinguishable from the target's own;
+data written and its mtime put back (``touch -d``) leaves only ctime changed, like a chmod: both
+are then overwritten by the compare, not reported as split brain; a write within one kernel timestamp tick of a
 seal may go unseen by the stat comparison; a foreign write while the source keeps writing is hidden
 by the target's next write (only a Merkle verify finds it). The mtime comparison assumes the
 kernel that writes the replica stamps its times (a local filesystem, not a network one whose
-server's clock runs ahead, which would report false split brains). Timestamps not being settable backwards for ctime is what
-makes ``touch -d`` tampering visible.
+server's clock runs ahead, which would report false split brains). ctime cannot be set back, which
+is what makes ``touch -d`` tampering visible at all (as a compare, above).
 
 Within a session, a write by someone else shows as an mtime later than the end of the target's own
 last write (``foreign_write``): the kernel stamps mtime from a coarse clock that never runs ahead of
@@ -35,15 +37,16 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from blockdev.volume import VolumeMeta, VolumeStore
+from blockdev.volume import VolumeError, VolumeMeta, VolumeStore
 
 SPLIT_BRAIN = "split-brain"  # ErrorMsg code: the source stops retrying until the operator decides
 DISCARD_REPLICA = "discard-replica"  # Hello capability: the operator chose to overwrite the replica
@@ -56,6 +59,7 @@ class Verdict:
 
     split_brain: str | None = None  # why, for the one-line message
     verify: bool = False
+    note: str | None = field(default=None, compare=False)  # why a compare, for the target's log
 
 
 def image_seal(path: Path, generation: int) -> dict[str, int]:
@@ -84,11 +88,18 @@ def judge(rep: dict[str, Any], now: dict[str, int]) -> Verdict:
     if seal.get("ino") != now["ino"]:
         return Verdict(split_brain="its image file was replaced")
     if seal.get("size") != now["size"] or seal.get("mtime_ns") != now["mtime_ns"]:
-        if crashed:  # the target died mid-session: it may have written after its last seal itself
-            return Verdict(verify=True)
-        return Verdict(split_brain=f"its image was modified at {_when(now['mtime_ns'])}")
+        # The target died mid-session: it may have written after its last seal itself (never
+        # resized: it writes within the volume's size only).
+        if crashed and seal.get("size") == now["size"]:
+            return Verdict(verify=True, note="its last session did not end cleanly (the target stopped "
+                                             "mid-session): the source compares and resends what differs")
+        resized = f", resized from {seal.get('size')} to {now['size']} bytes" if seal.get("size") != now["size"] else ""
+        return Verdict(split_brain=f"its image was modified at {_when(now['mtime_ns'])}{resized}")
     if seal.get("ctime_ns") != now["ctime_ns"]:
-        return Verdict(verify=True)
+        # chmod, chown, a hard link... or data written and its mtime put back (touch -d): the
+        # compare overwrites whatever differs, without a split-brain stop (the stat cannot tell).
+        return Verdict(verify=True, note=f"its image's attributes changed at {_when(now['ctime_ns'])} (its "
+                                         "data may have too): the source compares and overwrites what differs")
     return Verdict()
 
 
@@ -214,15 +225,44 @@ class SplitBrain(Exception):
     code = SPLIT_BRAIN
 
 
+def restore_image(store: VolumeStore, name: str) -> str | None:
+    """``--discard-replica`` of an image that is no longer the volume's size (truncated, extended)
+    or no longer there: put back a sparse image of the right size, so that the compare that follows
+    finds and overwrites what differs. What was done, for the log; None if nothing was needed."""
+    meta = store.meta(name)
+    path = store.image_path(name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, meta.size)
+        finally:
+            os.close(fd)
+        return f"its image was missing: recreated empty ({meta.size} bytes)"
+    if not stat.S_ISREG(st.st_mode):  # a symlink or device put in its place: not ours to write
+        raise VolumeError(f"replica {name!r}: {path} is not a regular file (put back the image, or "
+                          "move this one away, and try again)")
+    if st.st_size == meta.size:
+        return None
+    os.truncate(path, meta.size)
+    return f"its image was {st.st_size} bytes: resized to {meta.size}"
+
+
 def admit(store: VolumeStore, name: str, source_name: str, *, created: bool, discard: bool) -> Verdict:
     """At connect, with the replica locked and before anything is written: go on, go on after a
     compare (``verify``), or raise SplitBrain (recorded in the replica's metadata)."""
     if created:  # brand new: the source copies everything, nothing to compare with
         return Verdict()
     if discard:  # the operator's decision: compare, then overwrite whatever differs here
-        return Verdict(verify=True)
+        return Verdict(verify=True, note=restore_image(store, name))
     meta = store.meta(name)
-    verdict = judge(meta.extra.get("replica") or {}, image_seal(store.image_path(name), meta.generation))
+    try:
+        now = image_seal(store.image_path(name), meta.generation)
+    except FileNotFoundError:
+        now = None
+    verdict = (Verdict(split_brain="its image file was removed") if now is None
+               else judge(meta.extra.get("replica") or {}, now))
     if verdict.split_brain is not None:
         record_split_brain(store, name, verdict.split_brain)
         raise SplitBrain(message(name, source_name, verdict.split_brain))

@@ -32,7 +32,7 @@ from blockdev.backend import Backend
 from blockdev.image.file import FileImage
 from blockdev.layers import ReadOnlyLayer
 from blockdev.nbd.limits import raise_fd_limit
-from blockdev.volume import NAME_RE, VolumeBusy, VolumeError, VolumeStore, validate_name
+from blockdev.volume import NAME_RE, VolumeBusy, VolumeError, VolumeStore, is_valid_name, validate_name
 
 from . import seal as seals
 from .target_io import Batch, Hasher, ReplicaImage, apply_batch, check_batch, check_query
@@ -244,9 +244,16 @@ class TargetServer:
                 raise Refused(str(e)) from None
             lock.describe({"pid": os.getpid(), "replica_of": hello.volume_uuid, "source": link.peer})
             # Was the replica written behind the mirror's back since the last session? (seal.py)
-            verdict = seals.admit(self.store, name, hello.name, created=created,
-                                  discard=seals.DISCARD_REPLICA in hello.caps)
-            image = seals.SealedImage(self.store.open_image(name), self.store, name, hello.name)
+            try:
+                verdict = seals.admit(self.store, name, hello.name, created=created,
+                                      discard=seals.DISCARD_REPLICA in hello.caps)
+                if verdict.note:
+                    log.warning("replica %s: %s", name, verdict.note)
+                # A replica that cannot be opened (its image no longer matches its metadata) is
+                # that source's refusal, with the reason, not an internal error of the link.
+                image = seals.SealedImage(self.store.open_image(name), self.store, name, hello.name)
+            except VolumeError as e:
+                raise Refused(str(e)) from None
             meta = seals.open_session(self.store, name, {
                 "source_uuid": hello.volume_uuid, "source_name": hello.name, "source_addr": link.peer,
                 "generation": hello.generation, "last_connected": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
@@ -308,8 +315,10 @@ class TargetServer:
             await old[1].wait()
 
     def _replica_for(self, hello: Hello) -> tuple[str, bool]:
-        """(name, created): the replica of this source uuid, created (sparse) if there is none."""
-        for n in self.store.names():
+        """(name, created): the replica of this source uuid, created (sparse) if there is none. A
+        replica whose image is gone is still that source's (admit says split brain): a new one
+        beside it would be synced in full while the old record stays behind."""
+        for n in self._recorded_names():
             try:
                 rep = self.store.meta(n).extra.get("replica")
             except VolumeError:
@@ -330,6 +339,11 @@ class TargetServer:
         self.store.create(name, hello.size, block_size=hello.block_size,
                           extra={"replica": {"source_uuid": hello.volume_uuid, "source_name": hello.name}})
         return name, True
+
+    def _recorded_names(self) -> list[str]:
+        """Volumes with metadata here, whether or not their image exists (store.names needs both)."""
+        root = self.store.root
+        return [p.name[:-5] for p in sorted(root.glob("*.json")) if is_valid_name(p.name[:-5])] if root.is_dir() else []
 
     async def _session(self, link: Link, image: ReplicaImage, size: int) -> None:
         """The frame loop and this session's hasher; when the loop ends the hasher stops too (a hash

@@ -268,3 +268,27 @@ def test_discard_replica_without_a_daemon_keeps_the_stored_configuration_and_pai
     procs.run(*src, "create", "other", "--size", "8M")
     res = procs.run(*src, "mirror", "other", "--discard-replica", check=False)
     assert res.returncode == 1 and "is not mirrored: give --to" in res.stderr
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda img: os.truncate(img, 8 * MiB), "resized from 16777216 to 8388608 bytes"),
+    (lambda img: os.truncate(img, 24 * MiB), "resized from 16777216 to 25165824 bytes"),
+    (os.unlink, "its image file was removed"),
+])
+def test_a_replica_image_resized_or_removed_is_split_brain_and_discard_replica_puts_it_back(procs, change, reason):
+    """While the target is down the DR admin truncates, extends or removes the replica's image: split
+    brain on connect (not a link that dies with an internal error on every retry, nor a second
+    replica synced in full beside the first), and --discard-replica restores it to the volume's size."""
+    port, _ = mirrored(procs)
+    stop(procs.procs[0])  # the target
+    image = procs.tmp / "dst" / "vol.img"
+    change(image)
+    procs.target("dst", port)
+    st = procs.wait_state("src", "vol", "split_brain")
+    assert reason in st["last_error"]
+    text = (procs.tmp / "target.log").read_text()
+    assert "internal error" not in text and "Traceback" not in text
+    discard_and_check(procs)
+    assert image.stat().st_size == 16 * MiB
+    assert VolumeStore(procs.tmp / "dst").names() == ["vol"]
+    assert "internal error" not in (procs.tmp / "target.log").read_text()
