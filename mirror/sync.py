@@ -198,11 +198,16 @@ class SyncReplicator(SyncStatus, Marking):
         return c
 
     def local_done(self, offset: int, length: int, ok: bool) -> None:
-        self.landed([(offset, length)])
         if not ok:  # the replica may now hold what the volume does not: resync resends the volume's data
-            self.dirty.mark(offset, length)
+            self.dirty.mark(offset, length)  # before landed() may end the op's ticket (see there)
+        self.landed([(offset, length)])
 
     def landed(self, ranges: list[tuple[int, int]]) -> None:
+        # Any mark comes before a ticket ends: once its extent may leave the activity log (the map is
+        # saved first), the bit must be in the map, or a crash in between records the range nowhere.
+        if self._closed:  # the successor's resync may have read the range before this op landed
+            for offset, length in ranges:
+                self.dirty.mark(offset, length)
         local, late, tickets = self._local, self._late, []
         with self._lock:
             for key in ranges:
@@ -216,9 +221,6 @@ class SyncReplicator(SyncStatus, Marking):
                     tickets.append(key)
         if tickets:
             self.al.end_many(tickets)
-        if self._closed:  # the successor's resync may have read the range before this op landed
-            for offset, length in ranges:
-                self.dirty.mark(offset, length)
 
     def _overlaps_landing_locked(self, offset: int, length: int) -> bool:
         end = offset + length

@@ -486,3 +486,47 @@ async def test_an_extent_stays_in_the_activity_log_until_both_halves_of_a_write_
     await wait(results[0])
     assert rep.al.in_flight(0) == 0
     assert rig.source_bytes() == rig.replica_bytes()
+
+
+async def test_a_write_acked_then_failing_locally_is_marked_before_its_ticket_ends(rig):
+    # The replica has the write (acked) while its local half is still landing, then the local half
+    # fails (ENOSPC). Its ticket ends when it lands; its range must be dirty by then, or the extent
+    # could leave the activity log (map saved, idle) before the mark and a crash would record the
+    # difference nowhere.
+    import threading
+
+    await rig.start_target()
+    rep = await rig.start_mirror()
+    await until(lambda: rep.state == "in_sync")
+    await rig.write(0, b"o" * 4096)  # extent 0 hot and logged
+    gate = threading.Event()
+    real_pwrite = rig.image.pwrite
+
+    def failing_pwrite(data, offset, fua=False):
+        if bytes(data[:1]) == b"F":
+            gate.wait(10)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(data, offset, fua)
+
+    rig.image.pwrite = failing_pwrite
+    seen: list[bool] = []
+    real_end_many = rep.al.end_many
+
+    def end_many(ranges):
+        if (65536, 4096) in list(ranges):
+            seen.append(rep.dirty.test(1))  # region 1 holds the failing write
+        real_end_many(ranges)
+
+    rep.al.end_many = end_many
+    results: list = []
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: _run_and_keep(results, lambda: rig.layer.pwrite(b"F" * 4096, 65536)))
+        await until(lambda: rep._local and rep.statistics().in_flight == 0)  # acked, still landing
+        gate.set()
+    with pytest.raises(OSError) as e:
+        await wait(results[0])
+    assert e.value.errno == errno.ENOSPC
+    assert seen == [True]
+    await until(lambda: rep.statistics().state == "in_sync" and rep.statistics().in_flight == 0)
+    assert rep.al.in_flight(0) == 0
+    assert rig.source_bytes() == rig.replica_bytes()
