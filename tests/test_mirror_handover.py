@@ -124,3 +124,40 @@ async def test_with_block_policy_a_write_is_refused_while_the_mirror_cannot_run(
         await wait(s.layer.pwrite(b"x" * 4096, 3 * MiB))  # never acknowledged unmirrored
     assert list(mgr.mirrors["vol"].state.dirty) == [3 * MiB // (64 << 10)]  # and still recorded
     nursery.cancel_scope.cancel()
+
+
+async def test_a_write_begun_before_a_block_mirror_is_configured_is_not_failed(tmp_path, nursery, monkeypatch):
+    # `vdisk mirror NAME --on-link-loss block` on a served, unmirrored volume under load: writes that
+    # began on the seam's Marking (attached first) and wait for the new activity log finish after the
+    # replicator is attached. They are marked and resent; they must not fail with "the mirror is not
+    # running" (that EIO is for a block configuration with no replicator at all).
+    from mirror.dirty import ActivityLog
+
+    s = Served(tmp_path)
+    server = TargetServer(s.dst, TargetConfig(timeout=5))
+    addr = await nursery.start(server.serve, "127.0.0.1", 0)
+    mgr = MirrorManager(s)  # type: ignore[arg-type]
+    await nursery.start(mgr.run)  # nothing configured yet
+    stall, gate = threading.Event(), threading.Event()
+    real_commit = ActivityLog._commit
+
+    def commit(self, all_idle):
+        if stall.is_set() and not all_idle:
+            gate.wait(10)
+        return real_commit(self, all_idle)
+
+    monkeypatch.setattr(ActivityLog, "_commit", commit)
+    mgr._open(s.vol)  # what start() does first: Marking attached
+    assert type(s.layer.replicator) is Marking
+    stall.set()
+    section = {"to": addr.removeprefix("tcp:"), "mode": "sync", "timeout": 2, "on_link_loss": "block"}
+    s.store.update("vol", mirror=section)
+    result = s.layer.pwrite(b"x" * 4096, 3 * MiB)  # cold extent: waits for the log (stalled)
+    assert result is not None and not result.done
+    rep = await mgr.start(s.vol, section)
+    assert s.layer.replicator is rep
+    gate.set()
+    await wait(result)  # raised BlockError("the mirror is not running ...") before the fix
+    await until(lambda: rep.statistics().state == "in_sync" and rep.statistics().in_flight == 0)
+    assert not s.differs()
+    nursery.cancel_scope.cancel()

@@ -188,6 +188,8 @@ class MirrorManager:
             finally:
                 for name, m in self.mirrors.items():
                     vol = self.daemon.volumes.get(name)
+                    if m.rep is not None:  # no replicator from here on: the configured policy applies
+                        m.marking.on_link_loss = m.rep.on_link_loss
                     if vol is not None:
                         vol.mirror.attach(m.marking)  # late writes (a drain that timed out) are still marked
                     self._retire(m.rep, m.scope, fail_held=True)
@@ -244,7 +246,9 @@ class MirrorManager:
 
         await self._nursery.start(run)
         old, old_scope = m.rep, m.scope
-        m.marking.on_link_loss = config.on_link_loss  # for when no replicator runs (shutdown)
+        # The Marking's policy is left alone here: ops that began on it before this attach (waiting
+        # for the activity log) finish on it, under the policy they were issued with, marked for the
+        # new replicator; they are not failed as if no replicator ran. Shutdown gives it ours (run).
         vol.mirror.attach(rep)
         m.rep, m.scope = rep, scope
         if old is not None:
