@@ -292,3 +292,17 @@ def test_a_replica_image_resized_or_removed_is_split_brain_and_discard_replica_p
     assert image.stat().st_size == 16 * MiB
     assert VolumeStore(procs.tmp / "dst").names() == ["vol"]
     assert "internal error" not in (procs.tmp / "target.log").read_text()
+
+
+def test_mirror_of_a_replica_is_refused_and_leaves_its_metadata_alone(procs):
+    """The target owns a replica's metadata (seals, split-brain record): `vdisk mirror` of it, even
+    --stop, would rewrite it behind the target's back (a lost seal is a false split brain)."""
+    data = ["--data-dir", str(procs.tmp / "dst")]
+    procs.run(*data, "create", "vol", "--size", "8M")
+    make_replica(VolumeStore(procs.tmp / "dst"))
+    before = (procs.tmp / "dst" / "vol.json").read_bytes()
+    for args in (("--to", "127.0.0.1:9"), ("--stop",), ("--discard-replica",)):
+        res = procs.run(*data, "mirror", "vol", *args, check=False)
+        assert res.returncode == 1 and "is a replica of volume 'data1'" in res.stderr, (args, res.stderr)
+        assert "cannot be mirrored until promoted" in res.stderr and "Traceback" not in res.stderr
+    assert (procs.tmp / "dst" / "vol.json").read_bytes() == before

@@ -72,7 +72,10 @@ def cmd_target(args: argparse.Namespace) -> int:
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
+    from .replicas import refuse_mirror
+
     store = store_of(args)
+    refuse_mirror(store.meta(args.name))  # --stop too: it rewrites the metadata the target owns
     control = _daemon(store, args.name)
     if args.stop:
         if control:

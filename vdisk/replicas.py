@@ -37,3 +37,13 @@ def refuse_delete(meta: VolumeMeta) -> None:
     if rep is not None:
         raise VolumeError(f"volume {meta.name!r} is {describe(meta, rep)}: it cannot be deleted until promoted "
                           "(read it with --read-only)")
+
+
+def refuse_mirror(meta: VolumeMeta) -> None:
+    """VolumeError if ``meta`` is a replica: its target owns its metadata (seals, pairing) and
+    rewrites it while mirroring into it, so a mirror configured on it would race with the target
+    and could never be served writable anyway."""
+    rep = replica_section(meta)
+    if rep is not None:
+        raise VolumeError(f"volume {meta.name!r} is {describe(meta, rep)}: it cannot be mirrored until promoted "
+                          "(mirror its source instead)")
