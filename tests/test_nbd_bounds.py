@@ -344,6 +344,26 @@ async def test_accept_failing_for_lack_of_descriptors_backs_off_and_logs_rarely(
         later.close()
 
 
+async def test_ops_failing_on_a_full_disk_are_logged_rarely_not_once_each(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A full disk fails every write: one log line per LOG_EVERY (saying how many more), not one per
+    # request (a client's flood of doomed writes must not flood the log, often on that same disk).
+    import errno
+
+    from blockdev.layers.faults import Fault, FaultLayer
+
+    caplog.set_level(logging.WARNING, "blockdev.nbd")
+    full = FaultLayer(volume())
+    full.faults.append(Fault("pwrite", errno.ENOSPC))
+    async with running({"vol": full}, Limits()) as (_server, path):
+        c = await Client.connect(path)
+        for _ in range(50):
+            assert (await c.call(P.CMD_WRITE, 0, 4096, bytes(4096)))[0] == P.wire_errno(errno.ENOSPC)
+        assert (await c.call(P.CMD_READ, 0, 4))[0] == 0  # the connection lives on
+        c.close()
+    assert caplog.text.count("WRITE on vol failed") == 1
+
+
 def test_the_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:

@@ -74,6 +74,7 @@ class NBDServer:
         self.connections: set[Connection] = set()
         self.listeners: list[Listener] = []
         self._budgets: dict[str, WriteBudget] = {}
+        self._op_logs: dict[str, RateLimited] = {}
         self._refusing = 0
         self.fd_limit = 0
         self._active = 0
@@ -159,6 +160,14 @@ class NBDServer:
         finally:
             sock.close()
             self._refusing -= 1
+
+    def op_error_log(self, name: str) -> RateLimited:
+        """The log line for ops of export ``name`` that fail (a full disk fails every write: one
+        line per ``LOG_EVERY`` saying how many more, not one per request)."""
+        r = self._op_logs.get(name)
+        if r is None:
+            r = self._op_logs[name] = RateLimited(log, LOG_EVERY)
+        return r
 
     def budget(self, name: str) -> WriteBudget:
         """The write budget of export ``name``, shared by all its connections."""

@@ -78,6 +78,7 @@ class Connection:
         self.sock = sock
         self.export = export
         self.backend = export.backend
+        self._error_log = server.op_error_log(export.name)
         self.structured = neg.structured
         self.base_allocation = neg.base_allocation
         info = neg.export
@@ -220,7 +221,7 @@ class Connection:
 
     def _log_error(self, cmd: int, exc: BaseException) -> None:
         if not isinstance(exc, (FastZeroUnsupported,)) and to_errno(exc) not in (errno.EPERM,):
-            log.warning("%s on %s failed: %s", P.CMD_NAMES.get(cmd, cmd), self.export.name, exc)
+            self._error_log(logging.WARNING, "%s on %s failed: %s", P.CMD_NAMES.get(cmd, cmd), self.export.name, exc)
 
     # -- requests -------------------------------------------------------------------------------
     def handle_batch(self, reqs: list[tuple], buf: Buffer) -> int:
