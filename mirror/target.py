@@ -232,9 +232,9 @@ class TargetServer:
             if not isinstance(hello, Hello) or any(isinstance(e, Bye) for e in events):
                 log.info("source %s closed the link during the handshake", link.peer)
                 return
-            await self._take_over(hello.volume_uuid, link.peer)
             session_uuid = hello.volume_uuid
-            session = self._sessions[hello.volume_uuid] = (trio.CancelScope(), trio.Event())
+            session = (trio.CancelScope(), trio.Event())
+            await self._take_over(session_uuid, link.peer, session)
             try:
                 name, created = self._replica_for(hello)
                 lock = self.store.lock(name)
@@ -303,16 +303,21 @@ class TargetServer:
         if reason is not None and not image.reported:
             log.error("%s", seals.message(image.name, image.source_name, reason))
 
-    async def _take_over(self, uuid: str, peer: str) -> None:
+    async def _take_over(self, uuid: str, peer: str, session: tuple[trio.CancelScope, trio.Event]) -> None:
         """A source that reconnects (authenticated) replaces its previous link: after a partition
-        the old one may look alive here until it times out, and would keep the replica locked."""
+        the old one may look alive here until it times out, and would keep the replica locked.
+        ``session`` is registered at once, before waiting: of connections of one source racing
+        each other, the newest wins and is the one a later reconnect can replace (registering
+        after the wait let a loser unregister the winner, whose replica then stayed "busy")."""
         old = self._sessions.get(uuid)
-        if old is None:
-            return
-        log.warning("source %s reconnects for %s: dropping its previous link", peer, uuid)
-        old[0].cancel()
-        with trio.move_on_after(5):
-            await old[1].wait()
+        self._sessions[uuid] = session
+        if old is not None:
+            log.warning("source %s reconnects for %s: dropping its previous link", peer, uuid)
+            old[0].cancel()
+            with trio.move_on_after(5):
+                await old[1].wait()
+        if self._sessions.get(uuid) is not session:
+            raise Refused("a newer connection of this source replaced this one", "busy")
 
     def _replica_for(self, hello: Hello) -> tuple[str, bool]:
         """(name, created): the replica of this source uuid, created (sparse) if there is none. A

@@ -427,3 +427,31 @@ async def test_random_frame_sequences_after_authentication_never_hurt_the_target
         await src.stream.aclose()
     await legit_source_mirrors(port, tmp_path / "dst")
     assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_connections_of_one_source_racing_each_other_leave_the_newest_replaceable(tmp_path, nursery):
+    """Two reconnects of one source (its uuid) race while its old link is being dropped: one wins,
+    and a later reconnect replaces the winner (the loser used to unregister it on its way out, so
+    the replica stayed "busy" to every reconnect until the winner's link timed out)."""
+    from mirror.wire import PeerError
+
+    _, port = await start_target(nursery, tmp_path)
+    for _ in range(3):
+        first = await RawSource.connect(port)
+        results: list = []
+
+        async def connect(out: list) -> None:
+            try:
+                out.append(await RawSource.connect(port))
+            except (PeerError, AssertionError) as e:
+                out.append(e)
+
+        async with trio.open_nursery() as racers:
+            racers.start_soon(connect, results)
+            racers.start_soon(connect, results)
+        assert len([r for r in results if isinstance(r, RawSource)]) >= 1
+        last = await RawSource.connect(port)  # after a partition, say: replaces whichever won
+        await last.send(last.write(0, os.urandom(4096), fua=True))
+        await last.until_ack(last.seq)
+        await last.close()
+        del first
