@@ -454,3 +454,34 @@ def test_idle_clients_past_the_soft_fd_limit_neither_exhaust_descriptors_nor_flo
         assert 1 <= log.count("refusing an NBD client") <= 2, log[-2000:]  # rate-limited
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _hard_fd_limit_256() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+def test_a_hard_fd_limit_below_the_connection_cap_refuses_clients_with_a_reason(  # type: ignore[no-untyped-def]
+        vd, serve, raw_nbd) -> None:
+    # `ulimit -n 256` with the default --max-connections 1000: past ~256 accept() would fail and
+    # clients hang in the backlog; the server says at start what it can hold and refuses the rest.
+    vd.create("vol", "16M")
+    srv = serve("vol", preexec=_hard_fd_limit_256)
+    idle = []
+    try:
+        while True:
+            assert len(idle) < 256, "never refused: the descriptor limit was not taken into account"
+            c = raw_nbd(srv.sock)
+            c.greeting()
+            c.option(P.OPT_GO, c.go_payload("vol"))
+            reps = c.opt_replies()
+            idle.append(c)
+            if reps[-1][1] == P.REP_ERR_POLICY:
+                assert b"open-file limit of 256" in reps[-1][2], reps[-1]
+                break
+            assert reps[-1][1] == P.REP_ACK
+        assert len(idle) - 1 == 256 - 64  # every slot the limit allows was served
+    finally:
+        for c in idle:
+            c.close()
+    log = srv.log()
+    assert "allows only 192 NBD connections" in log and "accept failed" not in log, log[-2000:]

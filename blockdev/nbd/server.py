@@ -29,6 +29,7 @@ log = logging.getLogger("blockdev.nbd")
 HANDSHAKE_TIMEOUT = 30.0
 LOG_EVERY = 10.0  # seconds between two log lines about refused connections or failing accepts
 # accept() errors that mean "out of a resource": wait (doubling) rather than retry at once
+FD_RESERVE = 64  # descriptors kept for images, logs, control and FUSE: never handed to NBD clients
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -77,6 +78,7 @@ class NBDServer:
         self._op_logs: dict[str, RateLimited] = {}
         self._refusing = 0
         self.fd_limit = 0
+        self.fd_cap = 0  # connections the open-file limit allows, all listeners together
         self._active = 0
         self._none_active = trio.Event()
         self._none_active.set()
@@ -107,6 +109,13 @@ class NBDServer:
         lsock.setblocking(False)
         if not self.fd_limit:
             self.fd_limit = raise_fd_limit()
+            self.fd_cap = max(1, self.fd_limit - FD_RESERVE)
+            if self.fd_cap < self.limits.connections:
+                # Past the limit accept() would fail and clients hang in the backlog: refuse them
+                # with a reason instead, below it.
+                log.warning("the open-file limit (%d) allows only %d NBD connections, fewer than the "
+                            "maximum of %d (--max-connections): raise it (ulimit -n) or lower the maximum",
+                            self.fd_limit, self.fd_cap, self.limits.connections)
         listener = Listener(addr)
         self.listeners.append(listener)
         backoff = Backoff()
@@ -130,7 +139,7 @@ class NBDServer:
                             await trio.sleep(delay)
                             continue
                         backoff.reset()
-                        if listener.open >= self.limits.connections:
+                        if listener.open >= self.limits.connections or self._open_total() >= self.fd_cap:
                             self._refuse(nursery, listener, conn)
                             continue
                         listener.open += 1
@@ -139,11 +148,18 @@ class NBDServer:
             lsock.close()
             self.listeners.remove(listener)
 
+    def _open_total(self) -> int:
+        return sum(li.open for li in self.listeners)
+
     def _refuse(self, nursery: trio.Nursery, listener: Listener, sock: socket.socket) -> None:
         """A client over the listener's cap: told why if few are being refused, else closed at once."""
         listener.refused += 1
-        reason = (f"too many connections: {listener.open} open on this listener (the maximum is "
-                  f"{self.limits.connections})")
+        if listener.open >= self.limits.connections:
+            reason = (f"too many connections: {listener.open} open on this listener (the maximum is "
+                      f"{self.limits.connections})")
+        else:
+            reason = (f"too many connections: {self._open_total()} open (the server's open-file "
+                      f"limit of {self.fd_limit} allows {self.fd_cap})")
         listener.refuse_log(logging.WARNING, "refusing an NBD client on %s: %s", listener.addr, reason)
         if self._refusing >= self.limits.refusing or self.draining:
             sock.close()
