@@ -458,10 +458,9 @@ async def test_a_fast_zero_racing_an_overlapping_write_leaves_both_sides_equal(r
     assert rig.source_bytes() == rig.replica_bytes()
 
 
-async def test_an_extent_stays_in_the_activity_log_until_both_halves_of_a_write_are_done(rig):
-    # The replica acknowledges a write whose local half is still landing (a slow worker thread):
-    # its extent must stay logged until the local write is done, or a crash in between would leave
-    # the replica ahead of the volume with nothing recording it.
+async def _local_half_gated(rig, marker: bytes, error: OSError | None = None):
+    """An in-sync mirror whose local pwrites of data starting with ``marker`` wait for the returned
+    gate (then fail with ``error``, if given): the replica acknowledges them while they still land."""
     import threading
 
     await rig.start_target()
@@ -471,12 +470,22 @@ async def test_an_extent_stays_in_the_activity_log_until_both_halves_of_a_write_
     gate = threading.Event()
     real_pwrite = rig.image.pwrite
 
-    def slow_pwrite(data, offset, fua=False):
-        if bytes(data[:1]) == b"L":
+    def gated_pwrite(data, offset, fua=False):
+        if bytes(data[:1]) == marker:
             gate.wait(10)
+            if error is not None:
+                raise error
         return real_pwrite(data, offset, fua)
 
-    rig.image.pwrite = slow_pwrite
+    rig.image.pwrite = gated_pwrite
+    return rep, gate
+
+
+async def test_an_extent_stays_in_the_activity_log_until_both_halves_of_a_write_are_done(rig):
+    # The replica acknowledges a write whose local half is still landing (a slow worker thread):
+    # its extent must stay logged until the local write is done, or a crash in between would leave
+    # the replica ahead of the volume with nothing recording it.
+    rep, gate = await _local_half_gated(rig, b"L")
     results: list = []
     async with trio.open_nursery() as n:
         n.start_soon(lambda: _run_and_keep(results, lambda: rig.layer.pwrite(b"L" * 4096, 4096)))
@@ -493,22 +502,7 @@ async def test_a_write_acked_then_failing_locally_is_marked_before_its_ticket_en
     # fails (ENOSPC). Its ticket ends when it lands; its range must be dirty by then, or the extent
     # could leave the activity log (map saved, idle) before the mark and a crash would record the
     # difference nowhere.
-    import threading
-
-    await rig.start_target()
-    rep = await rig.start_mirror()
-    await until(lambda: rep.state == "in_sync")
-    await rig.write(0, b"o" * 4096)  # extent 0 hot and logged
-    gate = threading.Event()
-    real_pwrite = rig.image.pwrite
-
-    def failing_pwrite(data, offset, fua=False):
-        if bytes(data[:1]) == b"F":
-            gate.wait(10)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(data, offset, fua)
-
-    rig.image.pwrite = failing_pwrite
+    rep, gate = await _local_half_gated(rig, b"F", OSError(errno.ENOSPC, "No space left on device"))
     seen: list[bool] = []
     real_end_many = rep.al.end_many
 
