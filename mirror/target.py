@@ -21,7 +21,6 @@ import ipaddress
 import logging
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import trio
 from blockdev.backend import Backend
 from blockdev.image.file import FileImage
 from blockdev.layers import ReadOnlyLayer
-from blockdev.nbd.limits import raise_fd_limit
+from blockdev.nbd.limits import RateLimited, raise_fd_limit
 from blockdev.volume import NAME_RE, VolumeBusy, VolumeError, VolumeStore, is_valid_name, validate_name
 
 from . import seal as seals
@@ -115,22 +114,6 @@ def check_exposure(host: str, config: TargetConfig) -> None:
         log.warning("no --psk-file: any local process can mirror into this target")
 
 
-class RateLimited:
-    """A log line at most once per ``every`` seconds, with the count of the ones left out."""
-
-    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.every, self._clock, self._last, self._dropped = every, clock, -1e18, 0
-
-    def __call__(self, level: int, msg: str, *args: object) -> None:
-        now = self._clock()
-        if now - self._last < self.every:
-            self._dropped += 1
-            return
-        suffix = f" ({self._dropped} more since the last report)" if self._dropped else ""
-        self._last, self._dropped = now, 0
-        log.log(level, msg + suffix, *args)
-
-
 class TargetServer:
     """Accepts replication links; at most one source per replica at a time. Nothing a peer sends
     ends the server: each link runs behind ``_guarded``, and a peer's error ends that link only."""
@@ -144,8 +127,8 @@ class TargetServer:
         self._sessions: dict[str, tuple[trio.CancelScope, trio.Event]] = {}  # source uuid -> its link's
         self._io_limiter = trio.CapacityLimiter(config.io_threads)
         self._hash_limiter = trio.CapacityLimiter(config.hash_threads)
-        self._refusals = RateLimited()
-        self._accept_errors = RateLimited()
+        self._refusals = RateLimited(log)
+        self._accept_errors = RateLimited(log)
 
     def statistics(self) -> dict[str, int]:
         return {"handshaking": self.handshaking, "active": len(self.active), "applied_bytes": self.applied_bytes}
