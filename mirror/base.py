@@ -9,10 +9,18 @@ in the hand-over.
 attached (its configuration is invalid, the daemon is shutting down): every write is admitted to the
 activity log and marked dirty, never lost. It is also the base of the real replicators: their
 "link is down" path is exactly this.
+
+A replicator is two interfaces on one object: the data-path ``Replicator`` of mirror/layer.py
+(``Marking`` gives every method a default: admit to the activity log, mark what cannot be sent), and
+the ``Control`` below, which is all the daemon (vdisk/mirroring.py) calls. A mode is one class:
+``SyncReplicator`` (sync.py) and ``AsyncReplicator`` (asyncrep.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
 
 from blockdev.backend import Completion, WriteResult
 from blockdev.errors import BlockError
@@ -35,6 +43,27 @@ class MirrorState:
         self.dirty.save()
         self.al.clear()
         self.al.close()
+
+
+class Control(Protocol):
+    """What the daemon does with a replicator: run it, report it, verify through it, retire it."""
+
+    mode: str
+    state: str
+    on_link_loss: str
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, ship, reconnect with backoff: until cancelled."""
+    def close(self, fail_held: bool = True) -> None:
+        """After ``run`` was cancelled: mark what the replica may lack; fail or hand over held writes."""
+    def statistics(self) -> Any:
+        """A JSON-safe snapshot (a record for sync, a dict for async) for ``vdisk status``."""
+    async def query_hashes(self, leaf_size: int, level: int, indices: list[int]) -> bytes:
+        """The replica's Merkle digests (verify.compare)."""
+    def request_resync(self) -> None:
+        """Dirty bits were added from outside (verify --repair): send them."""
+    async def wait_in_sync(self, timeout: float) -> bool:
+        """True once nothing is left to send (False after ``timeout`` seconds)."""
 
 
 class Marking:

@@ -49,6 +49,10 @@ class DirtyMap:
         self.size, self.region, self.path = size, region, path
         self.regions = (size + region - 1) // region
         self._bits = bytearray((self.regions + 7) // 8)
+        # Regions read for a replica that has not committed them yet (async catch-up): clear in
+        # memory (nothing left to read) but still saved as dirty, so a crash sends them again.
+        self._pinned = bytearray(len(self._bits))
+        self.pinned_count = 0
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
         self._count = 0
@@ -100,6 +104,40 @@ class DirtyMap:
     def test(self, r: int) -> bool:
         return bool(self._bits[r >> 3] & (1 << (r & 7)))
 
+    def pin(self, first: int, last: int) -> None:
+        """Regions first..last were read for the replica, which has not committed them: clear
+        them (nothing left to read) but keep them dirty on disk until ``unpin``."""
+        with self._lock:
+            for r in range(first, last + 1):
+                byte, bit = r >> 3, 1 << (r & 7)
+                if self._bits[byte] & bit:
+                    self._bits[byte] &= ~bit
+                    self._count -= 1
+                if not self._pinned[byte] & bit:
+                    self._pinned[byte] |= bit
+                    self.pinned_count += 1
+            self._unsaved = True
+
+    def unpin(self, first: int, last: int, remark: bool = False) -> None:
+        """The replica committed regions first..last (``remark=False``), or lost them (``remark``:
+        they are dirty again)."""
+        new = False
+        with self._lock:
+            for r in range(first, last + 1):
+                byte, bit = r >> 3, 1 << (r & 7)
+                if self._pinned[byte] & bit:
+                    self._pinned[byte] &= ~bit
+                    self.pinned_count -= 1
+                    if remark:
+                        new = self._set_locked(r) or new
+            self._unsaved = True
+        if new and self.on_mark is not None:
+            self.on_mark()
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.pinned_count * self.region
+
     def next_set(self, start: int = 0) -> int | None:
         """The first dirty region >= start, or None."""
         if start >= self.regions:
@@ -150,7 +188,8 @@ class DirtyMap:
         # land after a newer one.
         with self._save_lock:
             with self._lock:
-                bits = bytes(self._bits)
+                bits = bytes(self._bits) if not self.pinned_count else \
+                    (int.from_bytes(self._bits, "little") | int.from_bytes(self._pinned, "little")).to_bytes(len(self._bits), "little")
                 self._unsaved = False
             seq = self._seq + 1
             body = _SLOT_HEAD.pack(_SLOT_MAGIC, seq, self.size, self.region) + bits
@@ -240,7 +279,7 @@ class ActivityLog:
     def __init__(self, path: Path, extent: int = EXTENT, capacity: int = 1024,
                  before_evict: Callable[[], bool] = lambda: True) -> None:
         self.path, self.extent, self.capacity = path, extent, capacity
-        self._before_evict = before_evict
+        self.before_evict = before_evict
         self._hot: OrderedDict[int, int] = OrderedDict()  # extent -> writes in flight
         self._gen: dict[int, int] = {}  # extent -> writes begun (tells a re-used extent from an idle one)
         self._lock = threading.Lock()
@@ -402,7 +441,7 @@ class ActivityLog:
                 idle = [(e, self._gen[e]) for e, n in self._hot.items() if n == 0]
                 if not all_idle:
                     idle = idle[: max(0, len(self._hot) - self.capacity)]
-            if idle and not self._before_evict():
+            if idle and not self.before_evict():
                 # The dirty map could not be saved (a full disk, say): the extents stay in the log,
                 # which is then the only durable record of what may differ.
                 idle = []
