@@ -184,3 +184,21 @@ def test_an_activity_log_that_cannot_be_allocated_refuses_admissions_instead_of_
     monkeypatch.setattr(os, "pwrite", real)
     al.begin(0, 4096)  # room again
     assert ActivityLog.logged(tmp_path / "al", MiB, capacity=8) == [0]
+
+
+def test_pinned_regions_are_clear_in_memory_but_saved_dirty_until_unpinned(tmp_path):
+    path = tmp_path / "map"
+    m = DirtyMap(1 << 20, 64 << 10, path)
+    m.mark(0, 256 << 10)  # regions 0..3
+    m.pin(0, 1)
+    assert m.count == 2 and m.pinned_count == 2 and m.next_set(0) == 2
+    m.save()
+    assert DirtyMap.load(1 << 20, 64 << 10, path).count == 4  # a crash sends the pinned ones again
+    m.mark(0, 1)  # written again after it was read: dirty and still pinned
+    m.unpin(0, 1)  # committed
+    assert m.count == 3 and m.pinned_count == 0
+    m.pin(2, 3)
+    m.unpin(2, 3, remark=True)  # the replica lost them
+    assert sorted(m) == [0, 2, 3]
+    m.save()
+    assert sorted(DirtyMap.load(1 << 20, 64 << 10, path)) == [0, 2, 3]
