@@ -70,16 +70,63 @@ def format_size(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
-_RATE_RE = re.compile(r" *([0-9]{1,15}(?:\.[0-9]{1,9})?) *([kmgt]?)(bit|bps|b|byte|bytes)?(/s)? *",
-                      re.IGNORECASE | re.ASCII)
+# Rates: NUMBER [PREFIX][i] [UNIT] [/s]. The unit's case carries meaning only in the one place the
+# world agrees on it: a lone ``b`` (or ``bps``) is bits, a lone ``B`` (or ``Bps``) is bytes, as on link
+# datasheets. ``bit``/``bits`` and ``byte``/``bytes`` are spelled out and so case-insensitive.
+_RATE_RE = re.compile(r" *([0-9]{1,15}(?:\.[0-9]{1,9})?) *(?:([kKmMgGtT])(i?))?(bits?|BITS?|Bits?|bps|Bps|b|B|"
+                      r"bytes?|BYTES?|Bytes?)?(/s|/S)? *", re.ASCII)
+_RATE_HELP = "use e.g. 2Mbit, 512kbit, 10MB/s, 10MiB/s or unlimited"
+MAX_RATE = 1e15  # bytes/s (8 Pbit/s): anything larger is a typo, and floats stay exact in the bucket
 
 
-def parse_rate(text: str) -> float:
-    """A rate in bytes per second: '2Mbit' -> 250000.0, '10MB/s' -> 10e6 (decimal, as links are sold)."""
-    m = _RATE_RE.fullmatch(str(text))
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"invalid rate {text!r}: e.g. 2Mbit, 100Mbit, 10MB/s")
-    num, prefix, unit = float(m.group(1)), m.group(2).lower(), (m.group(3) or "B")
-    mult = 1000 ** _POW[prefix]
-    is_bits = unit.lower() in ("bit", "bps") or unit == "b"
-    return num * mult / 8 if is_bits else num * mult
+def parse_rate(text: str) -> float | None:
+    """Bytes per second from '2Mbit' (250000.0), '10MB/s' (10e6), '10MiB/s' (10*2**20); None for 'unlimited'.
+
+    Bits or bytes: ``bit``, ``bps`` or a lowercase ``b`` mean bits; ``B``, ``Bps`` or ``byte(s)`` mean
+    bytes; no unit means bytes. k/M/G/T are decimal (links are sold that way), Ki/Mi/Gi/Ti binary.
+    Zero is an error (say ``unlimited``), so a stray 0 never silently stops or unthrottles a mirror.
+    """
+    raw = str(text)
+    if raw.strip().lower() == "unlimited":
+        return None
+    m = _RATE_RE.fullmatch(raw)
+    if not m:
+        raise ValueError(f"invalid rate {raw!r}: {_RATE_HELP}")
+    num, prefix, binary, unit = float(m.group(1)), (m.group(2) or "").lower(), m.group(3), m.group(4) or "B"
+    if binary and not prefix:
+        raise ValueError(f"invalid rate {raw!r}: {_RATE_HELP}")
+    mult = (1024 if binary else 1000) ** _POW[prefix]
+    is_bits = unit.lower().startswith("bit") or unit in ("b", "bps")
+    value = num * mult / 8 if is_bits else num * mult
+    if value <= 0:
+        raise ValueError(f"invalid rate {raw!r}: must be positive (use unlimited for no limit)")
+    if value > MAX_RATE:
+        raise ValueError(f"invalid rate {raw!r}: too large (at most 8 Pbit/s)")
+    return value
+
+
+def format_rate(bytes_per_s: float | None) -> str:
+    """250000.0 -> '2.0 Mbit/s' (bits, decimal, like link speeds); None -> 'unlimited'."""
+    if bytes_per_s is None:
+        return "unlimited"
+    bits = float(bytes_per_s) * 8
+    if abs(bits) < 1000:
+        return f"{bits:.0f} bit/s"
+    for unit in ("kbit/s", "Mbit/s", "Gbit/s", "Tbit/s"):
+        bits /= 1000
+        if abs(bits) < 1000 or unit == "Tbit/s":
+            break
+    return f"{bits:.1f} {unit}"
+
+
+_CLOCK_RE = re.compile(r" *([0-9]{1,2}):([0-9]{2}) *", re.ASCII)
+
+
+def parse_clock(text: str, *, allow_24: bool = False) -> tuple[int, int]:
+    """'08:30' -> (8, 30): a wall-clock time of day; '24:00' only with ``allow_24`` (a window's end)."""
+    m = _CLOCK_RE.fullmatch(str(text))
+    if m:
+        hour, minute = int(m.group(1)), int(m.group(2))
+        if (hour < 24 and minute < 60) or (allow_24 and hour == 24 and minute == 0):
+            return hour, minute
+    raise ValueError(f"invalid time {str(text)!r}: use HH:MM, e.g. 08:00")
