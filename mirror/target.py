@@ -18,6 +18,7 @@ import datetime as dt
 import errno
 import fcntl
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -31,19 +32,28 @@ from blockdev.backend import Backend
 from blockdev.image.file import FileImage
 from blockdev.layers import ReadOnlyLayer
 from blockdev.nbd.limits import RateLimited, raise_fd_limit
-from blockdev.volume import NAME_RE, VolumeBusy, VolumeError, VolumeStore, is_valid_name, validate_name
+from blockdev.volume import (
+    NAME_RE,
+    VolumeBusy,
+    VolumeError,
+    VolumeStore,
+    is_valid_name,
+    validate_name,
+    write_json_atomic,
+)
 
 from . import seal as seals
 from .target_io import Batch, Hasher, ReplicaImage, apply_batch, check_batch, check_query
 from .wire import Connection, PeerError, PeerSilent, Role, WireError
 from .wire.codec import FrameReader, encode_ack
-from .wire.events import Bye, Flush, HashQuery, Hello, Ping, Welcome, Write, Zero
+from .wire.events import Bye, Checkpoint, Flush, HashQuery, Hello, Ping, Welcome, Write, Zero
 from .wire.link import Link
 
 log = logging.getLogger("vdisk.target")
 RECV_BUFFER = 16 << 20  # after the handshake
 HANDSHAKE_BUFFER = 4 << 10  # before it: grows only as far as one pre-auth frame (PRE_AUTH_PAYLOAD)
 LOCK_FILE = ".vdisk-target.lock"
+CHECKPOINT_SUFFIX = ".mirror-checkpoint"  # NAME + suffix: the last checkpoint an async source committed
 
 
 class Refused(Exception):
@@ -124,6 +134,7 @@ class TargetServer:
         self.applied_bytes = 0
         self.handshaking = 0  # connections not yet authenticated
         self._ro: dict[str, FileImage] = {}
+        self.checkpoints: dict[str, tuple[int, int]] = {}  # replica -> (checkpoint id, time_ns) committed
         self._sessions: dict[str, tuple[trio.CancelScope, trio.Event]] = {}  # source uuid -> its link's
         self._io_limiter = trio.CapacityLimiter(config.io_threads)
         self._hash_limiter = trio.CapacityLimiter(config.hash_threads)
@@ -237,16 +248,23 @@ class TargetServer:
                 image = seals.SealedImage(self.store.open_image(name), self.store, name, hello.name)
             except VolumeError as e:
                 raise Refused(str(e)) from None
+            # Async sources resume after the checkpoint the replica committed; a sync session writes the
+            # replica directly, so from here it is at no checkpoint of the source's journal.
+            cp = (0, 0) if hello.mode == "sync" else self.read_checkpoint(name)
+            if hello.mode == "sync":
+                self._cp_path(name).unlink(missing_ok=True)
+            self.checkpoints[name] = cp
             meta = seals.open_session(self.store, name, {
                 "source_uuid": hello.volume_uuid, "source_name": hello.name, "source_addr": link.peer,
                 "generation": hello.generation, "last_connected": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
-            link.conn.accept(Welcome(meta.uuid, name, created, hello.generation, verdict.verify))
+            link.conn.accept(Welcome(meta.uuid, name, created, hello.generation, verdict.verify, cp[0], cp[1]))
             link.conn.reader.reserve(RECV_BUFFER)
             await link.send_control()
             self.active[name] = link.peer
-            log.info("source %s mirrors %r (%s) into replica %s", link.peer, hello.name, hello.volume_uuid, name)
+            log.info("source %s mirrors %r (%s) into replica %s (%s)", link.peer, hello.name, hello.volume_uuid,
+                     name, hello.mode if hello.mode == "sync" else f"async, at checkpoint {cp[0]}")
             with session[0]:
-                await self._session(link, image, hello.size)
+                await self._session(link, image, hello.size, name)
         except (Refused, seals.SplitBrain) as e:
             log.warning("refused source %s: %s", link.peer, e)
             link.conn.fail(str(e), e.code)
@@ -333,7 +351,21 @@ class TargetServer:
         root = self.store.root
         return [p.name[:-5] for p in sorted(root.glob("*.json")) if is_valid_name(p.name[:-5])] if root.is_dir() else []
 
-    async def _session(self, link: Link, image: ReplicaImage, size: int) -> None:
+    def _cp_path(self, name: str) -> Path:
+        return self.store.root / f"{name}{CHECKPOINT_SUFFIX}"
+
+    def read_checkpoint(self, name: str) -> tuple[int, int]:
+        """(id, time_ns) of the last checkpoint committed on ``name``; (0, 0) if none or unreadable."""
+        try:
+            d = json.loads(self._cp_path(name).read_text())
+            cp, t = d["id"], d["time_ns"]
+            if isinstance(cp, int) and isinstance(t, int) and cp >= 0 and t >= 0:
+                return cp, t
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return 0, 0
+
+    async def _session(self, link: Link, image: ReplicaImage, size: int, name: str = "") -> None:
         """The frame loop and this session's hasher; when the loop ends the hasher stops too (a hash
         still running in its thread gives up within one chunk), so nothing outlives the link."""
         send_lock = trio.StrictFIFOLock()  # two tasks send on one socket: one waits for it at a time
@@ -351,7 +383,7 @@ class TargetServer:
                 if isinstance(image, seals.SealedImage):
                     nursery.start_soon(image.keep_sealed, self._io_limiter)
                 try:
-                    await self._apply(link, image, size, hasher, send)
+                    await self._apply(link, image, size, hasher, send, name)
                 finally:
                     hasher.stop.set()
                     nursery.cancel_scope.cancel()
@@ -359,7 +391,7 @@ class TargetServer:
             raise _single(group) from None
 
     async def _apply(self, link: Link, image: ReplicaImage, size: int, hasher: Hasher,
-                     send: Callable[[list[bytes]], Awaitable[None]]) -> None:
+                     send: Callable[[list[bytes]], Awaitable[None]], name: str = "") -> None:
         """Apply every complete frame of each receive (off the trio thread unless the batch is small
         and needs no fdatasync), then ack once; a HashQuery goes to the hasher once the frames before
         it are applied and acknowledged."""
@@ -375,6 +407,13 @@ class TargetServer:
                 t = type(ev)
                 if t is Write or t is Zero or t is Flush:
                     batch.append(ev)  # type: ignore[arg-type]
+                elif t is Checkpoint:
+                    # Everything before it applied and fdatasync'd (a Flush at its seq), the commit
+                    # recorded durably, then the ack that covers it.
+                    batch.append(Flush(ev.seq))  # type: ignore[union-attr]
+                    applied = await self._commit(image, size, batch, applied, send,
+                                                 lambda cp=ev: self._commit_checkpoint(name, cp))  # type: ignore[misc]
+                    batch = []
                 elif t is Ping:
                     reply = True
                 elif t is HashQuery:
@@ -390,8 +429,16 @@ class TargetServer:
                 await send([encode_ack(applied)])
             applied = last
 
+    async def _commit_checkpoint(self, name: str, cp: Checkpoint) -> None:
+        if not name:
+            return
+        await trio.to_thread.run_sync(write_json_atomic, self._cp_path(name),
+                                      {"id": cp.cp_id, "time_ns": cp.time_ns}, limiter=self._io_limiter)
+        self.checkpoints[name] = (cp.cp_id, cp.time_ns)
+
     async def _commit(self, image: ReplicaImage, size: int, batch: Batch, applied: int,
-                      send: Callable[[list[bytes]], Awaitable[None]]) -> int:
+                      send: Callable[[list[bytes]], Awaitable[None]],
+                      before_ack: Callable[[], Awaitable[None]] | None = None) -> int:
         """Apply a run of data frames, then ack the last; the new applied seq."""
         if not batch:
             return applied
@@ -403,6 +450,8 @@ class TargetServer:
         else:  # page-cache pwrites of a few KiB: a thread hop would cost more than the writes
             apply_batch(image, batch, False)
         self.applied_bytes += nbytes
+        if before_ack is not None:
+            await before_ack()
         last = batch[-1].seq
         await send([encode_ack(last)])
         return last

@@ -23,6 +23,7 @@ from .events import (
     Auth,
     Bye,
     Challenge,
+    Checkpoint,
     ErrorMsg,
     Event,
     Flush,
@@ -50,7 +51,7 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 
 # Frame types. Numbers are part of the protocol: never reuse one.
 T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_BYE = 1, 2, 3, 4, 5, 6
-T_WRITE, T_ZERO, T_FLUSH, T_ACK, T_PING = 16, 17, 18, 19, 20
+T_WRITE, T_ZERO, T_FLUSH, T_ACK, T_PING, T_CHECKPOINT = 16, 17, 18, 19, 20, 21
 T_HASHQ, T_HASHR = 32, 33
 F_FUA, F_TRIM = 1, 2
 _ZERO_LEN = struct.Struct(">Q")
@@ -86,6 +87,11 @@ def encode_flush(seq: int) -> bytes:
     return _frame(T_FLUSH, b"", 0, seq)
 
 
+def encode_checkpoint(seq: int, cp_id: int, time_ns: int) -> bytes:
+    payload = _ZERO_LEN.pack(time_ns)
+    return _frame(T_CHECKPOINT, payload, 0, seq, cp_id) + payload
+
+
 def encode_ack(seq: int) -> bytes:
     return _frame(T_ACK, b"", 0, seq)
 
@@ -119,7 +125,8 @@ def encode(event: Event) -> bytes:
         case Welcome():
             return _json_frame(T_WELCOME, {"replica_id": event.replica_id, "replica_name": event.replica_name,
                                            "created": event.created, "generation": event.generation,
-                                           "verify": event.verify})
+                                           "verify": event.verify, "checkpoint": event.checkpoint,
+                                           "checkpoint_time_ns": event.checkpoint_time_ns})
         case ErrorMsg():
             return _json_frame(T_ERROR, {"message": event.message, "code": event.code})
         case Bye():
@@ -194,8 +201,12 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
         verify = d.get("verify", False)  # optional: a target from before split-brain checks omits it
         if not isinstance(verify, bool):
             raise RemoteProtocolError("bad frame: field 'verify' is not bool")
+        cps = [0, 0]
+        for i, key in enumerate(("checkpoint", "checkpoint_time_ns")):  # optional: older targets omit them
+            if key in d:
+                cps[i] = _field(d, key, int)
         return Welcome(_field(d, "replica_id", str), _field(d, "replica_name", str), _field(d, "created", bool),
-                       _field(d, "generation", int), verify)
+                       _field(d, "generation", int), verify, cps[0], cps[1])
     if ftype == T_ERROR:
         # Printable only: the peer's message ends up in our log and on the user's terminal.
         message = "".join(c if c.isprintable() else " " for c in _field(d, "message", str, maxlen=MAX_JSON)[:2000])
@@ -212,7 +223,7 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
 
 _JSON_TYPES = frozenset({T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_HASHQ})
 _FLAGS = {T_WRITE: F_FUA, T_ZERO: F_FUA | F_TRIM}  # the flag bits each frame type may carry
-_KNOWN_TYPES = _JSON_TYPES | {T_BYE, T_WRITE, T_ZERO, T_FLUSH, T_ACK, T_PING, T_HASHR}
+_KNOWN_TYPES = _JSON_TYPES | {T_BYE, T_WRITE, T_ZERO, T_FLUSH, T_CHECKPOINT, T_ACK, T_PING, T_HASHR}
 
 
 class FrameReader:
@@ -323,6 +334,10 @@ class FrameReader:
             return Zero(a, b, _ZERO_LEN.unpack(payload)[0], bool(flags & F_FUA), bool(flags & F_TRIM))
         if ftype == T_FLUSH:
             return Flush(a)
+        if ftype == T_CHECKPOINT:
+            if len(payload) != _ZERO_LEN.size:
+                raise RemoteProtocolError("bad frame: checkpoint frame of the wrong size")
+            return Checkpoint(a, b, _ZERO_LEN.unpack(payload)[0])
         if ftype == T_PING:
             return Ping(a)
         if ftype == T_HASHR:

@@ -26,11 +26,13 @@ from collections.abc import Callable
 from .codec import MAX_PAYLOAD, PRE_AUTH_PAYLOAD, FrameReader, encode
 from .errors import AuthError, LocalProtocolError, PeerError, RemoteProtocolError, WireError
 from .events import (
+    MODES,
     PROTOCOL_VERSION,
     Ack,
     Auth,
     Bye,
     Challenge,
+    Checkpoint,
     ErrorMsg,
     Event,
     Flush,
@@ -72,6 +74,7 @@ _TRANSITIONS: dict[tuple[Role, State, type], State] = {
     (Role.TARGET, State.READY, Write): State.READY,
     (Role.TARGET, State.READY, Zero): State.READY,
     (Role.TARGET, State.READY, Flush): State.READY,
+    (Role.TARGET, State.READY, Checkpoint): State.READY,
     (Role.TARGET, State.READY, Ping): State.READY,
     (Role.TARGET, State.READY, HashQuery): State.READY,
 }
@@ -162,7 +165,7 @@ class Connection:
         try:
             for ev in events:
                 t = type(ev)
-                if t is Write or t is Zero or t is Flush:
+                if t is Write or t is Zero or t is Flush or t is Checkpoint:
                     if ev.seq != seq:  # type: ignore[union-attr]
                         raise RemoteProtocolError(f"bad frame: seq {ev.seq} where {seq} was expected")  # type: ignore[union-attr]
                     seq += 1
@@ -198,6 +201,8 @@ class Connection:
                 f"version mismatch: source speaks protocol {hello.version}, target speaks {PROTOCOL_VERSION}")
         if len(hello.nonce) != NONCE_SIZE:
             raise RemoteProtocolError("bad hello: nonce of the wrong size")
+        if hello.mode not in MODES:
+            raise RemoteProtocolError(f"bad hello: unknown mirror mode {hello.mode!r} (sync or async)")
         self.hello, self._peer_nonce = hello, hello.nonce
         self._nonce = self._rand(NONCE_SIZE)
         proof = _mac(self._psk, b"vdisk-mirror target", hello.nonce, self._nonce, hello.volume_uuid) if self._psk else b""

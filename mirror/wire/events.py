@@ -54,6 +54,10 @@ class Welcome:
     created: bool
     generation: int
     verify: bool = False  # Merkle-compare before trusting the pairing (the replica may have changed)
+    # Async mirrors: the last checkpoint this replica committed (0: none, or written by a sync session
+    # since) and its time; the source resumes shipping after it. Optional: older targets omit them.
+    checkpoint: int = 0
+    checkpoint_time_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,15 @@ class Flush(NamedTuple):
     seq: int
 
 
+class Checkpoint(NamedTuple):
+    """Async: every data frame before this one forms checkpoint ``cp_id`` of the source (cut at
+    ``time_ns``); an Ack covering it means the replica committed it (durable)."""
+
+    seq: int
+    cp_id: int
+    time_ns: int
+
+
 class Ack(NamedTuple):
     """Cumulative: every data frame with a sequence number <= ``seq`` is applied (durable if asked)."""
 
@@ -112,7 +125,7 @@ class Ping(NamedTuple):
     token: int
 
 
-for _cls in (Write, Zero, Flush, Ack, Ping):
+for _cls in (Write, Zero, Flush, Checkpoint, Ack, Ping):
     _cls.__eq__ = _typed_eq  # type: ignore[method-assign,assignment]
     _cls.__ne__ = _typed_ne  # type: ignore[method-assign,assignment]
     _cls.__hash__ = tuple.__hash__  # type: ignore[method-assign,assignment]
@@ -141,5 +154,7 @@ class Bye:
     """Either side: a clean close (no error)."""
 
 
-Event = Hello | Challenge | Auth | Welcome | ErrorMsg | Write | Zero | Flush | Ack | Ping | HashQuery | HashReply | Bye
-DATA_EVENTS = (Write, Zero, Flush)
+Event = (Hello | Challenge | Auth | Welcome | ErrorMsg | Write | Zero | Flush | Checkpoint | Ack | Ping | HashQuery
+         | HashReply | Bye)
+DATA_EVENTS = (Write, Zero, Flush, Checkpoint)
+MODES = ("sync", "async")
