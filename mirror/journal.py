@@ -58,6 +58,7 @@ _STATE_SLOT = struct.Struct(">8sQQQ")  # magic, slot seq, next_seq, released_upt
 _STATE_MAGIC = b"VDJSTAT1"
 _STATE_SLOT_SIZE = 512  # one sector each, so a torn write of one slot leaves the other intact
 _SEG_NAME = re.compile(r"^(\d{20})\.seg$")
+_STALE_TMP = re.compile(r"^state\.\d+\.tmp$")
 _READ_CHUNK = 8 << 20  # the open scan reads segments in windows of this size
 _IOV_MAX = 1024
 
@@ -171,13 +172,14 @@ class _Window:
         return memoryview(self.buf)[rel:rel + n]
 
 
-def _valid_at(win: _Window, pos: int, expected: int | None) -> tuple | None:
-    """The header tuple of a valid record at ``pos`` (checksum included), or None."""
+def _valid_at(win: _Window, pos: int, seqs: range) -> tuple | None:
+    """(kind, flags, seq, offset, length, time_ns) of a valid record at ``pos`` whose seq is in
+    ``seqs`` (checksum verified), or None."""
     if win.size - pos < HEADER_SIZE:
         return None
     head = win.get(pos, HEADER_SIZE)
     magic, kind, flags, _r, seq, off, length, t = _HEAD.unpack_from(head)
-    if magic != MAGIC or kind not in _KINDS or (expected is not None and seq != expected):
+    if magic != MAGIC or kind not in _KINDS or seq not in seqs:
         return None
     plen = length if kind == WRITE else 0
     if pos + HEADER_SIZE + plen > win.size:
@@ -270,8 +272,12 @@ class Journal:
 
     def _recover(self) -> None:
         rec = self.recovery
-        names = sorted((int(m.group(1)), self.path / name)
-                       for name in os.listdir(self.path) if (m := _SEG_NAME.match(name)))
+        listing = os.listdir(self.path)
+        names = sorted((int(m.group(1)), self.path / name) for name in listing if (m := _SEG_NAME.match(name)))
+        for name in listing:  # ours and stale: the temp files of an earlier state format
+            if _STALE_TMP.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path / name)
         released = self._released
         prev_stop: int | None = None
         damage_at: int | None = None  # the seq from which records were dropped
@@ -293,7 +299,7 @@ class Journal:
             win = _Window(fd, size)
             pos, seq = 0, first
             while pos < size:
-                v = _valid_at(win, pos, seq)
+                v = _valid_at(win, pos, range(seq, seq + 1))
                 if v is None:
                     break
                 kind, flags, _s, off, length, t = v
@@ -352,20 +358,24 @@ class Journal:
     @staticmethod
     def _valid_follows(win: _Window, start: int, after_seq: int) -> bool:
         """Whether a valid record with a seq >= ``after_seq`` lies anywhere past ``start``: then the
-        bad record before it is damage, not a torn tail (a crash mid-append leaves nothing valid after)."""
+        bad record before it is damage, not a torn tail (a crash mid-append leaves nothing valid after).
+        Only run on a bad record; candidates are found by their magic and checked in full."""
+        scan, check = _Window(win.fd, win.size), _Window(win.fd, win.size)
+        # Every record is at least a header: no valid seq lies beyond this.
+        plausible = range(after_seq, after_seq + win.size // HEADER_SIZE + 1)
         pos = start
-        while True:
-            chunk = win.get(pos, min(_READ_CHUNK, win.size - pos)) if pos < win.size else memoryview(b"")
-            i = bytes(chunk).find(MAGIC)
-            if i < 0:
-                if pos + len(chunk) >= win.size:
-                    return False
-                pos += max(1, len(chunk) - len(MAGIC) + 1)
-                continue
-            v = _valid_at(win, pos + i, None)
-            if v is not None and v[2] >= after_seq:
-                return True
-            pos += i + 1
+        while pos < win.size:
+            n = min(_READ_CHUNK, win.size - pos)
+            chunk = bytes(scan.get(pos, n))
+            i = chunk.find(MAGIC)
+            while i >= 0:
+                if _valid_at(check, pos + i, plausible) is not None:
+                    return True
+                i = chunk.find(MAGIC, i + 1)
+            if pos + n >= win.size:
+                return False
+            pos += n - len(MAGIC) + 1
+        return False
 
     @staticmethod
     def _parseable_ranges(win: _Window, pos: int) -> list[tuple[int, int]]:
@@ -427,8 +437,7 @@ class Journal:
         size = HEADER_SIZE + (length if data is not None else 0)
         me = threading.get_ident()
         with self._lock:
-            if self._closed:
-                raise JournalClosed(f"journal {self.path} is closed")
+            self._check_open()
             seq = self._next
             segs = self._segments
             seg = segs[-1] if segs else None
@@ -452,6 +461,10 @@ class Journal:
             if self._holder != me:
                 self._flush_locked()  # not batching: written at once (with any held records before it)
         return seq
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise JournalClosed(f"journal {self.path} is closed")
 
     def _new_segment_locked(self, first: int) -> _Segment:
         p = self.path / f"{first:020d}.seg"
@@ -523,6 +536,7 @@ class Journal:
         """fdatasync every segment written since the last sync; returns once they are durable."""
         with self._sync_lock:
             with self._lock:
+                self._check_open()
                 self._flush_locked()  # a held batch too: a FUA write of another thread may follow it
                 segs = list(self._unsynced)
                 self._unsynced.clear()
@@ -560,6 +574,7 @@ class Journal:
         one if any exists); checksums verified. JournalGap if from_seq was released."""
         spans: list[tuple[_Segment, int, int]] = []  # (segment, first index, end index)
         with self._lock:
+            self._check_open()
             if from_seq < self._first:
                 raise JournalGap(from_seq)
             seq, stop, budget = from_seq, self._written, max_bytes
@@ -645,6 +660,7 @@ class Journal:
         """Records <= upto_seq are no longer needed (the replica committed a checkpoint after them)."""
         changed_dir = False
         with self._lock:
+            self._check_open()
             if upto_seq >= self._written:
                 raise ValueError(f"release({upto_seq}): only records below {self._written} are written")
             if upto_seq < self._first:
@@ -669,6 +685,7 @@ class Journal:
     def reset(self) -> None:
         """Drop every record (the caller marked their ranges dirty first); next_seq is kept."""
         with self._lock:
+            self._check_open()
             self._pending, self._pending_bytes = [], 0
             self._released = self._next - 1
             self._write_state(durable=True)  # before the files go: see the module docstring

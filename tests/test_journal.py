@@ -441,3 +441,70 @@ def test_kill9_mid_append_leaves_a_valid_prefix(tmp_path):
         assert acked < j.next_seq <= acked + 33 and j.next_seq >= last_next
         last_next = j.next_seq
         j.close()
+
+
+def _power_loss(d: Path, keep: int) -> None:
+    """Cut the only segment after ``keep`` records (of 100-byte writes): what a lost page cache leaves."""
+    seg = next(d.glob("*.seg"))
+    os.truncate(seg, keep * (HEADER_SIZE + 100))
+
+
+def test_a_lost_unsynced_tail_is_not_damage_even_after_a_release(tmp_path):
+    d = tmp_path / "j"
+    j = Journal.open(d)
+    for i in range(10):
+        j.append_write(i, b"p" * 100)
+    j.sync()
+    for i in range(5):
+        j.append_write(i, b"u" * 100)  # never synced
+    j.release(3)  # the state names the synced end (11), not the appended one (16)
+    j.close()
+    _power_loss(d, 10)
+    j = Journal.open(d)
+    assert not j.recovery["damaged"] and j.first_seq == 4 and j.next_seq == 11
+    assert [r.seq for r in j.read(4)] == list(range(4, 11))
+    j.close()
+
+
+def test_losing_records_the_state_says_were_synced_is_damage(tmp_path):
+    d = tmp_path / "j"
+    j = Journal.open(d)
+    for i in range(10):
+        j.append_write(i * 4096, b"p" * 100)
+    j.sync()
+    j.release(3)
+    j.close()
+    _power_loss(d, 8)  # seqs 9 and 10 were durable: the disk lost them
+    j = Journal.open(d)
+    assert j.recovery["damaged"] and j.count == 0 and j.next_seq == 11  # no seq is given out twice
+    assert j.recovery["dropped_ranges"] == [(i * 4096, 100) for i in range(3, 8)]
+    assert j.append_write(0, b"n") == 11
+    j.close()
+    j = Journal.open(d)
+    assert not j.recovery["damaged"] and [r.seq for r in j.read(11)] == [11]
+    j.close()
+
+
+def test_a_failed_write_appends_nothing(tmp_path, monkeypatch):
+    j = Journal.open(tmp_path / "j")
+    j.append_write(0, b"ok")
+    real = os.pwritev
+
+    def full(fd: int, bufs: list, pos: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", full)
+    with pytest.raises(OSError):
+        j.append_write(0, b"lost")
+    j.hold()
+    j.append_write(0, b"held")
+    with pytest.raises(OSError):
+        j.push()
+    assert j.next_seq == 2 and j.count == 1 and j.bytes == HEADER_SIZE + 2
+    monkeypatch.setattr(os, "pwritev", real)
+    assert j.append_write(0, b"again") == 2
+    assert [bytes(r.data) for r in j.read(1)] == [b"ok", b"again"]
+    j.close()
+    j = Journal.open(tmp_path / "j")
+    assert not j.recovery["damaged"] and j.recovery["records"] == 2
+    j.close()
