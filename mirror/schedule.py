@@ -24,8 +24,9 @@ Grammar of ``--schedule`` (entries separated by ``;``, a trailing ``;`` is fine)
 
 ``--ship-at 02:00,14:00`` lists wall-clock times at which an accumulated journal is shipped; the same
 DST rules apply. All arithmetic is done on POSIX timestamps, because aware datetimes that share a
-``tzinfo`` compare by wall time and get the ambiguous hour wrong; results are returned as aware
-datetimes in the schedule's zone (compare them with ``datetime.now().astimezone()`` or in UTC).
+``tzinfo`` compare by wall time and get the ambiguous hour wrong; wall times are read in ``now``'s zone
+when it is a ZoneInfo (it has DST rules), else in the system zone (``datetime.now().astimezone()``
+carries only today's fixed offset), and results are aware datetimes in that zone.
 """
 from __future__ import annotations
 
@@ -56,6 +57,16 @@ def local_zone() -> dt.tzinfo:
     except (ValueError, OSError):
         tz = dt.datetime.now().astimezone().tzinfo
         return tz if tz is not None else dt.UTC
+
+
+def zone_for(now: dt.datetime, tz: dt.tzinfo | None = None) -> dt.tzinfo:
+    """The zone whose wall clock applies: ``tz`` if given, else ``now.tzinfo`` when it has DST rules
+    (a ZoneInfo), else the system zone (``datetime.now().astimezone()`` carries only a fixed offset)."""
+    if tz is not None:
+        return tz
+    if now.tzinfo is None or isinstance(now.tzinfo, dt.timezone):
+        return local_zone()
+    return now.tzinfo
 
 
 def _offset(ts: float, tz: dt.tzinfo) -> dt.timedelta | None:
@@ -180,7 +191,7 @@ class Schedule:
 
     def __init__(self, entries: tuple[_Entry, ...], tz: dt.tzinfo | None = None) -> None:
         self._entries = entries
-        self.tz = tz if tz is not None else local_zone()
+        self.tz = tz  # None: the zone of each ``now`` (see zone_for)
         self.text = "; ".join(e.label for e in entries)
 
     @classmethod
@@ -206,18 +217,18 @@ class Schedule:
         """The window at ``now`` (aware) and the next instant at which the answer changes."""
         if now.tzinfo is None or now.utcoffset() is None:
             raise ValueError("Schedule.window needs an aware datetime (e.g. datetime.now().astimezone())")
-        ts = now.timestamp()
-        today = now.astimezone(self.tz).date()
+        ts, tz = now.timestamp(), zone_for(now, self.tz)
+        today = now.astimezone(tz).date()
         first = today - dt.timedelta(days=2)  # a window started at most ~25 h ago may still be open
         ndays = 2 + _HORIZON_DAYS + 2
-        occ = [e.occurrences(first, ndays, self.tz) for e in self._entries]
+        occ = [e.occurrences(first, ndays, tz) for e in self._entries]
         state = self._state(ts, occ)
-        horizon = wall_to_timestamp(today + dt.timedelta(days=_HORIZON_DAYS), 0, self.tz)
+        horizon = wall_to_timestamp(today + dt.timedelta(days=_HORIZON_DAYS), 0, tz)
         bounds = sorted({t for spans in occ for span in spans for t in span if ts < t <= horizon})
         nxt = next((b for b in bounds if self._state(b, occ) != state), None)
         paused, rate, label = state
         return Window(paused, rate, label,  # type: ignore[arg-type]
-                      None if nxt is None else dt.datetime.fromtimestamp(nxt, self.tz))
+                      None if nxt is None else dt.datetime.fromtimestamp(nxt, tz))
 
     def __repr__(self) -> str:
         return f"Schedule.parse({self.text!r})"
@@ -228,7 +239,7 @@ class ShipAt:
 
     def __init__(self, times: tuple[int, ...], tz: dt.tzinfo | None = None) -> None:
         self._times = times  # minutes after midnight, sorted, unique
-        self.tz = tz if tz is not None else local_zone()
+        self.tz = tz  # None: the zone of each ``now`` (see zone_for)
         self.text = ",".join(f"{m // 60:02d}:{m % 60:02d}" for m in times)
 
     @classmethod
@@ -245,14 +256,14 @@ class ShipAt:
         return cls(tuple(sorted(times)), tz)
 
     def next_after(self, now: dt.datetime) -> dt.datetime:
-        """The next ship instant strictly after ``now`` (aware), in the schedule's zone."""
+        """The next ship instant strictly after ``now`` (aware), in its zone (see ``zone_for``)."""
         if now.tzinfo is None or now.utcoffset() is None:
             raise ValueError("ShipAt.next_after needs an aware datetime (e.g. datetime.now().astimezone())")
-        ts = now.timestamp()
-        today = now.astimezone(self.tz).date()
+        ts, tz = now.timestamp(), zone_for(now, self.tz)
+        today = now.astimezone(tz).date()
         best = min(t for i in range(-1, 3) for m in self._times
-                   if (t := wall_to_timestamp(today + dt.timedelta(days=i), m, self.tz)) > ts)
-        return dt.datetime.fromtimestamp(best, self.tz)
+                   if (t := wall_to_timestamp(today + dt.timedelta(days=i), m, tz)) > ts)
+        return dt.datetime.fromtimestamp(best, tz)
 
     def __repr__(self) -> str:
         return f"ShipAt.parse({self.text!r})"
