@@ -14,6 +14,7 @@ from mirror.wire.events import (
     Auth,
     Bye,
     Challenge,
+    Checkpoint,
     ErrorMsg,
     Flush,
     HashQuery,
@@ -28,8 +29,8 @@ from mirror.wire.events import (
 UUID = "0b0e5d4e-6a43-4f0e-9d57-6d2a7f1c1e11"
 
 
-def hello(version: int = PROTOCOL_VERSION, size: int = 1 << 20) -> Hello:
-    return Hello(version, UUID, "vol", size, 4096, 1, b"", "sync", ())
+def hello(version: int = PROTOCOL_VERSION, size: int = 1 << 20, mode: str = "sync") -> Hello:
+    return Hello(version, UUID, "vol", size, 4096, 1, b"", mode, ())
 
 
 def counter_rand(seed: int):  # deterministic nonces
@@ -48,10 +49,10 @@ def pump(a: Connection, b: Connection, split: int | None = None) -> list:
     return events
 
 
-def handshake(src_key: bytes | None, tgt_key: bytes | None, split: int | None = None):
+def handshake(src_key: bytes | None, tgt_key: bytes | None, split: int | None = None, mode: str = "sync"):
     src = Connection(Role.SOURCE, src_key, randbytes=counter_rand(1))
     tgt = Connection(Role.TARGET, tgt_key, randbytes=counter_rand(100))
-    src.start(hello())
+    src.start(hello(mode=mode))
     assert pump(src, tgt, split) == []  # the target keeps the hello until the source authenticates
     assert pump(tgt, src, split) == []
     evs = pump(src, tgt, split)
@@ -122,12 +123,14 @@ def test_version_mismatch_is_reported_to_both_sides():
         pump(tgt, src)
 
 
-def data_stream(n: int) -> tuple[bytes, list]:
+def data_stream(n: int, checkpoints: bool = False) -> tuple[bytes, list]:
     frames = []
     out = []
     for i in range(1, n + 1):
         kind = i % 4
-        if kind == 0:
+        if checkpoints and i % 5 == 0:
+            ev = Checkpoint(i, 1000 + i, i * 10**9)
+        elif kind == 0:
             ev = Write(i, i * 4096, memoryview(bytes([i % 256]) * (i * 37 % 9000 + 1)), fua=bool(i % 3))
         elif kind == 1:
             ev = Zero(i, i * 512, 65536, fua=False, trim=bool(i % 2))
@@ -148,11 +151,12 @@ def same(a, b) -> bool:
     return a == b
 
 
-@given(split=st.integers(min_value=1, max_value=20000), n=st.integers(min_value=1, max_value=30))
+@given(split=st.integers(min_value=1, max_value=20000), n=st.integers(min_value=1, max_value=30),
+       mode=st.sampled_from(["sync", "async"]))
 @settings(max_examples=80, deadline=None)
-def test_data_frames_parse_identically_at_every_split(split, n):
-    _, tgt = handshake(None, None)
-    data, want = data_stream(n)
+def test_data_frames_parse_identically_at_every_split(split, n, mode):
+    _, tgt = handshake(None, None, mode=mode)
+    data, want = data_stream(n, checkpoints=mode == "async")
     got = []
     for i in range(0, len(data), split):
         tgt.receive_data(data[i:i + split])
@@ -163,9 +167,9 @@ def test_data_frames_parse_identically_at_every_split(split, n):
 
 
 def test_every_byte_boundary_of_a_small_conversation():
-    data, want = data_stream(6)
+    data, want = data_stream(11, checkpoints=True)
     for cut in range(1, len(data)):
-        _, tgt = handshake(None, None)
+        _, tgt = handshake(None, None, mode="async")
         tgt.receive_data(data[:cut])
         first = [bytes(e.data) if isinstance(e, Write) else e for e in tgt.next_events()]
         tgt.receive_data(data[cut:])
@@ -250,7 +254,7 @@ EVENTS = st.one_of(
               HEX, TEXT, st.lists(TEXT, max_size=32).map(tuple)),
     st.builds(Challenge, INT, HEX, HEX, st.booleans()),
     st.builds(Auth, HEX),
-    st.builds(Welcome, TEXT, TEXT, st.booleans(), INT),
+    st.builds(Welcome, TEXT, TEXT, st.booleans(), INT, st.booleans(), INT, INT),
     st.builds(ErrorMsg, st.text(st.characters(blacklist_categories=("Cs",)), max_size=2000).map(
         lambda t: "".join(c if c.isprintable() else " " for c in t)),  # what a peer's message becomes
               st.text(st.characters(blacklist_categories=("Cs",)), max_size=64)),
@@ -258,6 +262,7 @@ EVENTS = st.one_of(
     st.builds(Write, U64, U64, st.binary(max_size=5000).map(memoryview), st.booleans()),
     st.builds(Zero, U64, U64, U64, st.booleans(), st.booleans()),
     st.builds(Flush, U64), st.builds(Ack, U64), st.builds(Ping, U64),
+    st.builds(Checkpoint, U64, st.integers(1, codec.MAX_INT), INT),
     st.builds(HashQuery, INT, INT, st.integers(0, 64), st.lists(INT, max_size=100).map(tuple)),
     st.builds(HashReply, U64, st.binary(max_size=40).map(lambda b: b[:len(b) // 16 * 16])),
 )
@@ -290,12 +295,14 @@ FIELD = {"version": ANY_INT, "volume_uuid": st.uuids().map(str) | TEXT, "name": 
          "caps": st.lists(st.text(max_size=300), max_size=40), "proof": HEXSTR, "auth": st.booleans(),
          "replica_id": TEXT, "replica_name": TEXT, "created": st.booleans() | ANY_INT,
          "message": st.text(max_size=3000), "code": st.text(max_size=100), "req": ANY_INT,
-         "leaf_size": ANY_INT, "level": ANY_INT, "indices": st.lists(ANY_INT, max_size=20)}
+         "leaf_size": ANY_INT, "level": ANY_INT, "indices": st.lists(ANY_INT, max_size=20),
+         "verify": st.booleans() | ANY_INT, "checkpoint": ANY_INT, "checkpoint_time_ns": ANY_INT}
 CONTROL_KEYS = {
     codec.T_HELLO: ["version", "volume_uuid", "name", "size", "block_size", "generation", "nonce", "mode", "caps"],
     codec.T_CHALLENGE: ["version", "nonce", "proof", "auth"],
     codec.T_AUTH: ["proof"],
-    codec.T_WELCOME: ["replica_id", "replica_name", "created", "generation"],
+    codec.T_WELCOME: ["replica_id", "replica_name", "created", "generation", "verify", "checkpoint",
+                      "checkpoint_time_ns"],
     codec.T_ERROR: ["message", "code"],
     codec.T_HASHQ: ["req", "leaf_size", "level", "indices"],
 }
@@ -391,3 +398,114 @@ def test_a_peer_error_message_cannot_inject_lines_into_our_log():
     with pytest.raises(PeerError) as e:
         src.next_events()
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and "forged line" in str(e.value)
+
+
+# -- checkpoints (async sessions) ------------------------------------------------------------------
+def test_a_checkpoint_is_a_data_frame_that_takes_the_next_seq():
+    _, tgt = handshake(None, None, mode="async")
+    tgt.receive_data(codec.encode_flush(1) + codec.encode_checkpoint(2, 7, 123) + codec.encode_flush(3))
+    assert tgt.next_events() == [Flush(1), Checkpoint(2, 7, 123), Flush(3)]
+    assert Checkpoint(2, 7, 123) != (2, 7, 123) and Checkpoint(3, 0, 0) != Zero(3, 0, 0)  # typed equality
+    tgt.receive_data(codec.encode_checkpoint(5, 8, 0))
+    with pytest.raises(RemoteProtocolError, match="seq 5 where 4"):
+        tgt.next_events()
+
+
+def test_checkpoint_ids_rise_within_a_session():
+    _, tgt = handshake(None, None, mode="async")
+    tgt.receive_data(codec.encode_checkpoint(1, 7, 0) + codec.encode_checkpoint(2, 7, 0))
+    with pytest.raises(RemoteProtocolError, match="checkpoint 7 after checkpoint 7"):
+        tgt.next_events()
+
+
+def test_a_checkpoint_in_a_sync_session_is_refused():
+    _, tgt = handshake(None, None, mode="sync")
+    tgt.receive_data(codec.encode_checkpoint(1, 1, 0))
+    with pytest.raises(RemoteProtocolError, match="in a sync session"):
+        tgt.next_events()
+    assert b"protocol" in tgt.data_to_send()
+
+
+@pytest.mark.parametrize("cp_id,time_ns,payload,flags,match", [
+    (0, 0, None, 0, "checkpoint id 0"),
+    (codec.MAX_INT + 1, 0, None, 0, "checkpoint id"),
+    ((1 << 64) - 1, 0, None, 0, "checkpoint id"),
+    (1, 0, (codec.MAX_INT + 1).to_bytes(8, "big"), 0, "checkpoint time"),
+    (1, 0, b"\0" * 7, 0, "wrong size"),
+    (1, 0, b"\0" * 9, 0, "wrong size"),
+    (1, 0, None, 1, "unknown flags"),
+])
+def test_checkpoint_fields_out_of_bounds_are_refused(cp_id, time_ns, payload, flags, match):
+    payload = time_ns.to_bytes(8, "big") if payload is None else payload
+    reader = codec.FrameReader()
+    reader.feed(codec._frame(codec.T_CHECKPOINT, payload, flags, 1, cp_id) + payload)
+    with pytest.raises(RemoteProtocolError, match=match):
+        reader.frames()
+
+
+@pytest.mark.parametrize("cp_id,time_ns", [(0, 0), (-1, 0), (1, -1), (codec.MAX_INT + 1, 0), (1, codec.MAX_INT + 1)])
+def test_encoding_a_checkpoint_out_of_range_is_our_bug(cp_id, time_ns):
+    from mirror.wire import LocalProtocolError
+
+    with pytest.raises(LocalProtocolError):
+        codec.encode_checkpoint(1, cp_id, time_ns)
+
+
+@given(seq=U64, cp_id=st.integers(1, codec.MAX_INT), time_ns=INT, split=st.integers(1, 40))
+@settings(max_examples=100, deadline=None)
+def test_checkpoint_frames_round_trip_at_any_split(seq, cp_id, time_ns, split):
+    data = codec.encode_checkpoint(seq, cp_id, time_ns) * 2
+    reader = codec.FrameReader(64)
+    got = []
+    for i in range(0, len(data), split):
+        reader.feed(data[i:i + split])
+        got += reader.frames()
+    assert got == [Checkpoint(seq, cp_id, time_ns)] * 2
+
+
+def _welcome_payload(**over) -> bytes:
+    import json
+
+    d = {"replica_id": "rid", "replica_name": "vol", "created": False, "generation": 3}
+    d.update(over)
+    return json.dumps(d).encode()
+
+
+def test_a_welcome_from_an_older_target_decodes_with_no_checkpoint():
+    reader = codec.FrameReader()
+    payload = _welcome_payload()
+    reader.feed(codec._frame(codec.T_WELCOME, payload) + payload)
+    (w,) = reader.frames()
+    assert (w.verify, w.checkpoint, w.checkpoint_time_ns) == (False, 0, 0)
+    full = Welcome("rid", "vol", False, 3, True, 41, 1_700_000_000_000_000_000)
+    reader.feed(codec.encode(full))
+    assert reader.frames() == [full]
+
+
+@pytest.mark.parametrize("field,value", [("checkpoint", -1), ("checkpoint", True), ("checkpoint", 1.0),
+                                         ("checkpoint", "3"), ("checkpoint", codec.MAX_INT + 1),
+                                         ("checkpoint_time_ns", -5), ("checkpoint_time_ns", None),
+                                         ("checkpoint_time_ns", [1]), ("verify", 1)])
+def test_welcome_checkpoint_fields_out_of_bounds_are_refused(field, value):
+    reader = codec.FrameReader()
+    payload = _welcome_payload(**{field: value})
+    reader.feed(codec._frame(codec.T_WELCOME, payload) + payload)
+    with pytest.raises(RemoteProtocolError, match=field):
+        reader.frames()
+
+
+@pytest.mark.parametrize("mode", ["", "Sync", "async ", "semi", "x" * 200])
+def test_an_unknown_mirror_mode_is_refused(mode):
+    src = Connection(Role.SOURCE)
+    tgt = Connection(Role.TARGET)
+    src.start(hello(mode=mode))
+    with pytest.raises(RemoteProtocolError, match="unknown mirror mode"):
+        pump(src, tgt)
+    with pytest.raises(PeerError, match="unknown mirror mode"):
+        pump(tgt, src)
+
+
+def test_both_modes_complete_the_handshake():
+    for mode in ("sync", "async"):
+        _, tgt = handshake(None, None, mode=mode)
+        assert tgt.hello is not None and tgt.hello.mode == mode

@@ -88,6 +88,9 @@ def encode_flush(seq: int) -> bytes:
 
 
 def encode_checkpoint(seq: int, cp_id: int, time_ns: int) -> bytes:
+    """A checkpoint frame: ``cp_id`` in [1, MAX_INT] (0 means "none" in a Welcome), ``time_ns`` in [0, MAX_INT]."""
+    if not (1 <= cp_id <= MAX_INT and 0 <= time_ns <= MAX_INT):
+        raise LocalProtocolError(f"checkpoint {cp_id} at {time_ns} ns is out of range")
     payload = _ZERO_LEN.pack(time_ns)
     return _frame(T_CHECKPOINT, payload, 0, seq, cp_id) + payload
 
@@ -137,6 +140,8 @@ def encode(event: Event) -> bytes:
             return encode_zero(event.seq, event.offset, event.length, event.fua, event.trim)
         case Flush():
             return encode_flush(event.seq)
+        case Checkpoint():
+            return encode_checkpoint(event.seq, event.cp_id, event.time_ns)
         case Ack():
             return encode_ack(event.seq)
         case Ping():
@@ -337,7 +342,13 @@ class FrameReader:
         if ftype == T_CHECKPOINT:
             if len(payload) != _ZERO_LEN.size:
                 raise RemoteProtocolError("bad frame: checkpoint frame of the wrong size")
-            return Checkpoint(a, b, _ZERO_LEN.unpack(payload)[0])
+            # The id comes back in a Welcome (a JSON int <= MAX_INT) and 0 there means "none".
+            if not 1 <= b <= MAX_INT:
+                raise RemoteProtocolError(f"bad frame: checkpoint id {b} out of range (1..{MAX_INT})")
+            t = _ZERO_LEN.unpack(payload)[0]
+            if t > MAX_INT:
+                raise RemoteProtocolError(f"bad frame: checkpoint time {t} out of range (0..{MAX_INT})")
+            return Checkpoint(a, b, t)
         if ftype == T_PING:
             return Ping(a)
         if ftype == T_HASHR:

@@ -5,9 +5,14 @@ Handshake (source = client, target = server), all frames checksummed:
     source  Hello(version, volume uuid, size, generation, nonce_s)      ->
             <-  Challenge(version, nonce_t, proof_t)                     target (proof: HMAC of the key)
     source  Auth(proof_s)                                               ->
-            <-  Welcome(replica id, created) | ErrorMsg                  target
-    then    Write/Zero/Flush (seq 1, 2, 3...), Ping, HashQuery          ->
+            <-  Welcome(replica id, created, checkpoint) | ErrorMsg      target
+    then    Write/Zero/Flush/Checkpoint (seq 1, 2, 3...), Ping, HashQuery ->
             <-  Ack(cumulative seq), HashReply
+
+Hello.mode is "sync" or "async". Only an async source sends Checkpoint frames (a data frame: it takes
+the next seq, and the Ack covering it means the target committed that checkpoint atomically); their
+ids rise strictly within a session. A sync session writes the replica in place with no undo, so a
+Checkpoint there would promise an atomicity the target does not provide: a protocol error.
 
 Both sides prove they know the pre-shared key (mutual HMAC-SHA256 challenge-response over both
 nonces and the volume uuid). If only one side has a key the link is refused: a key that is silently
@@ -105,6 +110,7 @@ class Connection:
         self._nonce = b""
         self._peer_nonce = b""
         self._next_seq = 1  # target: the seq the next data frame must carry
+        self._last_cp = 0  # target: the id of the last Checkpoint frame of this session
 
     # -- output ---------------------------------------------------------------------------------
     def data_to_send(self) -> bytes:
@@ -169,11 +175,21 @@ class Connection:
                     if ev.seq != seq:  # type: ignore[union-attr]
                         raise RemoteProtocolError(f"bad frame: seq {ev.seq} where {seq} was expected")  # type: ignore[union-attr]
                     seq += 1
+                    if t is Checkpoint:
+                        self._check_checkpoint(ev)  # type: ignore[arg-type]
                 elif t not in _TARGET_READY:
                     self._handle(ev)  # raises (ErrorMsg, Bye or an illegal frame)
         finally:
             self._next_seq = seq
         return events
+
+    def _check_checkpoint(self, cp: Checkpoint) -> None:
+        assert self.hello is not None
+        if self.hello.mode != "async":
+            raise RemoteProtocolError(f"bad frame: checkpoint {cp.cp_id} in a {self.hello.mode} session")
+        if cp.cp_id <= self._last_cp:
+            raise RemoteProtocolError(f"bad frame: checkpoint {cp.cp_id} after checkpoint {self._last_cp}")
+        self._last_cp = cp.cp_id
 
     def _handle(self, ev: Event) -> Event | None:
         if isinstance(ev, ErrorMsg):

@@ -1,7 +1,7 @@
 """The messages of the replication protocol.
 
 Handshake and control messages are frozen dataclasses carried as JSON (rare, can afford richness).
-Data-path messages (Write, Zero, Flush, Ack, Ping) are immutable named tuples (cheap to build, one
+Data-path messages (Write, Zero, Flush, Checkpoint, Ack, Ping) are immutable named tuples (cheap to build, one
 per frame) decoded straight from binary headers; ``Write.data`` is a zero-copy view into the receive buffer, valid until the next
 ``receive``/``buffer`` call of the reader that produced it.
 """
@@ -24,7 +24,7 @@ class Hello:
     block_size: int
     generation: int
     nonce: bytes
-    mode: str = "sync"
+    mode: str = "sync"  # one of MODES; the target refuses any other
     caps: tuple[str, ...] = ()
 
 
