@@ -16,10 +16,20 @@ from blockdev.volume import VolumeStore
 
 from .cli import duration_arg, emit, store_of
 from .control import ControlError, call
-from .mirroring import MIRROR_SIDECARS, PAIRING_KEYS, POLICIES, check_section, parse_hostport, read_psk
-from .units import format_size
+from .mirroring import (
+    JOURNAL_SUFFIX,
+    MIRROR_SIDECARS,
+    MODES,
+    POLICIES,
+    check_section,
+    merge_section,
+    parse_hostport,
+    read_psk,
+)
+from .units import format_rate, format_size
 
-CONFIG_KEYS = ("to", "mode", "on_link_loss", "psk_file", "block_timeout", "timeout")
+CONFIG_KEYS = ("to", "mode", "on_link_loss", "psk_file", "block_timeout", "timeout",
+               "rate", "schedule", "ship_at", "buffer_size", "checkpoint_interval")
 
 
 def _daemon(store: VolumeStore, name: str) -> str | None:
@@ -84,39 +94,138 @@ def cmd_mirror(args: argparse.Namespace) -> int:
             store.update(args.name, mirror=None)
             for suffix in MIRROR_SIDECARS:
                 (store.root / f"{args.name}{suffix}").unlink(missing_ok=True)
+            import shutil
+
+            shutil.rmtree(store.root / f"{args.name}{JOURNAL_SUFFIX}", ignore_errors=True)
         emit(args, {"stopped": args.name}, f"mirror of {args.name} stopped")
         return 0
-    section: dict[str, Any]
-    if args.to:
-        section = {"to": args.to, "mode": args.mode, "on_link_loss": args.on_link_loss,
-                   "psk_file": str(Path(args.psk_file).resolve()) if args.psk_file else None,
-                   "block_timeout": args.block_timeout, "timeout": args.timeout}
-    elif args.discard_replica:  # the configuration as it is, plus the operator's decision
-        old = store.meta(args.name).extra.get("mirror")
-        if not isinstance(old, dict) or not old.get("to"):
-            raise ValueError(f"volume {args.name!r} is not mirrored: give --to HOST:PORT")
-        section = {k: old[k] for k in CONFIG_KEYS if k in old}
-    else:
-        raise ValueError("give --to HOST:PORT (or --stop)")
+    # Only what was given changes: the rest of the stored configuration stays.
+    # "" (from --schedule none / --ship-at none) removes a setting: None in the merge.
+    given: dict[str, Any] = {k: getattr(args, k) or None for k in CONFIG_KEYS if getattr(args, k, None) is not None}
+    if args.psk_file:
+        given["psk_file"] = str(Path(args.psk_file).resolve())
     if args.discard_replica:
-        section["discard_replica"] = True
+        given["discard_replica"] = True
+    old = store.meta(args.name).extra.get("mirror")
+    old = old if isinstance(old, dict) else {}
+    if not old.get("to") and not args.to:
+        raise ValueError(f"volume {args.name!r} is not mirrored: give --to HOST:PORT")
+    if not given:
+        raise ValueError("nothing to change: give --to HOST:PORT, --mode, --rate... (or --stop)")
+    section = merge_section(old, given)  # a new --to keeps the other settings, not the pairing
     check_section(section)  # fail here, not in the daemon's log
     if control:
-        reply = call(control, "mirror", name=args.name, set=section)
-        where = "started in the running daemon"
+        reply = call(control, "mirror", name=args.name, set=given)
+        where = "applied in the running daemon"
     else:
-        old = store.meta(args.name).extra.get("mirror") or {}
-        keep = {k: old[k] for k in PAIRING_KEYS
-                if k in old and old.get("to") == section["to"]}
-        store.update(args.name, mirror={**section, **keep})
+        store.update(args.name, mirror=section)
         reply, where = {}, "saved; it starts with `vdisk serve`"
     emit(args, {"name": args.name, "mirror": section, **reply},
-         f"mirror {args.name} -> {section['to']} ({section.get('mode')}, on link loss: {section.get('on_link_loss')})"
+         f"mirror {args.name} -> {section['to']} ({describe(section)})"
          f"{', discarding what differs on the replica' if args.discard_replica else ''} {where}")
     if args.wait and control:
         sys.stdout.flush()
         _wait_in_sync(control, args)
     return 0
+
+
+def describe(section: dict[str, Any]) -> str:
+    """A configuration in words: 'async, rate 2.0 Mbit/s, schedule ..., buffer 10G'."""
+    mode = section.get("mode", "sync")
+    if mode == "sync":
+        return f"sync, on link loss: {section.get('on_link_loss', 'degrade')}"
+    from .units import parse_rate
+
+    parts = ["async", f"rate {format_rate(parse_rate(str(section['rate'])) if section.get('rate') else None)}"]
+    for key, label in (("schedule", "schedule"), ("ship_at", "ship at"), ("buffer_size", "buffer"),
+                       ("checkpoint_interval", "checkpoint every")):
+        if section.get(key) is not None:
+            v = section[key]
+            parts.append(f"{label} {v:g}s" if isinstance(v, float) else f"{label} {v}")
+    if section.get("paused"):
+        parts.append("paused")
+    return ", ".join(parts)
+
+
+def _set_live(args: argparse.Namespace, cmd: str, change: dict[str, Any], **req: Any) -> int:
+    """throttle / pause / resume: through the daemon if one serves the volume, else stored for the next start."""
+    store = store_of(args)
+    old = store.meta(args.name).extra.get("mirror")
+    if not isinstance(old, dict) or not old.get("to"):
+        raise ValueError(f"volume {args.name!r} is not mirrored")
+    if old.get("mode", "sync") != "async":
+        raise ValueError(f"the mirror of {args.name} is sync: {cmd} applies to async mirrors "
+                         f"(`vdisk mirror {args.name} --mode async`)")
+    section = merge_section(old, change)
+    check_section(section)
+    control = _daemon(store, args.name)
+    if control:
+        reply = call(control, cmd, name=args.name, **req)
+        where = "applied"
+    else:
+        store.update(args.name, mirror=section)
+        reply, where = {}, "saved; it applies with `vdisk serve`"
+    emit(args, {"name": args.name, "mirror": section, **reply}, f"mirror {args.name}: {describe(section)} ({where})")
+    return 0
+
+
+def cmd_throttle(args: argparse.Namespace) -> int:
+    return _set_live(args, "throttle", {"rate": args.rate}, rate=args.rate)
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    return _set_live(args, "pause", {"paused": True})
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _set_live(args, "resume", {"paused": False})
+
+
+def rate_arg(text: str) -> str:
+    """--rate: checked here (one-line error naming the value), stored as written."""
+    from .units import parse_rate
+
+    try:
+        parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
+
+
+NONE_WORDS = ("none", "off")
+
+
+def schedule_arg(text: str) -> str:
+    """--schedule SPEC (checked, normalised), or none/off: no schedule ("")."""
+    from mirror.schedule import Schedule
+
+    if text.strip().lower() in NONE_WORDS:
+        return ""
+    try:
+        return Schedule.parse(text).text
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def ship_at_arg(text: str) -> str:
+    from mirror.schedule import ShipAt
+
+    if text.strip().lower() in NONE_WORDS:
+        return ""
+    try:
+        return ShipAt.parse(text).text
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def buffer_arg(text: str) -> str:
+    from .units import parse_size
+
+    try:
+        parse_size(text, minimum=1 << 20)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
 
 
 def _mirror_status(control: str, name: str) -> dict[str, Any]:
@@ -172,11 +281,18 @@ def offline_status(store: VolumeStore, name: str) -> dict[str, Any] | None:
     meta = store.meta(name)
     dirty = recorded_dirty(store.root, name, meta.size)
     split = section.get("split_brain") if isinstance(section.get("split_brain"), str) else None
-    return {"mode": section.get("mode"), "state": "split_brain" if split else "disconnected",
-            "target": section.get("to"), "last_error": split,
-            "on_link_loss": section.get("on_link_loss"), "dirty_bytes": dirty.dirty_bytes,
-            "initial_sync": {"done": bool(section.get("initial_sync_done")),
-                             "total_bytes": section.get("sync_total", 0)}}
+    out = {"mode": section.get("mode", "sync"), "state": "split_brain" if split else "disconnected",
+           "target": section.get("to"), "last_error": split or "not served",
+           "on_link_loss": section.get("on_link_loss", "degrade"), "dirty_bytes": dirty.dirty_bytes,
+           "initial_sync": {"done": bool(section.get("initial_sync_done")),
+                            "total_bytes": section.get("sync_total", 0)}}
+    if out["mode"] == "async":
+        # Read-only: the journal is not opened (that would cut a torn tail); its files' sizes bound it.
+        jdir = store.root / f"{name}{JOURNAL_SUFFIX}"
+        journal = sum(p.stat().st_size for p in jdir.glob("*.seg")) if jdir.is_dir() else 0
+        out.update(journal_bytes=journal, buffer_bytes=journal + dirty.dirty_bytes, lag_seconds=None,
+                   eta_seconds=None, paused=bool(section.get("paused")))
+    return out
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -187,6 +303,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     m = rec["mirror"]
     if m is None:
         text = f"{args.name}: not mirrored"
+    elif m.get("mode") == "async":
+        text = async_line(args.name, m)
     else:
         init = m.get("initial_sync") or {}
         text = (f"{args.name}: {m['mode']} mirror to {m['target']}, {m['state']}, dirty {format_size(m['dirty_bytes'])}"
@@ -194,6 +312,27 @@ def cmd_status(args: argparse.Namespace) -> int:
                 + (f", last error: {m['last_error']}" if m.get("last_error") else ""))
     emit(args, rec, text)
     return 0
+
+
+def async_line(name: str, m: dict[str, Any]) -> str:
+    """vol1  async  lagging  buffer 246.7 MiB  lag 3.1 s  wire 230 KiB/s  eff 3.4 MiB/s  ETA 21 s"""
+    rates = m.get("rates") or {}
+    eta = m.get("eta_seconds")
+    parts = [name, "async", str(m.get("state")), f"buffer {format_size(m.get('buffer_bytes', 0))}",
+             "lag ?" if m.get("lag_seconds") is None else f"lag {m['lag_seconds']:.1f} s"]
+    if rates:
+        parts += [f"wire {format_size(rates.get('wire_10s', 0))}/s", f"eff {format_size(rates.get('logical_out_10s', 0))}/s"]
+    if m.get("buffer_bytes"):
+        parts.append("ETA " + ("-" if eta is None else f"{eta:.0f} s"))
+    thr = m.get("throttle") or {}
+    if thr.get("rate"):
+        parts.append(f"throttle {format_rate(thr['rate'])}")
+    sched = m.get("schedule") or {}
+    if sched.get("window"):
+        parts.append(f"window {sched['window']}")
+    if m.get("last_error") and m.get("state") in ("disconnected", "split_brain"):
+        parts.append(f"({m['last_error']})")
+    return "  ".join(parts)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -225,12 +364,23 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp = add("mirror", cmd_mirror, "mirror a volume to a target (or --stop); picked up live by `vdisk serve`")
     sp.add_argument("name")
     sp.add_argument("--to", metavar="HOST:PORT")
-    sp.add_argument("--mode", choices=["sync"], default="sync")
-    sp.add_argument("--on-link-loss", choices=POLICIES, default="degrade")
-    sp.add_argument("--block-timeout", type=duration_arg, default=30.0,
+    sp.add_argument("--mode", choices=MODES,
+                    help="sync: the host's write waits for the replica; async: journaled and shipped "
+                         "(default sync; changing it on a running mirror switches live)")
+    sp.add_argument("--on-link-loss", choices=POLICIES, help="sync: degrade (default) or block")
+    sp.add_argument("--block-timeout", type=duration_arg,
                     help="with block: how long a write waits for the replica before EIO (default 30s)")
-    sp.add_argument("--timeout", type=duration_arg, default=10.0,
+    sp.add_argument("--timeout", type=duration_arg,
                     help="target silence before link loss (default 10s)")
+    sp.add_argument("--rate", type=rate_arg, help="async: throttle, e.g. 2Mbit, 512kbit, 10MB/s, 10MiB/s, unlimited")
+    sp.add_argument("--schedule", type=schedule_arg, metavar="SPEC",
+                    help='async: e.g. "mon-fri 08:00-18:00 rate=1Mbit; * 18:00-08:00 rate=unlimited" (see README)')
+    sp.add_argument("--ship-at", type=ship_at_arg, metavar="HH:MM",
+                    help="async: accumulate, then ship up to a checkpoint cut at this local time (e.g. 02:00)")
+    sp.add_argument("--buffer-size", type=buffer_arg,
+                    help="async: source journal size before writes are tracked in the dirty map (default 10G)")
+    sp.add_argument("--checkpoint-interval", type=duration_arg,
+                    help="async: a consistent checkpoint every ... (default 5s; also at every host flush)")
     sp.add_argument("--psk-file", help="pre-shared key file")
     sp.add_argument("--stop", action="store_true", help="stop mirroring and forget the pairing")
     sp.add_argument("--discard-replica", action="store_true",
@@ -240,6 +390,13 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--wait-timeout", type=duration_arg, default=3600.0, help="with --wait (default 1h)")
 
     sp = add("status", cmd_status, "a volume's mirror state (mode, state, dirty bytes, initial sync)")
+    sp.add_argument("name")
+    sp = add("throttle", cmd_throttle, "change an async mirror's rate live")
+    sp.add_argument("name")
+    sp.add_argument("--rate", type=rate_arg, required=True, help="e.g. 2Mbit, 512kbit, 10MB/s, 10MiB/s, unlimited")
+    sp = add("pause", cmd_pause, "stop shipping an async mirror (writes are still journaled)")
+    sp.add_argument("name")
+    sp = add("resume", cmd_resume, "resume shipping a paused async mirror")
     sp.add_argument("name")
     sp = add("verify", cmd_verify, "compare a volume with its replica by Merkle tree (and --repair)")
     sp.add_argument("name")

@@ -3,34 +3,47 @@ volume's metadata, changed live through the control socket, reported in ``status
 
 Control API (JSON lines, see vdisk/control.py):
 
-    {"cmd": "mirror", "name": N, "set": {"to": "HOST:PORT", "mode": "sync", "on_link_loss": "degrade",
-                                         "psk_file": PATH|null, "block_timeout": S, "timeout": S}}
-        start (or reconfigure) the mirror of N and persist the configuration -> {"mirror": STATUS}
+    {"cmd": "mirror", "name": N, "set": {"to": "HOST:PORT", "mode": "sync"|"async", "on_link_loss": "degrade",
+                                         "psk_file": PATH|null, "block_timeout": S, "timeout": S,
+                                         async only: "rate": "2Mbit"|"unlimited", "schedule": SPEC,
+                                         "ship_at": "02:00", "buffer_size": "10G",
+                                         "checkpoint_interval": "5s", "paused": bool}}
+        start (or reconfigure) the mirror of N and persist the configuration -> {"mirror": STATUS}.
+        Keys not given keep their stored value; a change of only async settings (rate, schedule,
+        ship_at, buffer_size, checkpoint_interval, paused) applies live, without a new connection;
+        a change of mode hands the volume to a new replicator with no gap (see MirrorManager.start).
+    {"cmd": "throttle", "name": N, "rate": R}        set the async throttle live -> {"mirror": STATUS}
+    {"cmd": "pause"|"resume", "name": N}             stop / restart shipping (writes are still journaled)
     {"cmd": "mirror", "name": N, "stop": true}       stop it and forget the pairing -> {}
     {"cmd": "verify", "name": N, "repair": bool}     Merkle compare with the replica -> {"verify": REPORT}
     {"cmd": "status", "name": N}                     each volume's record has "mirror": STATUS or null
 
-Files next to the volume: NAME.mirror-dirty (dirty map), NAME.mirror-al (activity log).
+Files next to the volume: NAME.mirror-dirty (dirty map), NAME.mirror-al (activity log),
+NAME.mirror-journal/ (async: the source buffer, mirror/journal.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from mirror.asyncrep import AsyncConfig, AsyncReplicator
 from mirror.base import Marking, MirrorState
 from mirror.dirty import ActivityLog, DirtyMap
 from mirror.hold import HeldWrites
+from mirror.journal import Journal
+from mirror.schedule import Schedule, ShipAt
 from mirror.sync import Pairing, SyncConfig, SyncReplicator, VolumeIdentity
 from mirror.verify import compare
 
 from .control import ControlError
-from .units import parse_duration
+from .units import parse_duration, parse_rate, parse_size
 
 if TYPE_CHECKING:
     from .daemon import Daemon, ServedVolume
@@ -39,6 +52,11 @@ log = logging.getLogger("vdisk.mirror")
 REGION = 64 << 10
 POLICIES = ("degrade", "block")
 MIRROR_SIDECARS = (".mirror-dirty", ".mirror-al")  # dirty map, activity log: NAME + suffix
+JOURNAL_SUFFIX = ".mirror-journal"  # the async source buffer: a directory NAME + suffix
+MODES = ("sync", "async")
+# Async settings: applied live to a running async replicator (no reconnect) when only they change.
+ASYNC_KEYS = ("rate", "schedule", "ship_at", "buffer_size", "checkpoint_interval", "paused")
+DEFAULT_BUFFER = "10G"
 MAX_KEY_FILE = 4096
 
 
@@ -95,17 +113,52 @@ def read_psk(path: str | Path | None) -> bytes | None:
 PAIRING_KEYS = ("replica_id", "initial_sync_done", "sync_total", "split_brain")
 
 
-def check_section(section: dict[str, Any]) -> SyncConfig:
+def merge_section(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The stored ``mirror`` section with ``new`` applied: keys absent from ``new`` keep their value;
+    ``None`` removes one (back to its default). The pairing stays while the target is the same."""
+    section = {k: v for k, v in old.items() if k not in PAIRING_KEYS and k != "discard_replica"}
+    for k, v in new.items():
+        if v is None:
+            section.pop(k, None)
+        else:
+            section[k] = v
+    if old.get("to") == section.get("to"):  # same target: keep the pairing (no full resync)
+        for k in PAIRING_KEYS:
+            if k in old:
+                section[k] = old[k]
+    if new.get("discard_replica"):
+        section["discard_replica"] = True
+    return section
+
+
+def check_section(section: dict[str, Any]) -> SyncConfig | AsyncConfig:
     """The replicator configuration of a ``mirror`` section; ValueError with a user message if bad."""
-    if section.get("mode", "sync") != "sync":
-        raise ValueError(f"mirror mode {section.get('mode')!r} is not supported yet (only 'sync')")
+    mode = section.get("mode", "sync")
+    if mode not in MODES:
+        raise ValueError(f"invalid --mode {mode!r}: use sync or async")
     if section.get("on_link_loss", "degrade") not in POLICIES:
         raise ValueError(f"--on-link-loss must be one of {', '.join(POLICIES)}")
     host, port = parse_hostport(str(section.get("to", "")))
-    return SyncConfig(host, port, on_link_loss=section.get("on_link_loss", "degrade"),
-                      psk=read_psk(section.get("psk_file")),
-                      block_timeout=parse_duration(section.get("block_timeout", 30.0), "block_timeout"),
-                      timeout=parse_duration(section.get("timeout", 10.0), "timeout"))
+    psk = read_psk(section.get("psk_file"))
+    timeout = parse_duration(section.get("timeout", 10.0), "timeout")
+    if mode == "sync":
+        return SyncConfig(host, port, on_link_loss=section.get("on_link_loss", "degrade"), psk=psk,
+                          block_timeout=parse_duration(section.get("block_timeout", 30.0), "block_timeout"),
+                          timeout=timeout)
+    rate = section.get("rate")
+    schedule, ship_at = section.get("schedule") or None, section.get("ship_at") or None
+    if schedule is not None:
+        Schedule.parse(str(schedule))  # ValueError naming the bad token
+    if ship_at is not None:
+        ShipAt.parse(str(ship_at))
+    buffer = section.get("buffer_size", DEFAULT_BUFFER)
+    return AsyncConfig(host, port, psk=psk, timeout=timeout,
+                       rate=None if rate in (None, "") else parse_rate(str(rate)),
+                       schedule=None if schedule is None else str(schedule),
+                       ship_at=None if ship_at is None else str(ship_at),
+                       buffer_size=parse_size(str(buffer), minimum=1 << 20) if not isinstance(buffer, int) else buffer,
+                       checkpoint_interval=parse_duration(section.get("checkpoint_interval", 5.0), "checkpoint interval"),
+                       paused=bool(section.get("paused", False)))
 
 
 class _Mirrored:
@@ -115,8 +168,9 @@ class _Mirrored:
     def __init__(self, state: MirrorState) -> None:
         self.state = state
         self.marking = Marking(state)
-        self.rep: SyncReplicator | None = None
+        self.rep: SyncReplicator | AsyncReplicator | None = None
         self.scope: trio.CancelScope | None = None
+        self.journal: Journal | None = None  # open while an async replicator may use it
 
 
 def sweep_temp_files(root: Path, name: str) -> None:
@@ -161,6 +215,9 @@ class MirrorManager:
         self._nursery: trio.Nursery | None = None
         daemon.control.register("mirror", self._cmd_mirror)
         daemon.control.register("verify", self._cmd_verify)
+        daemon.control.register("throttle", self._cmd_throttle)
+        daemon.control.register("pause", self._cmd_pause)
+        daemon.control.register("resume", self._cmd_resume)
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         root = self.daemon.store.root
@@ -192,14 +249,48 @@ class MirrorManager:
                         m.marking.on_link_loss = m.rep.on_link_loss
                     if vol is not None:
                         vol.mirror.attach(m.marking)  # late writes (a drain that timed out) are still marked
-                    self._retire(m.rep, m.scope, fail_held=True)
+                    # An async mirror's journal stays for the next start (it resumes from it).
+                    self._retire(m.rep, m.scope, fail_held=True, fold=False)
                     m.rep = m.scope = None
 
     def close(self) -> None:
         """Once the front ends are stopped: save every map, drop idle extents, close the logs."""
         for m in self.mirrors.values():
+            if m.journal is not None:
+                m.journal.sync()
+                m.journal.close()
+                m.journal = None
             m.state.close()
         self.mirrors.clear()
+
+    def _journal_path(self, name: str) -> Path:
+        return self.daemon.store.root / f"{name}{JOURNAL_SUFFIX}"
+
+    def _journal(self, m: _Mirrored, name: str) -> Journal:
+        if m.journal is None:
+            m.journal = Journal.open(self._journal_path(name))
+            rec = getattr(m.journal, "recovery", None) or {}
+            if rec.get("torn_bytes"):
+                log.warning("volume %s: cut a torn journal tail of %d bytes (a crash mid-append)", name, rec["torn_bytes"])
+            for o, n in rec.get("dropped_ranges", ()):  # records past a gap: resent from the image
+                m.state.dirty.mark(o, n)
+        return m.journal
+
+    def _drop_journal(self, m: _Mirrored, name: str) -> None:
+        """No async replicator will read the journal: whatever it holds goes into the dirty map
+        (the replica lacks it), then the directory goes."""
+        path = self._journal_path(name)
+        if m.journal is None and not path.exists():
+            return
+        j = self._journal(m, name)
+        for o, n in j.ranges(j.first_seq):
+            m.state.dirty.mark(o, n)
+        if not m.state.dirty.save(force=True):
+            log.error("volume %s: journal kept: the dirty map cannot be saved", name)
+            return
+        j.close()
+        m.journal = None
+        shutil.rmtree(path, ignore_errors=True)
 
     def _open(self, vol: ServedVolume) -> _Mirrored:
         """The volume's MirrorState from its files (dirty = saved map | logged extents), attached
@@ -223,20 +314,35 @@ class MirrorManager:
         vol.mirror.attach(m.marking)
         return m
 
-    async def start(self, vol: ServedVolume, section: dict[str, Any]) -> SyncReplicator:
+    async def start(self, vol: ServedVolume, section: dict[str, Any]) -> SyncReplicator | AsyncReplicator:
         """Start (or replace) the volume's replicator. The new one is running before it is attached,
         and attached in one step: writes never go unrecorded, and whatever the old one had not got
-        acknowledged is marked dirty in the shared map, for the new one to resend."""
+        acknowledged is marked dirty in the shared map, for the new one to resend. Switching mode
+        is the same hand-over: sync -> async starts the journal with the sync mirror's unacknowledged
+        writes dirty (the async catch-up sends them); async -> sync folds what the replica has not
+        committed into the dirty map, which the sync resync sends. An async mirror whose target
+        and keys stay the same is reconfigured in place (rate, schedule...: no reconnect)."""
         config = check_section(section)
         m = self._open(vol)
+        if isinstance(config, AsyncConfig) and isinstance(m.rep, AsyncReplicator) and \
+                dataclasses.replace(m.rep.config, **{f: getattr(config, f) for f in ASYNC_KEYS}) == config:
+            m.rep.configure(config)
+            return m.rep
         meta = vol.meta
         pairing = Pairing(section.get("replica_id"), bool(section.get("initial_sync_done")),
                           int(section.get("sync_total", 0)), discard_replica=bool(section.get("discard_replica")),
                           split_brain=section.get("split_brain") if isinstance(section.get("split_brain"), str) else None)
         ident = VolumeIdentity(meta.uuid, vol.name, meta.size, meta.block_size, meta.generation)
         st = m.state
-        rep = SyncReplicator(config, ident, vol.image, st.dirty, st.al, pairing,
-                             save_pairing=lambda p: self._save_pairing(vol.name, p), held=st.held)
+        rep: SyncReplicator | AsyncReplicator
+        if isinstance(config, AsyncConfig):
+            rep = AsyncReplicator(config, ident, vol.image, st, self._journal(m, vol.name), pairing,
+                                  save_pairing=lambda p: self._save_pairing(vol.name, p), inherited=m.rep is not None)
+        else:
+            if not isinstance(m.rep, AsyncReplicator):  # a journal left by an async period: fold it now
+                self._drop_journal(m, vol.name)
+            rep = SyncReplicator(config, ident, vol.image, st.dirty, st.al, pairing,
+                                 save_pairing=lambda p: self._save_pairing(vol.name, p), held=st.held)
         assert self._nursery is not None
         scope = trio.CancelScope()
 
@@ -252,17 +358,23 @@ class MirrorManager:
         vol.mirror.attach(rep)
         m.rep, m.scope = rep, scope
         if old is not None:
-            self._retire(old, old_scope, fail_held=False)
+            self._retire(old, old_scope, fail_held=False, fold=not isinstance(rep, AsyncReplicator))
             if config.on_link_loss != "block":
                 st.held.release()  # degrade now: writes held by the old policy complete (they are marked)
+        if isinstance(old, AsyncReplicator) and not isinstance(rep, AsyncReplicator):
+            self._drop_journal(m, vol.name)  # folded by close(): nothing in it any more
         return rep
 
     @staticmethod
-    def _retire(rep: SyncReplicator | None, scope: trio.CancelScope | None, fail_held: bool) -> None:
-        """Stop a replicator that is no longer attached: cancel its tasks, mark what it had in flight."""
+    def _retire(rep: SyncReplicator | AsyncReplicator | None, scope: trio.CancelScope | None, fail_held: bool,
+                fold: bool = True) -> None:
+        """Stop a replicator that is no longer attached: cancel its tasks, mark what it had in flight
+        (an async one keeps its journal for an async successor, ``fold=False``)."""
         if scope is not None:
             scope.cancel()
-        if rep is not None:
+        if isinstance(rep, AsyncReplicator):
+            rep.close(fail_held=fail_held, fold=fold)
+        elif rep is not None:
             rep.close(fail_held=fail_held)
 
     def _stop(self, name: str) -> None:
@@ -274,6 +386,10 @@ class MirrorManager:
         if vol is not None:
             vol.mirror.attach(None)
         self._retire(m.rep, m.scope, fail_held=True)
+        if m.journal is not None:
+            m.journal.close()
+            m.journal = None
+        shutil.rmtree(self._journal_path(name), ignore_errors=True)
         m.state.close()
 
     async def _keep_saved(self) -> None:
@@ -308,6 +424,8 @@ class MirrorManager:
         m = self.mirrors.get(name)
         if m is None:
             return None
+        if isinstance(m.rep, AsyncReplicator):
+            return m.rep.statistics()
         if m.rep is not None:
             return dataclasses.asdict(m.rep.statistics())
         section = self.daemon.store.meta(name).extra.get("mirror") or {}
@@ -336,12 +454,13 @@ class MirrorManager:
         new = req.get("set")
         if not isinstance(new, dict):
             raise ControlError("mirror: give 'set' (a configuration) or 'stop'")
+        return await self._set(vol, new)
+
+    async def _set(self, vol: ServedVolume, new: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``new`` into the stored section (keys not given keep their value), persist, apply."""
+        store = self.daemon.store
         old = store.meta(vol.name).extra.get("mirror") or {}
-        section = {**new}
-        if old.get("to") == new.get("to"):  # same target: keep the pairing (no full resync)
-            for k in PAIRING_KEYS:
-                if k in old:
-                    section[k] = old[k]
+        section = merge_section(old, new)
         try:
             check_section(section)
         except ValueError as e:
@@ -350,6 +469,26 @@ class MirrorManager:
         await self.start(vol, section)
         return {"mirror": self.status(vol.name)}
 
+    def _async_volume(self, req: dict[str, Any]) -> ServedVolume:
+        vol = self._volume(req)
+        section = self.daemon.store.meta(vol.name).extra.get("mirror")
+        if not isinstance(section, dict):
+            raise ControlError(f"volume {vol.name!r} is not mirrored")
+        if section.get("mode", "sync") != "async":
+            raise ControlError(f"the mirror of {vol.name!r} is sync: throttle, pause and resume apply to "
+                               f"async mirrors (`vdisk mirror {vol.name} --mode async`)")
+        return vol
+
+    async def _cmd_throttle(self, req: dict[str, Any]) -> dict[str, Any]:
+        vol = self._async_volume(req)
+        return await self._set(vol, {"rate": req.get("rate")})
+
+    async def _cmd_pause(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self._set(self._async_volume(req), {"paused": True})
+
+    async def _cmd_resume(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self._set(self._async_volume(req), {"paused": False})
+
     async def _cmd_verify(self, req: dict[str, Any]) -> dict[str, Any]:
         vol = self._volume(req)
         m = self.mirrors.get(vol.name)
@@ -357,7 +496,14 @@ class MirrorManager:
         if rep is None:
             raise ControlError(f"volume {vol.name!r} is not mirrored" if m is None else
                                f"the mirror of {vol.name!r} is not running (see the daemon's log)")
-        if rep.state not in ("in_sync", "syncing"):
+        if isinstance(rep, AsyncReplicator):
+            # The replica is at a checkpoint behind the volume: ship and commit everything first.
+            if rep.state in ("disconnected", "split_brain"):
+                raise ControlError(f"the mirror of {vol.name!r} is {rep.state}: verify needs a connected replica")
+            if not await rep.drain(float(req.get("timeout", 300))):
+                raise ControlError(f"the mirror of {vol.name!r} did not catch up for verify (state "
+                                   f"{rep.statistics()['state']})")
+        elif rep.state not in ("in_sync", "syncing"):
             raise ControlError(f"the mirror of {vol.name!r} is {rep.state}: verify needs a connected replica")
         try:
             report = await compare(vol.image, vol.meta.size, REGION, rep.query_hashes)
@@ -368,6 +514,14 @@ class MirrorManager:
                "digests_exchanged": report.digests_exchanged,
                "local_hash_seconds": round(report.local_hash_seconds, 3), "repaired": False}
         if req.get("repair") and report.differing_blocks:
+            if isinstance(rep, AsyncReplicator):
+                before = rep.chunk_bytes_sent
+                for b in report.differing_blocks:
+                    rep.dirty.mark_region(b)
+                rep.request_resync()
+                ok = await rep.drain(float(req.get("timeout", 300)))
+                out.update(repaired=ok, resent_bytes=rep.chunk_bytes_sent - before)
+                return {"verify": out}
             before = rep.resync_bytes_sent
             for b in report.differing_blocks:
                 rep.dirty.mark_region(b)
