@@ -349,7 +349,7 @@ def test_replica_is_always_a_checkpoint_state_through_link_cuts_and_target_kills
     vd(procs, "create", "vol", "--size", "16M")
     tgt, tport = procs.target("dst", 0, "--nbd", f"unix:{rep_sock}")
     relay = Relay(tport)
-    srv, sock = procs.serve("src", "vol")
+    _srv, sock = procs.serve("src", "vol")
     vd(procs, "mirror", "vol", "--to", f"127.0.0.1:{relay.addr}", "--mode", "async", "--timeout", "2",
        "--checkpoint-interval", "0.2s", "--rate", "40Mbit")
     hist = History()
