@@ -148,6 +148,7 @@ class AsyncReplicator(Marking):
         self._pending: deque[tuple[int, int, int, int]] = deque()  # (wire seq, kind, journal seq, bytes)
         self._wire_seq = 0
         self._inflight = 0
+        self._applied_uncommitted = 0  # journal bytes the replica applied, not yet committed
         self._link: Link | None = None
         self._send_lock = trio.StrictFIFOLock()
         self._token: trio.lowlevel.TrioToken | None = None
@@ -543,7 +544,7 @@ class AsyncReplicator(Marking):
                 self._valid = dict.fromkeys(self._valid, False)
                 self._valid_default = False
             self._pending.clear()
-            self._inflight = 0
+            self._inflight = self._applied_uncommitted = 0
         for first, last in pins:
             self.dirty.unpin(first, last, remark=True)
         for event, _box in self._hash_waiters.values():
@@ -586,6 +587,9 @@ class AsyncReplicator(Marking):
                 self._inflight -= nbytes
                 if kind == F_CP:
                     cp = jseq
+                    self._applied_uncommitted = 0
+                elif kind != F_CHUNK:
+                    self._applied_uncommitted += nbytes
             if cp:
                 self.committed = (cp, self._cp_time.get(cp, 0))
                 for k in [k for k in self._cp_time if k <= cp]:
@@ -953,7 +957,8 @@ class AsyncReplicator(Marking):
         j = self.journal
         dirty = self.dirty.dirty_bytes + self.dirty.pinned_bytes
         journal_bytes = j.bytes
-        buffer = journal_bytes + dirty
+        # What the replica lacks: journal records it has not applied yet, and the dirty regions.
+        buffer = max(0, journal_bytes - self._applied_uncommitted) + dirty
         oldest_ns = j.oldest_time_ns(j.first_seq) if journal_bytes else None
         oldest = oldest_ns / 1e9 if oldest_ns else None
         if self._dirty_since is not None and dirty and (oldest is None or self._dirty_since < oldest):
@@ -967,7 +972,9 @@ class AsyncReplicator(Marking):
                      "logical_out_10s": self.out_meter.rate(10, now_m), "logical_out_60s": self.out_meter.rate(60, now_m),
                      "wire_10s": self.wire_meter.rate(10, now_m), "wire_60s": self.wire_meter.rate(60, now_m)}
         ship = max(rates["wire_10s"], rates["logical_out_10s"])
-        gain = ship - rates["logical_in_10s"]
+        with self._lock:
+            recent_in = self.in_meter.rate(2, now_m)  # a burst that is over does not hide the catch-up
+        gain = ship - recent_in
         eta = 0.0 if not buffer else (round(buffer / gain, 1) if gain > 0 and ship > 0 else None)
         w = self._window
         cp_id, cp_ns = self.committed

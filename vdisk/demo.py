@@ -148,7 +148,7 @@ def async_part(con: Console, nbd: object, data: Path, sock: Path, replica_sock: 
     while time.monotonic() < deadline:
         line = subprocess.run(_vdisk("status", "wan", data_dir=data), capture_output=True, text=True,
                               check=False).stdout.strip()
-        con.print(f"  {line}", highlight=False)
+        con.print(f"  {line}", highlight=False, soft_wrap=True)
         st = json.loads(subprocess.run(_vdisk("status", "wan", "--json", data_dir=data), capture_output=True,
                                        text=True, check=False).stdout or "{}").get("mirror") or {}
         state = st.get("state", "")
