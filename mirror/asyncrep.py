@@ -48,7 +48,7 @@ import trio.lowlevel
 from blockdev.backend import Backend, WriteResult
 
 from .base import Marking, MirrorState
-from .journal import CHECKPOINT, WRITE, ZERO, Journal
+from .journal import CHECKPOINT, WRITE, ZERO, Journal, JournalClosed
 from .records import Pairing, VolumeIdentity
 from .resync import chunk, mark_allocated, read_frames
 from .schedule import Schedule, ShipAt
@@ -464,14 +464,17 @@ class AsyncReplicator(Marking):
             with trio.CancelScope(shield=True):
                 await link.close()
 
-    @staticmethod
-    async def _guard(fn: Callable[[Link], Any], link: Link, scope: trio.CancelScope,
+    async def _guard(self, fn: Callable[[Link], Any], link: Link, scope: trio.CancelScope,
                      errors: list[BaseException]) -> None:
         try:
             await fn(link)
         except (WireError, OSError) as e:
             errors.append(e)
             scope.cancel()
+        except JournalClosed:
+            if not self._closed:
+                raise
+            scope.cancel()  # retired meanwhile (its run task is being cancelled too)
 
     def _pair(self, welcome: Welcome) -> None:
         if self.pairing.split_brain is not None:

@@ -161,3 +161,41 @@ async def test_a_write_begun_before_a_block_mirror_is_configured_is_not_failed(t
     await until(lambda: rep.statistics().state == "in_sync" and rep.statistics().in_flight == 0)
     assert not s.differs()
     nursery.cancel_scope.cancel()
+
+
+async def test_switching_async_to_sync_while_the_shipper_reads_the_journal(tmp_path, nursery, monkeypatch):
+    # The async shipper reads the journal on a worker thread; a switch to sync cancels it and drops
+    # the journal. The read finishing against a closed journal ended the whole daemon (JournalClosed
+    # escaped the replicator's task, next to its Cancelled); now the journal is dropped only once the
+    # old run task has returned, and a replicator's error never leaves its own task.
+    from mirror.asyncrep import AsyncReplicator
+    from mirror.journal import Journal
+
+    s = Served(tmp_path)
+    mgr = await s.start(nursery, {"mode": "async", "checkpoint_interval": 0.2})
+    rep = mgr.mirrors["vol"].rep
+    assert isinstance(rep, AsyncReplicator)
+    await until(lambda: rep.statistics()["state"] == "in_sync")
+    entered, gate = threading.Event(), threading.Event()
+    real_read = Journal.read
+
+    def read(self, *a, **kw):
+        entered.set()
+        gate.wait(10)
+        return real_read(self, *a, **kw)
+
+    monkeypatch.setattr(Journal, "read", read)
+    await wait(s.layer.pwrite(b"j" * 65536, 0))
+    await trio.to_thread.run_sync(entered.wait, 10)
+    async with trio.open_nursery() as n:
+        async def switch() -> None:
+            await mgr.start(s.vol, {**s.section, "mode": "sync"})
+
+        n.start_soon(switch)
+        await trio.sleep(0.2)
+        gate.set()  # the read completes after the switch began
+    new = rep_of(mgr)
+    assert not isinstance(new, AsyncReplicator)
+    await until(lambda: new.statistics().state == "in_sync" and new.statistics().in_flight == 0)
+    assert not s.differs()
+    nursery.cancel_scope.cancel()

@@ -170,6 +170,7 @@ class _Mirrored:
         self.marking = Marking(state)
         self.rep: SyncReplicator | AsyncReplicator | None = None
         self.scope: trio.CancelScope | None = None
+        self.done: trio.Event | None = None  # set once the replicator's run task has returned
         self.journal: Journal | None = None  # open while an async replicator may use it
 
 
@@ -251,7 +252,7 @@ class MirrorManager:
                         vol.mirror.attach(m.marking)  # late writes (a drain that timed out) are still marked
                     # An async mirror's journal stays for the next start (it resumes from it).
                     self._retire(m.rep, m.scope, fail_held=True, fold=False)
-                    m.rep = m.scope = None
+                    m.rep = m.scope = m.done = None
 
     def close(self) -> None:
         """Once the front ends are stopped: save every map, drop idle extents, close the logs."""
@@ -344,24 +345,31 @@ class MirrorManager:
             rep = SyncReplicator(config, ident, vol.image, st.dirty, st.al, pairing,
                                  save_pairing=lambda p: self._save_pairing(vol.name, p), held=st.held)
         assert self._nursery is not None
-        scope = trio.CancelScope()
+        scope, done = trio.CancelScope(), trio.Event()
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await rep.run(task_status=task_status)
+            try:
+                with scope:
+                    await rep.run(task_status=task_status)
+            except Exception:  # a replicator's bug ends that replicator, never the daemon
+                log.exception("volume %s: the mirror stopped on an internal error", vol.name)
+                rep.last_error = "internal error (see the daemon's log)"
+            finally:
+                done.set()
 
         await self._nursery.start(run)
-        old, old_scope = m.rep, m.scope
+        old, old_scope, old_done = m.rep, m.scope, m.done
         # The Marking's policy is left alone here: ops that began on it before this attach (waiting
         # for the activity log) finish on it, under the policy they were issued with, marked for the
         # new replicator; they are not failed as if no replicator ran. Shutdown gives it ours (run).
         vol.mirror.attach(rep)
-        m.rep, m.scope = rep, scope
+        m.rep, m.scope, m.done = rep, scope, done
         if old is not None:
             self._retire(old, old_scope, fail_held=False, fold=not isinstance(rep, AsyncReplicator))
             if config.on_link_loss != "block":
                 st.held.release()  # degrade now: writes held by the old policy complete (they are marked)
         if isinstance(old, AsyncReplicator) and not isinstance(rep, AsyncReplicator):
+            await self._ended(old_done)  # its shipper may still be reading the journal in a thread
             self._drop_journal(m, vol.name)  # folded by close(): nothing in it any more
         return rep
 
@@ -377,7 +385,14 @@ class MirrorManager:
         elif rep is not None:
             rep.close(fail_held=fail_held)
 
-    def _stop(self, name: str) -> None:
+    @staticmethod
+    async def _ended(done: trio.Event | None) -> None:
+        """Wait for a cancelled run task to return (a worker thread it awaits finishes first)."""
+        if done is not None:
+            with trio.move_on_after(30):
+                await done.wait()
+
+    async def _stop(self, name: str) -> None:
         """``mirror --stop``: unmirrored from now on; the state goes too."""
         m = self.mirrors.pop(name, None)
         if m is None:
@@ -386,6 +401,7 @@ class MirrorManager:
         if vol is not None:
             vol.mirror.attach(None)
         self._retire(m.rep, m.scope, fail_held=True)
+        await self._ended(m.done)
         if m.journal is not None:
             m.journal.close()
             m.journal = None
@@ -446,7 +462,7 @@ class MirrorManager:
         vol = self._volume(req)
         store = self.daemon.store
         if req.get("stop"):
-            self._stop(vol.name)
+            await self._stop(vol.name)
             store.update(vol.name, mirror=None)
             for p in self._paths(vol.name):
                 p.unlink(missing_ok=True)
