@@ -43,7 +43,8 @@ from blockdev.volume import (
 )
 
 from . import seal as seals
-from .target_io import Batch, Hasher, ReplicaImage, apply_batch, check_batch, check_query
+from .target_io import Batch, Hasher, ReplicaImage, apply_batch, batch_ranges, check_batch, check_query
+from .undo import CommittedView, UndoLog
 from .wire import Connection, PeerError, PeerSilent, Role, WireError
 from .wire.codec import FrameReader, encode_ack
 from .wire.events import Bye, Checkpoint, Flush, HashQuery, Hello, Ping, Welcome, Write, Zero
@@ -54,6 +55,7 @@ RECV_BUFFER = 16 << 20  # after the handshake
 HANDSHAKE_BUFFER = 4 << 10  # before it: grows only as far as one pre-auth frame (PRE_AUTH_PAYLOAD)
 LOCK_FILE = ".vdisk-target.lock"
 CHECKPOINT_SUFFIX = ".mirror-checkpoint"  # NAME + suffix: the last checkpoint an async source committed
+UNDO_SUFFIX = ".mirror-undo"  # NAME + suffix: the undo log of the async unit being applied (undo.py)
 
 
 class Refused(Exception):
@@ -136,6 +138,7 @@ class TargetServer:
         self._ro: dict[str, FileImage] = {}
         self.checkpoints: dict[str, tuple[int, int]] = {}  # replica -> (checkpoint id, time_ns) committed
         self._sessions: dict[str, tuple[trio.CancelScope, trio.Event]] = {}  # source uuid -> its link's
+        self._undo: dict[str, UndoLog] = {}  # replica -> its undo log (kept: the export reads through it)
         self._io_limiter = trio.CapacityLimiter(config.io_threads)
         self._hash_limiter = trio.CapacityLimiter(config.hash_threads)
         self._refusals = RateLimited(log)
@@ -151,6 +154,7 @@ class TargetServer:
         lock = DataDirLock(self.store.root)
         raise_fd_limit()  # every source link (and handshake) is a descriptor, as for `vdisk serve`
         try:
+            self.recover_replicas()  # before anything (the NBD export, a source) reads a replica
             listeners = await trio.open_tcp_listeners(port, host=host)
             addr = listeners[0].socket.getsockname()
             task_status.started(f"{addr[0]}:{addr[1]}")
@@ -159,6 +163,35 @@ class TargetServer:
                     nursery.start_soon(self._accept_loop, lst, nursery)
         finally:
             lock.release()
+
+    def undo_for(self, name: str) -> UndoLog:
+        undo = self._undo.get(name)
+        if undo is None:
+            undo = self._undo[name] = UndoLog(self.store.root / f"{name}{UNDO_SUFFIX}", self.store.meta(name).size)
+        return undo
+
+    def recover_replicas(self) -> None:
+        """After a crash: roll every replica back to its last committed checkpoint (a unit that was
+        being applied when the target died), so a DR reader never sees a torn checkpoint."""
+        for name in self._recorded_names():
+            if not (self.store.root / f"{name}{UNDO_SUFFIX}").exists():
+                continue
+            try:
+                lock = self.store.lock(name)
+            except VolumeError as e:
+                log.error("replica %s: cannot roll back its unfinished checkpoint: %s", name, e)
+                continue
+            try:
+                image = self.store.open_image(name)
+                try:
+                    self.undo_for(name).recover(image, self.read_checkpoint(name))
+                finally:
+                    image.close()
+            except (OSError, VolumeError) as e:
+                log.error("replica %s: cannot roll back its unfinished checkpoint: %s", name, e)
+            finally:
+                self.undo_for(name).close()
+                lock.release()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
@@ -211,6 +244,7 @@ class TargetServer:
     async def _handle(self, link: Link, counted: list[bool] | None) -> None:
         name: str | None = None
         lock = image = None
+        undo: UndoLog | None = None
         session: tuple[trio.CancelScope, trio.Event] | None = None
         session_uuid = ""
         try:
@@ -248,11 +282,19 @@ class TargetServer:
                 image = seals.SealedImage(self.store.open_image(name), self.store, name, hello.name)
             except VolumeError as e:
                 raise Refused(str(e)) from None
-            # Async sources resume after the checkpoint the replica committed; a sync session writes the
-            # replica directly, so from here it is at no checkpoint of the source's journal.
-            cp = (0, 0) if hello.mode == "sync" else self.read_checkpoint(name)
+            # A unit left half applied (a lost link, a crash) is rolled back first. Async sources
+            # resume after the checkpoint the replica committed, their units applied under the undo
+            # log; a sync session writes the replica directly, so from here it is at no checkpoint.
+            undo = self.undo_for(name)
+            committed = self.read_checkpoint(name)
+            await trio.to_thread.run_sync(undo.recover, image, committed, limiter=self._io_limiter)
             if hello.mode == "sync":
+                cp = (0, 0)
+                undo.discard()
                 self._cp_path(name).unlink(missing_ok=True)
+            else:
+                cp = committed
+                await trio.to_thread.run_sync(undo.begin, cp, limiter=self._io_limiter)
             self.checkpoints[name] = cp
             meta = seals.open_session(self.store, name, {
                 "source_uuid": hello.volume_uuid, "source_name": hello.name, "source_addr": link.peer,
@@ -264,7 +306,7 @@ class TargetServer:
             log.info("source %s mirrors %r (%s) into replica %s (%s)", link.peer, hello.name, hello.volume_uuid,
                      name, hello.mode if hello.mode == "sync" else f"async, at checkpoint {cp[0]}")
             with session[0]:
-                await self._session(link, image, hello.size, name)
+                await self._session(link, image, hello.size, name, None if hello.mode == "sync" else undo)
         except (Refused, seals.SplitBrain) as e:
             log.warning("refused source %s: %s", link.peer, e)
             link.conn.fail(str(e), e.code)
@@ -282,6 +324,8 @@ class TargetServer:
                 del self.active[name]
             if image is not None:
                 with trio.CancelScope(shield=True):  # before the lock goes: nobody else can write yet
+                    if undo is not None:
+                        await self._roll_back(undo, image)
                     await self._seal(image)
                 image.close()
             if lock is not None:
@@ -290,6 +334,20 @@ class TargetServer:
                 session[1].set()
                 if self._sessions.get(session_uuid) is session:
                     del self._sessions[session_uuid]
+
+    async def _roll_back(self, undo: UndoLog, image: seals.SealedImage) -> None:
+        """The link ended mid-unit: the replica goes back to its last committed checkpoint now (a
+        DR host may mount it), not only at the next connect."""
+        try:
+            n = await trio.to_thread.run_sync(undo.rollback, image, limiter=self._io_limiter)
+            if n:
+                log.info("replica %s: the link ended before checkpoint %d's successor committed: rolled "
+                         "back %d bytes", image.name, undo.base[0], n)
+        except OSError as e:
+            log.error("replica %s: cannot roll back the unfinished checkpoint (done at the next connect "
+                      "or start): %s", image.name, e)
+            return
+        undo.close()
 
     async def _seal(self, image: seals.SealedImage) -> None:
         """The session is over: record the image as the target leaves it (or a split brain, if
@@ -365,7 +423,8 @@ class TargetServer:
             pass
         return 0, 0
 
-    async def _session(self, link: Link, image: ReplicaImage, size: int, name: str = "") -> None:
+    async def _session(self, link: Link, image: ReplicaImage, size: int, name: str = "",
+                       undo: UndoLog | None = None) -> None:
         """The frame loop and this session's hasher; when the loop ends the hasher stops too (a hash
         still running in its thread gives up within one chunk), so nothing outlives the link."""
         send_lock = trio.StrictFIFOLock()  # two tasks send on one socket: one waits for it at a time
@@ -383,7 +442,7 @@ class TargetServer:
                 if isinstance(image, seals.SealedImage):
                     nursery.start_soon(image.keep_sealed, self._io_limiter)
                 try:
-                    await self._apply(link, image, size, hasher, send, name)
+                    await self._apply(link, image, size, hasher, send, name, undo)
                 finally:
                     hasher.stop.set()
                     nursery.cancel_scope.cancel()
@@ -391,7 +450,8 @@ class TargetServer:
             raise _single(group) from None
 
     async def _apply(self, link: Link, image: ReplicaImage, size: int, hasher: Hasher,
-                     send: Callable[[list[bytes]], Awaitable[None]], name: str = "") -> None:
+                     send: Callable[[list[bytes]], Awaitable[None]], name: str = "",
+                     undo: UndoLog | None = None) -> None:
         """Apply every complete frame of each receive (off the trio thread unless the batch is small
         and needs no fdatasync), then ack once; a HashQuery goes to the hasher once the frames before
         it are applied and acknowledged."""
@@ -411,42 +471,51 @@ class TargetServer:
                     # Everything before it applied and fdatasync'd (a Flush at its seq), the commit
                     # recorded durably, then the ack that covers it.
                     batch.append(Flush(ev.seq))  # type: ignore[union-attr]
-                    applied = await self._commit(image, size, batch, applied, send,
-                                                 lambda cp=ev: self._commit_checkpoint(name, cp))  # type: ignore[misc]
+                    applied = await self._commit(image, size, batch, applied, send, undo,
+                                                 lambda cp=ev: self._commit_checkpoint(name, cp, undo))  # type: ignore[misc]
                     batch = []
                 elif t is Ping:
                     reply = True
                 elif t is HashQuery:
                     check_query(ev, size)  # type: ignore[arg-type]
-                    applied = await self._commit(image, size, batch, applied, send)
+                    applied = await self._commit(image, size, batch, applied, send, undo)
                     batch = []
                     hasher.submit(ev)  # type: ignore[arg-type]
                 elif t is Bye:
-                    await self._commit(image, size, batch, applied, send)
+                    await self._commit(image, size, batch, applied, send, undo)
                     return
-            last = await self._commit(image, size, batch, applied, send)
+            last = await self._commit(image, size, batch, applied, send, undo)
             if last == applied and reply:
                 await send([encode_ack(applied)])
             applied = last
 
-    async def _commit_checkpoint(self, name: str, cp: Checkpoint) -> None:
+    async def _commit_checkpoint(self, name: str, cp: Checkpoint, undo: UndoLog | None = None) -> None:
+        """The unit's frames are applied and fdatasync'd: record the checkpoint, then empty the undo
+        log (in that order: a crash in between leaves a stale log, which is dropped, not rolled back)."""
         if not name:
             return
-        await trio.to_thread.run_sync(write_json_atomic, self._cp_path(name),
-                                      {"id": cp.cp_id, "time_ns": cp.time_ns}, limiter=self._io_limiter)
+
+        def commit() -> None:
+            write_json_atomic(self._cp_path(name), {"id": cp.cp_id, "time_ns": cp.time_ns})
+            if undo is not None:
+                undo.commit((cp.cp_id, cp.time_ns))
+
+        await trio.to_thread.run_sync(commit, limiter=self._io_limiter)
         self.checkpoints[name] = (cp.cp_id, cp.time_ns)
 
     async def _commit(self, image: ReplicaImage, size: int, batch: Batch, applied: int,
-                      send: Callable[[list[bytes]], Awaitable[None]],
+                      send: Callable[[list[bytes]], Awaitable[None]], undo: UndoLog | None = None,
                       before_ack: Callable[[], Awaitable[None]] | None = None) -> int:
-        """Apply a run of data frames, then ack the last; the new applied seq."""
+        """Apply a run of data frames (their old content saved first, in an async session), then ack
+        the last; the new applied seq."""
         if not batch:
             return applied
         sync, nbytes, threaded = check_batch(batch, size)
-        if threaded:
+        save = undo.uncovered(batch_ranges(batch)) if undo is not None else None
+        if threaded or save:
             # The receive buffer the Writes point into is not touched until this returns: the frame
             # loop receives again only after it.
-            await trio.to_thread.run_sync(apply_batch, image, batch, sync, limiter=self._io_limiter)
+            await trio.to_thread.run_sync(apply_batch, image, batch, sync, undo, save, limiter=self._io_limiter)
         else:  # page-cache pwrites of a few KiB: a thread hop would cost more than the writes
             apply_batch(image, batch, False)
         self.applied_bytes += nbytes
@@ -465,7 +534,8 @@ class TargetServer:
         if img is None:
             img = self._ro[name] = FileImage(self.store.image_path(name), readonly=True,
                                              block=self.store.meta(name).block_size)
-        return ReadOnlyLayer(img)
+        # As of the last committed checkpoint: a unit being applied is read from its undo log.
+        return ReadOnlyLayer(CommittedView(img, self.undo_for(name)))
 
     def replica_names(self) -> list[str]:
         out = []
@@ -481,6 +551,8 @@ class TargetServer:
         for img in self._ro.values():
             img.close()
         self._ro.clear()
+        for undo in self._undo.values():
+            undo.close()
 
 
 def _peer(stream: trio.SocketStream) -> str:

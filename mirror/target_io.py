@@ -23,6 +23,7 @@ from typing import Protocol
 
 import trio
 
+from .undo import UndoLog
 from .verify import FANOUT, Abandoned, MerkleTree, build_tree, check_leaf
 from .wire import RemoteProtocolError
 from .wire.codec import encode_hash_reply
@@ -70,8 +71,24 @@ def check_batch(batch: Batch, size: int) -> tuple[bool, int, bool]:
     return sync, nbytes, sync or zero or nbytes >= INLINE_BYTES
 
 
-def apply_batch(image: ReplicaImage, batch: Sequence[Write | Zero | Flush], sync: bool) -> None:
-    """Apply frames in order, then fdatasync once if asked (any thread)."""
+def batch_ranges(batch: Sequence[Write | Zero | Flush]) -> list[tuple[int, int]]:
+    """(offset, length) of every data frame of a batch (what an undo log must save first)."""
+    out = []
+    for ev in batch:
+        t = type(ev)
+        if t is Write:
+            out.append((ev.offset, len(ev.data)))  # type: ignore[union-attr]
+        elif t is Zero:
+            out.append((ev.offset, ev.length))  # type: ignore[union-attr]
+    return out
+
+
+def apply_batch(image: ReplicaImage, batch: Sequence[Write | Zero | Flush], sync: bool,
+                undo: UndoLog | None = None, save: list[tuple[int, int]] | None = None) -> None:
+    """Apply frames in order, then fdatasync once if asked (any thread). ``save``: block runs whose
+    old content goes to the undo log (durably) before any frame of the batch is written."""
+    if undo is not None and save:
+        undo.save(image, save)  # type: ignore[arg-type]
     for ev in batch:
         t = type(ev)
         if t is Write:

@@ -342,8 +342,6 @@ class History:
         return None
 
 
-@pytest.mark.xfail(reason="needs the target's undo log: until a checkpoint is applied atomically a DR reader can "
-                          "see a unit half-applied (issue 14, open)", strict=False)
 def test_replica_is_always_a_checkpoint_state_through_link_cuts_and_target_kills(procs):
     rep_sock = str(procs.tmp / "rep.sock")
     vd(procs, "create", "vol", "--size", "16M")

@@ -1,0 +1,389 @@
+"""The target's undo log: an async checkpoint is applied atomically, and DR readers see only
+committed checkpoints (DESIGN.md, "The asynchronous mirror").
+
+Between two checkpoints an async source sends a unit of frames (journal records, catch-up chunks).
+Before a frame overwrites a 4 KiB block for the first time in the unit, the block's old content (or
+"it was a hole") is appended to ``NAME.mirror-undo`` and made durable (one fdatasync per batch of
+frames, before any of the batch reaches the replica). When the Checkpoint frame arrives the replica
+is fdatasync'd, the checkpoint is recorded (``NAME.mirror-checkpoint``, atomically), and only then is
+the undo log emptied, its header naming the new checkpoint as its base. So:
+
+- a crash (either side) or a lost link mid-unit leaves an undo log whose base is the replica's last
+  committed checkpoint: rolling it back (at the end of the session, or when the target starts, before
+  it serves anything) puts the replica back to exactly that checkpoint;
+- a crash between the checkpoint record and the emptying leaves an undo log whose base is older than
+  the committed checkpoint: it is stale and discarded, never rolled back;
+- a torn tail (a crash while appending) was never followed by a replica write: records are checked
+  (xxh3) and the log is cut at the first bad one.
+
+While a unit is being applied, the replica's read-only export reads through ``CommittedView``: blocks
+the unit has touched come from the undo log, every other block from the replica, all under one lock
+that the applier also takes before it lets the replica be written. A DR host therefore never sees a
+torn checkpoint. The undo records are the history point-in-time recovery will keep (issue: recovery).
+
+File format (little endian): header ``b"VDUNDO01" | base id u64 | base time_ns u64 | xxh3_64``, then
+records ``magic u32 | kind u8 | pad 3 | offset u64 | length u64 | xxh3_64(head + payload)`` followed
+by ``length`` payload bytes for DATA (none for HOLE). Offsets and lengths are whole blocks (the last
+block of the replica may be short).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import xxhash
+
+from blockdev.backend import EXTENT_HOLE, Layer
+
+log = logging.getLogger("vdisk.target")
+
+BLOCK = 4096
+HEADER = struct.Struct("<8sQQ")
+HEADER_MAGIC = b"VDUNDO01"
+REC = struct.Struct("<IB3xQQ")
+REC_MAGIC = 0x554E444F  # "ODNU"
+DATA, HOLE = 0, 1
+READ_CHUNK = 4 << 20  # old data read and appended per step (a large trim is saved in pieces)
+HOLE_POS = -1
+
+
+class UndoImage(Protocol):
+    """What the undo log needs of a replica (FileImage, SealedImage)."""
+
+    def pread(self, buf: memoryview, offset: int) -> None: ...
+    def pwrite(self, data: memoryview | bytes, offset: int, fua: bool = False) -> object: ...
+    def write_zeroes(self, length: int, offset: int, fua: bool = False, may_trim: bool = True,
+                     fast: bool = False) -> object: ...
+    def extents(self, length: int, offset: int) -> list[tuple[int, int]]: ...
+    def flush(self) -> object: ...
+
+
+def _digest(*parts: bytes | memoryview) -> bytes:
+    h = xxhash.xxh3_64()
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def _header(base: tuple[int, int]) -> bytes:
+    head = HEADER.pack(HEADER_MAGIC, base[0], base[1])
+    return head + _digest(head)
+
+
+def data_blocks(image: UndoImage, first: int, last: int, size: int) -> list[tuple[int, int, bool]]:
+    """Blocks first..last (inclusive) as runs (first, last, has data): a block with any data byte is data."""
+    start, end = first * BLOCK, min((last + 1) * BLOCK, size)
+    flags = bytearray(last - first + 1)  # 1: data
+    pos = start
+    while pos < end:
+        ext = image.extents(end - pos, pos)
+        if not ext:
+            flags[(pos // BLOCK) - first:] = b"\1" * (last - pos // BLOCK + 1)
+            break
+        for n, f in ext:
+            if not f & EXTENT_HOLE and n:
+                a, b = pos // BLOCK - first, (pos + n - 1) // BLOCK - first
+                flags[a:b + 1] = b"\1" * (b - a + 1)
+            pos += n
+    runs: list[tuple[int, int, bool]] = []
+    i = 0
+    while i < len(flags):
+        j = i
+        while j + 1 < len(flags) and flags[j + 1] == flags[i]:
+            j += 1
+        runs.append((first + i, first + j, bool(flags[i])))
+        i = j + 1
+    return runs
+
+
+class UndoLog:
+    """One replica's undo log (see the module doc). ``lock`` orders the committed view's reads
+    against the index: a block enters the index (its old content durable) before the replica's
+    block is written, and leaves it once the unit is committed or rolled back."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size = path, size
+        self.lock = threading.Lock()
+        self.index: dict[int, int] = {}  # block -> file offset of its old bytes, or HOLE_POS
+        self.base: tuple[int, int] = (0, 0)
+        self._fd = -1
+        self._tail = 0
+        self.saved_bytes = 0  # old data bytes appended in this unit
+        self.rolled_back = 0  # units rolled back (statistics)
+
+    # -- a session -------------------------------------------------------------------------------
+    def begin(self, base: tuple[int, int]) -> None:
+        """Start an empty log whose records restore checkpoint ``base`` (the replica's committed one)."""
+        self._open()
+        self._reset(base)
+
+    def _open(self) -> None:
+        if self._fd < 0:
+            created = not self.path.exists()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if created:
+                dirfd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dirfd)
+                finally:
+                    os.close(dirfd)
+
+    def _reset(self, base: tuple[int, int]) -> None:
+        head = _header(base)
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, head, 0)
+        os.fdatasync(self._fd)
+        self._tail = len(head)
+        self.base = base
+        self.saved_bytes = 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        """No undo for this session (a sync one): the file goes."""
+        with self.lock:
+            self.index.clear()
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    # -- saving (the applier's thread; one at a time per replica) -------------------------------
+    def uncovered(self, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Runs of blocks (first, last) the ranges touch whose old content is not saved yet."""
+        index = self.index
+        blocks: set[int] = set()
+        for offset, length in ranges:
+            if length <= 0:
+                continue
+            b0, b1 = offset // BLOCK, (offset + length - 1) // BLOCK
+            blocks.update(b for b in range(b0, b1 + 1) if b not in index)
+        if not blocks:
+            return []
+        runs: list[tuple[int, int]] = []
+        for b in sorted(blocks):
+            if runs and runs[-1][1] == b - 1:
+                runs[-1] = (runs[-1][0], b)
+            else:
+                runs.append((b, b))
+        return runs
+
+    def save(self, image: UndoImage, runs: list[tuple[int, int]]) -> None:
+        """Append the old content of these block runs, fdatasync, then index them: from here the
+        replica's blocks may be overwritten."""
+        if self._fd < 0:
+            raise OSError(f"undo log {self.path} is not open")
+        entries: list[tuple[int, int, int]] = []  # (first, last, file pos or HOLE_POS)
+        bufs: list[bytes | bytearray] = []
+        pending = 0
+        pos = self._tail
+        for first, last in runs:
+            for a, b, has_data in data_blocks(image, first, last, self.size):
+                if not has_data:
+                    head = REC.pack(REC_MAGIC, HOLE, a * BLOCK, min((b + 1) * BLOCK, self.size) - a * BLOCK)
+                    rec = head + _digest(head)
+                    bufs.append(rec)
+                    pending += len(rec)
+                    entries.append((a, b, HOLE_POS))
+                    continue
+                step = READ_CHUNK // BLOCK
+                for c in range(a, b + 1, step):
+                    d = min(b, c + step - 1)
+                    off, n = c * BLOCK, min((d + 1) * BLOCK, self.size) - c * BLOCK
+                    old = bytearray(n)
+                    image.pread(memoryview(old), off)
+                    head = REC.pack(REC_MAGIC, DATA, off, n)
+                    bufs += [head + _digest(head, old), old]
+                    entries.append((c, d, pos + pending + REC.size + 8))
+                    pending += REC.size + 8 + n
+                    self.saved_bytes += n
+                    if pending >= READ_CHUNK:
+                        pos = self._write(bufs, pos, pending)
+                        bufs, pending = [], 0
+        if bufs:
+            pos = self._write(bufs, pos, pending)
+        os.fdatasync(self._fd)
+        self._tail = pos
+        with self.lock:
+            index = self.index
+            for first, last, where in entries:
+                if where == HOLE_POS:
+                    for blk in range(first, last + 1):
+                        index[blk] = HOLE_POS
+                else:
+                    for i, blk in enumerate(range(first, last + 1)):
+                        index[blk] = where + i * BLOCK
+
+    def _write(self, bufs: list[bytes | bytearray], pos: int, n: int) -> int:
+        done = os.pwritev(self._fd, bufs, pos)
+        if done != n:  # short write (a full disk, say): write the rest plainly, or fail
+            flat = b"".join(bufs)
+            while done < n:
+                k = os.pwrite(self._fd, flat[done:], pos + done)
+                if k <= 0:
+                    raise OSError(f"short write to undo log {self.path}")
+                done += k
+        return pos + n
+
+    # -- ending a unit ---------------------------------------------------------------------------
+    def commit(self, cp: tuple[int, int]) -> None:
+        """The replica is fdatasync'd and ``cp`` is recorded: the unit is done, the log restarts."""
+        with self.lock:
+            self.index.clear()
+        self._reset(cp)
+
+    def rollback(self, image: UndoImage) -> int:
+        """Put every saved block back (the replica returns to the base checkpoint); bytes restored."""
+        if not self.index:
+            return 0
+        restored = 0
+        for first, last, where in self._runs():
+            off, end = first * BLOCK, min((last + 1) * BLOCK, self.size)
+            if where == HOLE_POS:
+                image.write_zeroes(end - off, off, may_trim=True)
+            else:
+                for c in range(off, end, READ_CHUNK):
+                    n = min(READ_CHUNK, end - c)
+                    image.pwrite(os.pread(self._fd, n, where + (c - off)), c)
+            restored += end - off
+        image.flush()
+        with self.lock:
+            self.index.clear()
+        self._reset(self.base)
+        self.rolled_back += 1
+        return restored
+
+    def _runs(self) -> list[tuple[int, int, int]]:
+        """The index as runs of blocks whose old bytes are contiguous in the file (or holes)."""
+        runs: list[tuple[int, int, int]] = []
+        for blk in sorted(self.index):
+            where = self.index[blk]
+            if runs:
+                a, b, w = runs[-1]
+                if b == blk - 1 and ((w == HOLE_POS and where == HOLE_POS) or
+                                     (w != HOLE_POS and where == w + (blk - a) * BLOCK)):
+                    runs[-1] = (a, blk, w)
+                    continue
+            runs.append((blk, blk, where))
+        return runs
+
+    # -- recovery --------------------------------------------------------------------------------
+    def recover(self, image: UndoImage, committed: tuple[int, int]) -> int:
+        """At a session's start or the target's: load the log left behind; roll it back if its base is
+        the committed checkpoint (a unit that never committed), drop it if stale. Bytes restored."""
+        if not self.path.exists():
+            return 0
+        self._open()
+        base, entries, cut = self._load()
+        restored = 0
+        if base is not None and base[0] == committed[0] and entries:
+            with self.lock:
+                self.index.clear()
+                for first, last, where in entries:
+                    for i, blk in enumerate(range(first, last + 1)):
+                        self.index[blk] = HOLE_POS if where == HOLE_POS else where + i * BLOCK
+            self.base = base
+            restored = self.rollback(image)
+            log.warning("replica %s: rolled back %d bytes of a checkpoint that never committed (back to "
+                        "checkpoint %d)", self.path.name.removesuffix(".mirror-undo"), restored, base[0])
+        elif base is not None and entries:
+            log.info("undo log %s: stale (base checkpoint %d, committed %d): dropped", self.path, base[0], committed[0])
+        if cut:
+            log.warning("undo log %s: cut a torn tail of %d bytes", self.path, cut)
+        with self.lock:
+            self.index.clear()
+        self._reset(committed)
+        return restored
+
+    def _load(self) -> tuple[tuple[int, int] | None, list[tuple[int, int, int]], int]:
+        """(base, records as (first block, last block, data pos | HOLE_POS), torn bytes)."""
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, HEADER.size + 8, 0)
+        if len(head) < HEADER.size + 8 or _digest(head[:HEADER.size]) != head[HEADER.size:]:
+            return None, [], 0
+        magic, base_id, base_ns = HEADER.unpack(head[:HEADER.size])
+        if magic != HEADER_MAGIC:
+            return None, [], 0
+        entries: list[tuple[int, int, int]] = []
+        pos = len(head)
+        while pos < size:
+            rh = os.pread(self._fd, REC.size + 8, pos)
+            if len(rh) < REC.size + 8:
+                break
+            magic, kind, off, n = REC.unpack(rh[:REC.size])
+            if magic != REC_MAGIC or kind not in (DATA, HOLE) or off % BLOCK or n <= 0 or off + n > self.size:
+                break
+            plen = n if kind == DATA else 0
+            payload = os.pread(self._fd, plen, pos + len(rh)) if plen else b""
+            if len(payload) != plen or _digest(rh[:REC.size], payload) != rh[REC.size:]:
+                break
+            first, last = off // BLOCK, (off + n - 1) // BLOCK
+            entries.append((first, last, HOLE_POS if kind == HOLE else pos + len(rh)))
+            pos += len(rh) + plen
+        return (base_id, base_ns), entries, size - pos
+
+    # -- the committed view (DR readers; any thread) ---------------------------------------------
+    def read(self, inner: Any, buf: memoryview, offset: int) -> None:
+        """Read as of the base checkpoint: touched blocks from the log, the rest from the replica."""
+        with self.lock:
+            index = self.index
+            if not index:
+                inner.pread(buf, offset)
+                return
+            end = offset + len(buf)
+            pos = offset
+            while pos < end:
+                blk = pos // BLOCK
+                stop = min(end, (blk + 1) * BLOCK)
+                where = index.get(blk)
+                # Extend over following blocks of the same kind (replica, hole, contiguous log bytes).
+                while stop < end:
+                    nxt = index.get(stop // BLOCK)
+                    same = nxt == where if where is None or where == HOLE_POS else \
+                        nxt == where + (stop // BLOCK - blk) * BLOCK
+                    if not same:
+                        break
+                    stop = min(end, stop + BLOCK)
+                view = buf[pos - offset:stop - offset]
+                if where is None:
+                    inner.pread(view, pos)
+                elif where == HOLE_POS:
+                    view[:] = bytes(len(view))
+                else:
+                    got = os.preadv(self._fd, [view], where + (pos - blk * BLOCK))
+                    if got < len(view):
+                        raise OSError(f"undo log {self.path} is shorter than its index")
+                pos = stop
+
+    def touched(self, offset: int, length: int) -> bool:
+        """Whether any block of the range is in the current unit (no lock: a hint for extents)."""
+        index = self.index
+        if not index:
+            return False
+        b0, b1 = offset // BLOCK, (offset + length - 1) // BLOCK
+        if b1 - b0 > len(index):
+            return any(b0 <= b <= b1 for b in list(index))
+        return any(b in index for b in range(b0, b1 + 1))
+
+
+class CommittedView(Layer):
+    """A replica's read-only export as of its last committed checkpoint (the module doc)."""
+
+    def __init__(self, inner: Any, undo: UndoLog) -> None:
+        super().__init__(inner)
+        self.undo = undo
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        self.undo.read(self.inner, buf, offset)
+
+    def extents(self, length: int, offset: int) -> list[tuple[int, int]]:
+        # Blocks of the current unit may be holes now and data at the checkpoint: say "data" there.
+        if self.undo.touched(offset, length):
+            return [(length, 0)]
+        return self.inner.extents(length, offset)

@@ -1,0 +1,163 @@
+"""mirror/undo.py: an async unit is applied atomically at the target, and DR readers see only
+committed checkpoints."""
+from __future__ import annotations
+
+import os
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockdev.image.file import FileImage
+from mirror.undo import BLOCK, CommittedView, UndoLog
+
+SIZE = 64 * BLOCK + 512  # a short last block too
+
+
+def make(tmp, name="r"):
+    path = tmp / f"{name}.img"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    return FileImage(path), UndoLog(tmp / f"{name}.mirror-undo", SIZE)
+
+
+def content(img) -> bytes:
+    buf = bytearray(SIZE)
+    img.pread(memoryview(buf), 0)
+    return bytes(buf)
+
+
+def apply(img, undo, ops):
+    """What the target does per batch: save the old content, then write."""
+    undo.save(img, undo.uncovered([(o, n) for _k, o, n, _d in ops]))
+    for kind, o, n, d in ops:
+        if kind == "w":
+            img.pwrite(d, o)
+        else:
+            img.write_zeroes(n, o, may_trim=True)
+
+
+ops_strategy = st.lists(
+    st.tuples(st.sampled_from(["w", "z"]), st.integers(0, SIZE // 512 - 1), st.integers(1, 40), st.integers(1, 255)),
+    min_size=1, max_size=12)
+
+
+def realize(raw):
+    out = []
+    for kind, sector, count, byte in raw:
+        o = sector * 512
+        n = min(count * 512, SIZE - o)
+        out.append((kind, o, n, bytes([byte]) * n))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(base=ops_strategy, unit=st.lists(ops_strategy, min_size=1, max_size=3), crash=st.booleans())
+def test_rollback_restores_the_base_checkpoint_exactly(tmp_path_factory, base, unit, crash):
+    tmp = tmp_path_factory.mktemp("u")
+    img, undo = make(tmp)
+    for kind, o, n, d in realize(base):
+        (img.pwrite(d, o) if kind == "w" else img.write_zeroes(n, o))
+    before = content(img)
+    undo.begin((3, 33))
+    view = CommittedView(img, undo)
+    for batch in unit:
+        apply(img, undo, realize(batch))
+        buf = bytearray(SIZE)
+        view.pread(memoryview(buf), 0)
+        assert bytes(buf) == before  # a DR reader sees the committed checkpoint, never the unit
+    if crash:  # the target dies: a new process finds the log and rolls back
+        undo.close()
+        img.close()
+        img, undo = make_again(tmp)
+        assert undo.recover(img, (3, 33)) >= 0
+    else:
+        undo.rollback(img)
+    assert content(img) == before
+    img.close()
+    undo.close()
+
+
+def make_again(tmp):
+    return FileImage(tmp / "r.img"), UndoLog(tmp / "r.mirror-undo", SIZE)
+
+
+def test_a_committed_unit_is_never_rolled_back(tmp_path):
+    img, undo = make(tmp_path)
+    undo.begin((1, 10))
+    apply(img, undo, [("w", 0, BLOCK, b"a" * BLOCK)])
+    undo.commit((2, 20))
+    after = content(img)
+    apply(img, undo, [("w", BLOCK, BLOCK, b"b" * BLOCK)])
+    undo.close()
+    # Checkpoint 3's record was written, the target died before it emptied the log: stale, dropped.
+    assert UndoLog(tmp_path / "r.mirror-undo", SIZE).recover(img, (3, 30)) == 0
+    assert content(img)[BLOCK:2 * BLOCK] == b"b" * BLOCK
+    # Base 2 is the committed checkpoint: rolled back to it.
+    img2, undo2 = make_again(tmp_path)
+    undo2.begin((2, 20))
+    apply(img2, undo2, [("w", 0, BLOCK, b"c" * BLOCK)])
+    undo2.close()
+    assert UndoLog(tmp_path / "r.mirror-undo", SIZE).recover(img2, (2, 20)) == BLOCK
+    assert content(img2)[:BLOCK] == after[:BLOCK]
+
+
+def test_a_torn_tail_is_cut_and_what_precedes_it_rolled_back(tmp_path):
+    img, undo = make(tmp_path)
+    img.pwrite(b"o" * (8 * BLOCK), 0)
+    before = content(img)
+    undo.begin((5, 50))
+    apply(img, undo, [("w", 0, BLOCK, b"x" * BLOCK)])
+    undo.save(img, undo.uncovered([(4 * BLOCK, BLOCK)]))  # its replica write never happened
+    undo.close()
+    path = tmp_path / "r.mirror-undo"
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)  # the second record's payload cut by the crash
+    assert UndoLog(path, SIZE).recover(img, (5, 50)) == BLOCK
+    assert content(img) == before
+
+
+def test_holes_come_back_as_holes(tmp_path):
+    img, undo = make(tmp_path)
+    undo.begin((0, 0))
+    apply(img, undo, [("w", 8 * BLOCK, 16 * BLOCK, b"d" * 16 * BLOCK)])
+    assert undo.saved_bytes == 0  # a fresh replica: nothing but "was a hole"
+    undo.rollback(img)
+    assert content(img) == bytes(SIZE)
+    assert os.stat(tmp_path / "r.img").st_blocks == 0
+
+
+def test_view_extents_never_call_a_unit_block_a_hole(tmp_path):
+    img, undo = make(tmp_path)
+    img.pwrite(b"k" * BLOCK, 0)
+    undo.begin((0, 0))
+    view = CommittedView(img, undo)
+    apply(img, undo, [("z", 0, BLOCK, b"")])
+    assert all(flags == 0 for _n, flags in view.extents(BLOCK, 0))
+    buf = bytearray(BLOCK)
+    view.pread(memoryview(buf), 0)
+    assert bytes(buf) == b"k" * BLOCK
+
+
+def test_large_random_unit_reads_and_rolls_back(tmp_path):
+    rng = random.Random(5)
+    img, undo = make(tmp_path)
+    for b in range(0, 64, 3):
+        img.pwrite(rng.randbytes(BLOCK), b * BLOCK)
+    before = content(img)
+    undo.begin((7, 70))
+    view = CommittedView(img, undo)
+    for _ in range(20):
+        ops = []
+        for _ in range(rng.randint(1, 6)):
+            o = rng.randrange(0, SIZE // 512) * 512
+            n = min(rng.randint(1, 24) * 512, SIZE - o)
+            ops.append(("w", o, n, rng.randbytes(n)) if rng.random() < 0.8 else ("z", o, n, b""))
+        apply(img, undo, ops)
+        off = rng.randrange(0, SIZE // 512) * 512
+        n = min(rng.randint(1, 40) * 512, SIZE - off)
+        buf = bytearray(n)
+        view.pread(memoryview(buf), off)
+        assert bytes(buf) == before[off:off + n]
+    undo.rollback(img)
+    assert content(img) == before
