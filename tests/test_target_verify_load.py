@@ -44,12 +44,18 @@ async def test_verify_of_a_4_gib_volume_keeps_the_link_in_sync(tmp_path, nursery
     layer.attach(rep)
     await nursery.start(rep.run)
     await until(lambda: rep.state == "in_sync" and rep.dirty.count == 0, 60)  # the initial sync
-    fd = os.open(dst.image_path("vol"), os.O_RDONLY)
-    try:  # the replica's tree must come from the disk, not the page cache
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+
+    def evict() -> None:  # the replica's tree must come from the disk, not the page cache
+        fd = os.open(dst.image_path("vol"), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    # On a worker thread: an fsync of 320 MiB on the event loop stalled both ends of the link past
+    # the 1 s silence timeout (the test, not the target, went silent).
+    await trio.to_thread.run_sync(evict)
     connects = rep.statistics().connects
 
     done = trio.Event()
