@@ -241,28 +241,35 @@ class AsyncReplicator(Marking):
     def _append(self, kind: int, offset: int, payload: Any, flag: bool, n: int) -> bool:
         """Journal one write/zero (or mark it dirty); True if the shipper should be woken."""
         me = threading.get_ident()
-        sync_now = False
         with self._lock:
             if not self._room_locked(n if kind == WRITE else 0):
                 self.overflow_bytes += n
                 self._mark_locked(offset, n)
                 return True
+            self.in_meter.add(n, time.monotonic())
             if me == self._holder:
                 self._held.append((kind, offset, payload, flag))
                 self._held_bytes += (n if kind == WRITE else 0) + RECORD_OVERHEAD
                 if flag and kind == WRITE:
                     self._sync_on_push = True
+                self._uncut = True
+                return False
+        # The journal orders appends under its own lock; holding ours meanwhile serialized every
+        # worker's admit and landing behind a 1 MiB pwritev (a fold or close marks a concurrent
+        # record or keeps it: Journal.reset). Room is checked before, so the buffer may be
+        # overshot by the writes in flight at that instant, never more.
+        try:
+            if kind == WRITE:
+                self.journal.append_write(offset, payload, flag)
             else:
-                if kind == WRITE:
-                    self.journal.append_write(offset, payload, flag)
-                else:
-                    self.journal.append_zero(offset, payload, flag)
-                sync_now = flag and kind == WRITE
-            self.in_meter.add(n, time.monotonic())
-            self._uncut = True
-        if sync_now:
+                self.journal.append_zero(offset, payload, flag)
+        except JournalClosed:  # retired meanwhile (mode switch, stop): the shared map covers it
+            self.dirty.mark(offset, n)
+            return False
+        self._uncut = True  # after the record: a cut in between covers it (one spare cut at most)
+        if flag and kind == WRITE:
             self.journal.sync()  # FUA: durable in the journal before the host's ack
-        return me != self._holder
+        return True
 
     def on_write(self, offset: int, data: memoryview | bytes, fua: bool, done: Any = None) -> WriteResult:
         if self._append(WRITE, offset, data, fua, len(data)):
@@ -515,11 +522,8 @@ class AsyncReplicator(Marking):
     def _unknown_checkpoint_locked(self, w: int) -> None:
         log.warning("mirror %s: the replica is at checkpoint %d, which this journal does not know: "
                     "every allocated region is sent again", self.ident.name, w)
-        for o, n in self.journal.ranges(self.journal.first_seq):
-            self.dirty.mark(o, n)
         mark_allocated(self.image, self.ident.size, self.dirty)
-        self.dirty.save()
-        self.journal.reset()
+        self.journal.reset(self.dirty.mark, self.dirty.save)
         self._valid.clear()
         self._valid_default = False
         self._pos = self.journal.first_seq
@@ -750,10 +754,7 @@ class AsyncReplicator(Marking):
 
     def _fold_locked(self) -> None:
         j = self.journal
-        for o, n in j.ranges(j.first_seq):
-            self.dirty.mark(o, n)
-        self.dirty.save()
-        j.reset()
+        j.reset(self.dirty.mark, self.dirty.save)
         self._valid.clear()
         self._pos = j.first_seq
         self.folds += 1
@@ -947,11 +948,7 @@ class AsyncReplicator(Marking):
             self.al.before_evict = self.dirty.save
         if fold:
             with self._lock:
-                j = self.journal
-                for o, n in j.ranges(j.first_seq):
-                    self.dirty.mark(o, n)
-                self.dirty.save()
-                j.reset()
+                self.journal.reset(self.dirty.mark, self.dirty.save)
         self.dirty.save()
 
     # -- status ----------------------------------------------------------------------------------

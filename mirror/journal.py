@@ -42,6 +42,7 @@ import struct
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, Self
 
@@ -215,6 +216,7 @@ class Journal:
         self._hold_depth = 0
         self._hold_error: OSError | None = None
         self._unsynced: set[_Segment] = set()
+        self._dir_dirty = False  # a segment was created since the directory was last fsync'd
         self._state_fd = -1
         self._state_seq = 0
         self._state_next = 1
@@ -469,7 +471,12 @@ class Journal:
     def _new_segment_locked(self, first: int) -> _Segment:
         p = self.path / f"{first:020d}.seg"
         fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        _fsync_dir(self.path)  # under the lock, once per segment: a crash must not lose the file
+        # The directory entry is made durable by the next sync(), before any record in this file
+        # is reported durable. An fsync of the directory here (under the lock, once per segment)
+        # made ext4 (data=ordered) write back every dirty journal page first: 1 MiB writes at QD8
+        # ran at disk speed in bursts, 0.2x of the unmirrored volume. Records not yet synced may be
+        # lost in a crash anyway; recovery treats a missing later segment as the end (or a gap).
+        self._dir_dirty = True
         seg = _Segment(first, p, fd)
         self._add_segment(seg)
         self._tail = 0
@@ -543,12 +550,16 @@ class Journal:
                 upto = self._written
                 for s in segs:
                     s.users += 1
+            dir_dirty, self._dir_dirty = self._dir_dirty, False
             try:
                 for s in segs:
                     os.fdatasync(s.fd)
+                if dir_dirty:
+                    _fsync_dir(self.path)  # the new segments' entries (see _new_segment_locked)
             except OSError:
                 with self._lock:
                     self._unsynced.update(s for s in segs if not s.doomed)
+                    self._dir_dirty = self._dir_dirty or dir_dirty
                 raise
             finally:
                 self._unuse(segs)
@@ -682,10 +693,24 @@ class Journal:
         if changed_dir:
             _fsync_dir(self.path)
 
-    def reset(self) -> None:
-        """Drop every record (the caller marked their ranges dirty first); next_seq is kept."""
+    def reset(self, mark: Callable[[int, int], object] | None = None, persist: Callable[[], object] | None = None) -> None:
+        """Drop every record; next_seq is kept. ``mark(offset, length)`` is called for each dropped
+        WRITE/ZERO record, then ``persist()`` (make the marks durable), both under the journal's lock,
+        so a record appended concurrently is either marked and dropped or kept, never lost (callers
+        append without holding a lock of their own)."""
         with self._lock:
             self._check_open()
+            if mark is not None:
+                seq = self._first
+                while seq < self._next:
+                    seg, i = self._locate(seq)
+                    kind, off, length = seg.kind, seg.off, seg.length
+                    for k in range(i, seg.count):
+                        if kind[k] != CHECKPOINT and length[k]:
+                            mark(off[k], length[k])
+                    seq = seg.stop
+            if persist is not None:
+                persist()
             self._pending, self._pending_bytes = [], 0
             self._released = self._next - 1
             self._write_state(durable=True)  # before the files go: see the module docstring

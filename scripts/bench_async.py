@@ -130,7 +130,8 @@ def main() -> int:
     size, ship = parse_size(a.size), parse_size(a.ship)
     interval = 5.0
     jobs = [JOBS["seqwrite"], JOBS["randwrite"]]
-    runs: dict[str, dict[str, list[tuple[float, float]]]] = {j.name: {"plain": [], "async": []} for j in jobs}
+    sides = ("plain", "async", "paused")  # paused: journaled only, nothing shipped during the job
+    runs: dict[str, dict[str, list[tuple[float, float]]]] = {j.name: {s: [] for s in sides} for j in jobs}
     with tempfile.TemporaryDirectory(prefix="vdisk-bench-async-") as tmp:
         procs = Procs(Path(tmp))
         try:
@@ -143,16 +144,21 @@ def main() -> int:
             procs.run("--data-dir", str(Path(tmp) / "src"), "mirror", NAME, "--to", f"127.0.0.1:{port}",
                       "--mode", "async", "--checkpoint-interval", f"{interval:g}s")
             wait_in_sync(procs)
-            images = {"plain": [Path(tmp) / "plain" / f"{NAME}.img"],
-                      "async": [Path(tmp) / "src" / f"{NAME}.img", Path(tmp) / "dst" / f"{NAME}.img"]}
-            socks = {"plain": Path(sock_plain), "async": Path(sock_async)}
+            src_dir = str(Path(tmp) / "src")
+            mirrored = [Path(tmp) / "src" / f"{NAME}.img", Path(tmp) / "dst" / f"{NAME}.img"]
+            images = {"plain": [Path(tmp) / "plain" / f"{NAME}.img"], "async": mirrored, "paused": mirrored}
+            socks = {"plain": Path(sock_plain), "async": Path(sock_async), "paused": Path(sock_async)}
             for r in range(a.repeat):
                 for job in jobs:
-                    for side in (("plain", "async") if r % 2 == 0 else ("async", "plain")):
+                    for side in (sides if r % 2 == 0 else sides[::-1]):
                         wait_in_sync(procs)
                         for img in images[side]:
                             settle(img)
+                        if side == "paused":
+                            procs.run("--data-dir", src_dir, "pause", NAME)
                         runs[job.name][side].append(run_fio(job, socks[side], a.runtime))
+                        if side == "paused":
+                            procs.run("--data-dir", src_dir, "resume", NAME)
             drain = wait_in_sync(procs)
             shipping = ship_speed(procs, srv.pid, sock_async, min(ship, size))
             lag = steady_lag(procs, sock_async, a.link, a.lag_seconds, interval)
@@ -161,18 +167,21 @@ def main() -> int:
     med = {j: {s: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for s, v in d.items()}
            for j, d in runs.items()}
     ratios = {j: m["async"][0] / m["plain"][0] for j, m in med.items()}
+    paused = {j: m["paused"][0] / m["plain"][0] for j, m in med.items()}
     out = {"setup": f"source and target daemons on one {os.cpu_count()}-CPU host, loopback TCP",
            "runtime_s": a.runtime, "repeat": a.repeat, "size": a.size, "median": med, "ratios": ratios,
+           "ratios_paused": paused,
            "drain_after_jobs_s": drain, "shipping": shipping, "steady_lag": lag}
     if a.json:
         print(json.dumps(out, indent=2))
         return 0
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {out['setup']}, runtime {a.runtime:g}s, repeat {a.repeat}")
-    print(f"{'job':<22} {'unmirrored':>24} {'async mirror':>24} {'ratio':>6} {'target':>6}")
+    print(f"{'job':<22} {'unmirrored':>24} {'async, shipping':>24} {'ratio':>6} {'async, paused':>24} {'ratio':>6}"
+          f" {'target':>6}")
     for job in jobs:
-        (pi, pm), (mi, mm) = med[job.name]["plain"], med[job.name]["async"]
+        (pi, pm), (mi, mm), (qi, qm) = (med[job.name][s] for s in sides)
         print(f"{job.label:<22} {pi:10.0f} IOPS {pm:7.1f} MiB/s {mi:10.0f} IOPS {mm:7.1f} MiB/s "
-              f"{ratios[job.name]:5.2f}x {TARGET_RATIO:5.2f}x")
+              f"{ratios[job.name]:5.2f}x {qi:10.0f} IOPS {qm:7.1f} MiB/s {paused[job.name]:5.2f}x {TARGET_RATIO:5.2f}x")
     s = shipping
     print(f"unthrottled shipping over loopback: {s['mib']:.0f} MiB in {s['seconds']:.1f} s = {s['mb_per_s']:.1f} MB/s, "
           f"source CPU {s['cpu_s_per_mib'] * 1000:.1f} ms per MiB")
