@@ -47,7 +47,7 @@ import trio.lowlevel
 
 from blockdev.backend import Backend, WriteResult
 
-from .base import Marking, MirrorState
+from .base import Marking, MirrorState, ping_period
 from .journal import CHECKPOINT, WRITE, ZERO, Journal, JournalClosed
 from .records import Pairing, VolumeIdentity
 from .resync import chunk, mark_allocated, read_frames
@@ -626,9 +626,10 @@ class AsyncReplicator(Marking):
 
     async def _keepalive(self, link: Link) -> None:
         token = 0
+        period, quiet = ping_period(self.config.keepalive, self.config.timeout)
         while True:
-            await trio.sleep(self.config.keepalive)
-            if time.monotonic() - self._last_rx >= self.config.keepalive:
+            await trio.sleep(period)
+            if time.monotonic() - self._last_rx >= quiet:
                 token += 1
                 await self._send(link, [encode_ping(token)])
 

@@ -124,3 +124,13 @@ class Marking:
 
     def landed(self, ranges: list[tuple[int, int]]) -> None:
         pass
+
+
+def ping_period(keepalive: float, timeout: float) -> tuple[float, float]:
+    """(how often the keepalive task looks, how long without a frame from the peer before it pings).
+    The peer answers a ping at once, so the longest silence the source sees is about one period
+    plus a round trip: a third of the timeout at most. (Sleeping ``keepalive`` and pinging after
+    ``keepalive`` of silence let an idle link go 2 x keepalive without a frame: a 2 s timeout with
+    the 1 s keepalive reconnected an idle mirror every few seconds.)"""
+    period = min(keepalive, timeout / 3)
+    return period, period / 2

@@ -27,7 +27,7 @@ import trio.lowlevel
 from blockdev.backend import Backend, Completion, WriteResult, wait
 from blockdev.errors import BlockError
 
-from .base import Marking, MirrorState
+from .base import Marking, MirrorState, ping_period
 from .dirty import ActivityLog, DirtyMap
 from .hold import HeldWrites
 from .records import Pairing, SyncConfig, VolumeIdentity
@@ -352,9 +352,10 @@ class SyncReplicator(SyncStatus, Marking):
 
     async def _keepalive(self, link: Link) -> None:
         token = 0
+        period, quiet = ping_period(self.config.keepalive, self.config.timeout)
         while True:
-            await trio.sleep(self.config.keepalive)
-            if time.monotonic() - self._last_rx >= self.config.keepalive:
+            await trio.sleep(period)
+            if time.monotonic() - self._last_rx >= quiet:
                 token += 1
                 self._send_control([encode_ping(token)])
 

@@ -199,3 +199,43 @@ async def test_switching_async_to_sync_while_the_shipper_reads_the_journal(tmp_p
     await until(lambda: new.statistics().state == "in_sync" and new.statistics().in_flight == 0)
     assert not s.differs()
     nursery.cancel_scope.cancel()
+
+
+async def test_ship_at_accumulates_then_ships_up_to_the_instant(tmp_path, nursery, monkeypatch):
+    # --ship-at: nothing leaves before the instant; at it a checkpoint is cut and the journal shipped
+    # and committed up to it; writes after it wait for the next instant. The wall clock is faked.
+    import datetime as real_dt
+
+    import mirror.asyncrep as asyncrep
+    from mirror.asyncrep import AsyncReplicator
+
+    tz = real_dt.timezone.utc
+    clock = [real_dt.datetime(2026, 12, 7, 1, 59, 0, tzinfo=tz)]
+
+    class FakeDatetime(real_dt.datetime):
+        @classmethod
+        def now(cls, tz=None):  # noqa: ARG003 - the replicator asks for local time, .astimezone() after
+            return clock[0]
+
+    monkeypatch.setattr(asyncrep.dt, "datetime", FakeDatetime)
+    s = Served(tmp_path)
+    mgr = await s.start(nursery, {"mode": "async", "ship_at": "02:00", "checkpoint_interval": 0.2})
+    rep = mgr.mirrors["vol"].rep
+    assert isinstance(rep, AsyncReplicator)
+    await until(lambda: rep.statistics()["state"] != "disconnected")
+    await wait(s.layer.pwrite(b"1" * 65536, 0))
+    await wait(s.layer.flush())
+    await trio.sleep(1.0)
+    assert rep.statistics()["state"] == "scheduled" and rep.statistics()["journal_bytes"] > 0
+    assert s.dst.image_path("vol").read_bytes()[:65536] != b"1" * 65536  # not shipped yet
+    clock[0] = real_dt.datetime(2026, 12, 7, 2, 0, 1, tzinfo=tz)  # the instant has passed
+    rep._poke()
+    await until(lambda: rep.statistics()["journal_bytes"] == 0 and rep.committed[0] > 0)
+    assert s.dst.image_path("vol").read_bytes()[:65536] == b"1" * 65536
+    # After it: accumulate again until the next instant (tomorrow 02:00).
+    await wait(s.layer.pwrite(b"2" * 65536, 65536))
+    await trio.sleep(1.0)
+    assert rep.statistics()["state"] == "scheduled" and rep.statistics()["journal_bytes"] > 0
+    assert s.dst.image_path("vol").read_bytes()[65536:131072] != b"2" * 65536
+    assert rep.statistics()["connects"] == 1  # an idle link kept alive (2 s timeout here)
+    nursery.cancel_scope.cancel()
