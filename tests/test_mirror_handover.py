@@ -206,15 +206,15 @@ async def test_ship_at_accumulates_then_ships_up_to_the_instant(tmp_path, nurser
     # and committed up to it; writes after it wait for the next instant. The wall clock is faked.
     import datetime as real_dt
 
-    import mirror.asyncrep as asyncrep
+    from mirror import asyncrep
     from mirror.asyncrep import AsyncReplicator
 
-    tz = real_dt.timezone.utc
+    tz = real_dt.UTC
     clock = [real_dt.datetime(2026, 12, 7, 1, 59, 0, tzinfo=tz)]
 
     class FakeDatetime(real_dt.datetime):
         @classmethod
-        def now(cls, tz=None):  # noqa: ARG003 - the replicator asks for local time, .astimezone() after
+        def now(cls, tz=None):
             return clock[0]
 
     monkeypatch.setattr(asyncrep.dt, "datetime", FakeDatetime)
