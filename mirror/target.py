@@ -18,7 +18,6 @@ import datetime as dt
 import errno
 import fcntl
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -44,7 +43,7 @@ from blockdev.volume import (
 
 from . import seal as seals
 from .target_io import Batch, Hasher, ReplicaImage, apply_batch, batch_ranges, check_batch, check_query
-from .undo import CommittedView, UndoLog
+from .undo import CHECKPOINT_SUFFIX, UNDO_SUFFIX, CommittedView, UndoLog, read_checkpoint
 from .wire import Connection, PeerError, PeerSilent, Role, WireError
 from .wire.codec import FrameReader, encode_ack
 from .wire.events import Bye, Checkpoint, Flush, HashQuery, Hello, Ping, Welcome, Write, Zero
@@ -54,8 +53,6 @@ log = logging.getLogger("vdisk.target")
 RECV_BUFFER = 16 << 20  # after the handshake
 HANDSHAKE_BUFFER = 4 << 10  # before it: grows only as far as one pre-auth frame (PRE_AUTH_PAYLOAD)
 LOCK_FILE = ".vdisk-target.lock"
-CHECKPOINT_SUFFIX = ".mirror-checkpoint"  # NAME + suffix: the last checkpoint an async source committed
-UNDO_SUFFIX = ".mirror-undo"  # NAME + suffix: the undo log of the async unit being applied (undo.py)
 
 
 class Refused(Exception):
@@ -414,14 +411,7 @@ class TargetServer:
 
     def read_checkpoint(self, name: str) -> tuple[int, int]:
         """(id, time_ns) of the last checkpoint committed on ``name``; (0, 0) if none or unreadable."""
-        try:
-            d = json.loads(self._cp_path(name).read_text())
-            cp, t = d["id"], d["time_ns"]
-            if isinstance(cp, int) and isinstance(t, int) and cp >= 0 and t >= 0:
-                return cp, t
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        return 0, 0
+        return read_checkpoint(self.store.root, name)
 
     async def _session(self, link: Link, image: ReplicaImage, size: int, name: str = "",
                        undo: UndoLog | None = None) -> None:

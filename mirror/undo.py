@@ -28,6 +28,7 @@ block of the replica may be short).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
@@ -283,11 +284,7 @@ class UndoLog:
         base, entries, cut = self._load()
         restored = 0
         if base is not None and base[0] == committed[0] and entries:
-            with self.lock:
-                self.index.clear()
-                for first, last, where in entries:
-                    for i, blk in enumerate(range(first, last + 1)):
-                        self.index[blk] = HOLE_POS if where == HOLE_POS else where + i * BLOCK
+            self._index(entries)
             self.base = base
             restored = self.rollback(image)
             log.warning("replica %s: rolled back %d bytes of a checkpoint that never committed (back to "
@@ -327,6 +324,29 @@ class UndoLog:
             entries.append((first, last, HOLE_POS if kind == HOLE else pos + len(rh)))
             pos += len(rh) + plen
         return (base_id, base_ns), entries, size - pos
+
+    def open_view(self, committed: tuple[int, int]) -> bool:
+        """For a reader while no target applies (`vdisk serve --read-only` of a replica whose target
+        died mid-unit): index the log without rolling it back, so reads go through ``read``. False
+        (and nothing open) if there is no unit of the committed checkpoint to hide."""
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        base, entries, _cut = self._load()
+        if base is None or base[0] != committed[0] or not entries:
+            self.close()
+            return False
+        self._index(entries)
+        self.base = base
+        return True
+
+    def _index(self, entries: list[tuple[int, int, int]]) -> None:
+        with self.lock:
+            self.index.clear()
+            for first, last, where in entries:
+                for i, blk in enumerate(range(first, last + 1)):
+                    self.index[blk] = HOLE_POS if where == HOLE_POS else where + i * BLOCK
 
     # -- the committed view (DR readers; any thread) ---------------------------------------------
     def read(self, inner: Any, buf: memoryview, offset: int) -> None:
@@ -375,15 +395,45 @@ class UndoLog:
 class CommittedView(Layer):
     """A replica's read-only export as of its last committed checkpoint (the module doc)."""
 
-    def __init__(self, inner: Any, undo: UndoLog) -> None:
+    def __init__(self, inner: Any, undo: UndoLog, owns_undo: bool = False) -> None:
         super().__init__(inner)
-        self.undo = undo
+        self.undo, self.owns_undo = undo, owns_undo  # the target's export shares its session's log
 
     def pread(self, buf: memoryview, offset: int) -> None:
         self.undo.read(self.inner, buf, offset)
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            if self.owns_undo:
+                self.undo.close()
 
     def extents(self, length: int, offset: int) -> list[tuple[int, int]]:
         # Blocks of the current unit may be holes now and data at the checkpoint: say "data" there.
         if self.undo.touched(offset, length):
             return [(length, 0)]
         return self.inner.extents(length, offset)
+
+
+CHECKPOINT_SUFFIX = ".mirror-checkpoint"  # NAME + suffix: the last checkpoint an async source committed
+UNDO_SUFFIX = ".mirror-undo"  # NAME + suffix: the undo log of the unit being applied
+
+
+def read_checkpoint(root: Path, name: str) -> tuple[int, int]:
+    """(id, time_ns) of the last checkpoint committed on replica ``name``; (0, 0) if none or unreadable."""
+    try:
+        d = json.loads((root / f"{name}{CHECKPOINT_SUFFIX}").read_text())
+        cp, t = d["id"], d["time_ns"]
+        if isinstance(cp, int) and isinstance(t, int) and cp >= 0 and t >= 0:
+            return cp, t
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return 0, 0
+
+
+def committed_view(root: Path, name: str, image: Any, size: int) -> Any:
+    """``image`` as of the replica's last committed checkpoint when its target died mid-unit (a
+    read-only reader while the target is down), else ``image`` itself."""
+    undo = UndoLog(root / f"{name}{UNDO_SUFFIX}", size)
+    return CommittedView(image, undo, owns_undo=True) if undo.open_view(read_checkpoint(root, name)) else image

@@ -161,3 +161,47 @@ def test_large_random_unit_reads_and_rolls_back(tmp_path):
         assert bytes(buf) == before[off:off + n]
     undo.rollback(img)
     assert content(img) == before
+
+
+def test_a_read_only_serve_of_a_replica_whose_target_died_mid_unit_reads_the_checkpoint(tmp_path):
+    # The target died mid-unit (its undo log pending, base = the committed checkpoint) and is not
+    # running: `vdisk serve REPLICA --read-only` reads as of the checkpoint, not the torn image.
+    import json
+    import subprocess
+    import sys
+
+    import nbd
+
+    from blockdev.volume import VolumeStore
+    from mirror.undo import committed_view
+
+    store = VolumeStore(tmp_path)
+    store.create("rep", SIZE - 512, extra={"replica": {"source_uuid": "u", "source_name": "rep"}})
+    size = SIZE - 512
+    img = store.open_image("rep")
+    img.pwrite(b"c" * (4 * BLOCK), 0)
+    (tmp_path / "rep.mirror-checkpoint").write_text(json.dumps({"id": 9, "time_ns": 90}))
+    undo = UndoLog(tmp_path / "rep.mirror-undo", size)
+    undo.begin((9, 90))
+    apply(img, undo, [("w", BLOCK, 2 * BLOCK, b"n" * (2 * BLOCK)), ("w", 40 * BLOCK, BLOCK, b"n" * BLOCK)])
+    undo.close()  # killed: the log stays, the image holds half of the next checkpoint
+    img.close()
+    view = committed_view(tmp_path, "rep", store.open_image("rep"), size)
+    buf = bytearray(size)
+    view.pread(memoryview(buf), 0)
+    assert bytes(buf[:4 * BLOCK]) == b"c" * (4 * BLOCK) and bytes(buf[40 * BLOCK:41 * BLOCK]) == bytes(BLOCK)
+    view.close()
+    sock = tmp_path / "r.sock"
+    p = subprocess.Popen([sys.executable, "-m", "vdisk.cli", "--data-dir", str(tmp_path), "serve", "rep",
+                          "--read-only", "--nbd", f"unix:{sock}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert b"serving" in p.stdout.readline()
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///rep?socket={sock}")
+        got = h.pread(size, 0)
+        h.shutdown()
+        assert got[:4 * BLOCK] == b"c" * (4 * BLOCK) and got[40 * BLOCK:41 * BLOCK] == bytes(BLOCK)
+    finally:
+        p.terminate()
+        p.wait(10)
+    assert (tmp_path / "rep.mirror-undo").exists()  # still there for the target to roll back

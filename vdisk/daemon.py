@@ -26,10 +26,11 @@ from blockdev.nbd.limits import Limits
 from blockdev.nbd.server import Export, NBDServer
 from blockdev.volume import VolumeLock, VolumeMeta, VolumeStore
 from mirror.layer import MirrorLayer
+from mirror.undo import committed_view
 
 from .control import ControlError, ControlServer, control_address
 from .mirroring import MirrorManager
-from .replicas import refuse_writable
+from .replicas import refuse_writable, replica_section
 
 log = logging.getLogger("vdisk.daemon")
 SHUTDOWN_GRACE = 10.0
@@ -193,6 +194,9 @@ class Daemon:
         except BaseException:
             lock.release()
             raise
+        if not writable and replica_section(meta) is not None:
+            # A replica whose target died mid-checkpoint reads as of its last committed one.
+            image = committed_view(self.store.root, name, image, meta.size)
         mirror = MirrorLayer(image)
         stats = StatsLayer(mirror)
         top: Backend = ReadOnlyLayer(stats) if self.config.read_only else stats
