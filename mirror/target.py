@@ -288,6 +288,7 @@ class TargetServer:
             if hello.mode == "sync":
                 cp = (0, 0)
                 undo.discard()
+                undo = None  # nothing to roll back at the end of this session
                 self._cp_path(name).unlink(missing_ok=True)
             else:
                 cp = committed
@@ -303,7 +304,7 @@ class TargetServer:
             log.info("source %s mirrors %r (%s) into replica %s (%s)", link.peer, hello.name, hello.volume_uuid,
                      name, hello.mode if hello.mode == "sync" else f"async, at checkpoint {cp[0]}")
             with session[0]:
-                await self._session(link, image, hello.size, name, None if hello.mode == "sync" else undo)
+                await self._session(link, image, hello.size, name, undo)
         except (Refused, seals.SplitBrain) as e:
             log.warning("refused source %s: %s", link.peer, e)
             link.conn.fail(str(e), e.code)
