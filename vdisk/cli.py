@@ -48,6 +48,16 @@ def count_arg(text: str) -> int:
     return n
 
 
+def metrics_arg(text: str):  # type: ignore[no-untyped-def]
+    """argparse type for --metrics tcp:HOST:PORT (vdisk.metrics.parse_metrics)."""
+    from .metrics import parse_metrics
+
+    try:
+        return parse_metrics(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def store_of(args: argparse.Namespace) -> VolumeStore:
     return VolumeStore(args.data_dir)
 
@@ -132,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listens = (Listen.parse(f"unix:{default}"),)
     config = ServeConfig(data_dir=store.root, names=tuple(args.names), nbd=listens,
                          fuse=Path(args.fuse) if args.fuse else None, read_only=args.read_only,
-                         max_connections=args.max_connections)
+                         max_connections=args.max_connections, metrics=args.metrics)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vdisk serve: %(message)s")
 
@@ -146,6 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             addrs = await nursery.start(daemon.run)
             where = ", ".join(addrs) + (f", fuse:{config.fuse}" if config.fuse else "")
+            if daemon.metrics_address:
+                where += f", metrics {daemon.metrics_address}"
             print(f"serving {', '.join(config.names)} on {where} (pid {__import__('os').getpid()})", flush=True)
 
     trio.run(main)
@@ -192,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--read-only", action="store_true", help="refuse writes (EPERM); the only way to serve a replica")
     sp.add_argument("--max-connections", type=count_arg, default=1000, metavar="N",
                     help="open NBD connections per listener; more are refused (default 1000)")
+    sp.add_argument("--metrics", type=metrics_arg, metavar="tcp:HOST:PORT",
+                    help="serve Prometheus metrics over HTTP at /metrics (default: off; port 0: any free port)")
     sp.add_argument("-v", "--verbose", action="store_true")
 
     add("demo", cmd_demo, "create, serve, write and read a volume in a temporary directory")

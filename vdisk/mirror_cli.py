@@ -14,7 +14,7 @@ from typing import Any
 
 from blockdev.volume import VolumeStore
 
-from .cli import duration_arg, emit, store_of
+from .cli import duration_arg, emit, metrics_arg, store_of
 from .control import ControlError, call
 from .mirroring import (
     JOURNAL_SUFFIX,
@@ -68,6 +68,11 @@ def cmd_target(args: argparse.Namespace) -> int:
                 async with trio.open_nursery() as nursery:
                     addr = await nursery.start(server.serve, host, port)
                     where = [f"tcp:{addr}"] + ["nbd " + a for a in await listeners.start(nursery, listens)]
+                    if args.metrics is not None:
+                        from .metrics import TargetCollector, registry_of, serve_metrics
+
+                        where.append("metrics " + await nursery.start(serve_metrics, args.metrics,
+                                                                      registry_of(TargetCollector(server))))
                     print(f"target listening on {', '.join(where)}, replicas in {store.root} (pid {os.getpid()})",
                           flush=True)
                     async for _ in signals:
@@ -359,6 +364,8 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT", help="read-only NBD export of replicas")
     sp.add_argument("--timeout", type=duration_arg, default=30.0,
                     help="source silence before dropping it (default 30s; e.g. 2m, 500ms)")
+    sp.add_argument("--metrics", type=metrics_arg, metavar="tcp:HOST:PORT",
+                    help="serve Prometheus metrics over HTTP at /metrics (default: off; port 0: any free port)")
     sp.add_argument("-v", "--verbose", action="store_true")
 
     sp = add("mirror", cmd_mirror, "mirror a volume to a target (or --stop); picked up live by `vdisk serve`")
