@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from blockdev.volume import VolumeError, VolumeStore
 
@@ -19,6 +19,14 @@ Command = Callable[[argparse.Namespace], int]
 
 class UsageError(Exception):
     """A bad argument found after parsing; exits 2 like argparse's own errors."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``vdisk: error: ...`` and exit 2, without the usage block
+    (which buries the message; `vdisk COMMAND --help` has it). Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"vdisk: error: {message}\n")
 
 
 def size_arg(text: str) -> int:
@@ -172,11 +180,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
                         help="volume directory (default: $VDISK_HOME or ~/.local/share/vdisk)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-    p = argparse.ArgumentParser(prog="vdisk", description="Userspace virtual disk with built-in mirroring.",
+    p = Parser(prog="vdisk", description="Userspace virtual disk with built-in mirroring.",
                                 parents=[common])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
