@@ -60,9 +60,12 @@ DEFAULT_BUFFER = "10G"
 MAX_KEY_FILE = 4096
 
 
-def parse_hostport(text: str, listen: bool = False) -> tuple[str, int]:
-    """HOST:PORT (port 0 only for a listener: any free port)."""
+def parse_hostport(text: str, listen: bool = False, need_host: bool = False) -> tuple[str, int]:
+    """HOST:PORT (port 0 only for a listener: any free port). An empty host means loopback, except
+    with ``need_host`` (a mirror's --to: where the replica lives must be said, not guessed)."""
     host, sep, port = text.rpartition(":")
+    if need_host and sep and not host.strip("[] "):
+        raise ValueError(f"bad address {text!r}: give the target's host, e.g. 127.0.0.1{text.strip()}")
     try:
         p = int(port)
         if not sep or not (0 if listen else 1) <= p <= 65535:
@@ -138,7 +141,7 @@ def check_section(section: dict[str, Any]) -> SyncConfig | AsyncConfig:
         raise ValueError(f"invalid --mode {mode!r}: use sync or async")
     if section.get("on_link_loss", "degrade") not in POLICIES:
         raise ValueError(f"--on-link-loss must be one of {', '.join(POLICIES)}")
-    host, port = parse_hostport(str(section.get("to", "")))
+    host, port = parse_hostport(str(section.get("to", "")), need_host=True)
     psk = read_psk(section.get("psk_file"))
     timeout = parse_duration(section.get("timeout", 10.0), "timeout")
     if mode == "sync":
