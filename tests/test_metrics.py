@@ -100,10 +100,14 @@ def test_unmirrored_volume_io_counters(procs):
     assert value(fams, "vdisk_volume_ops", "vdisk_volume_ops_total", volume="vol", op="flush") >= 1
     assert value(fams, "vdisk_volume_errors", "vdisk_volume_errors_total", volume="vol") == 0
     assert not fams["vdisk_mirror_info"].samples  # not mirrored: no mirror series
-    for path in ("/nope",):
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(url.replace("/metrics", path), timeout=10)
-        assert e.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url.replace("/metrics", "/nope"), timeout=10)
+    assert e.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(url, data=b"x", method="POST"), timeout=10)
+    assert e.value.code == 405
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10) as r:
+        assert r.status == 200 and r.read() == b""
 
 
 def test_mirror_counters_monotonic_across_reconnect_and_mode_switch(procs):
@@ -193,8 +197,10 @@ def test_metrics_port_in_use_is_one_line(procs):
     port = s.getsockname()[1]
     try:
         vd(procs, "create", "vol", "--size", "1M")
-        res = vd(procs, "serve", "vol", "--metrics", f"tcp:127.0.0.1:{port}", check=False)
-        assert res.returncode == 1
-        assert res.stderr.strip() == f"vdisk: error: cannot listen for metrics on 127.0.0.1:{port}: Address already in use"
+        for cmd in (("serve", "vol"), ("target", "--listen", "127.0.0.1:0")):
+            res = vd(procs, *cmd, "--metrics", f"tcp:127.0.0.1:{port}", check=False)
+            assert res.returncode == 1
+            assert res.stderr.strip().splitlines()[-1] == (f"vdisk: error: cannot listen for metrics on 127.0.0.1:{port}: "
+                                          "Address already in use")
     finally:
         s.close()

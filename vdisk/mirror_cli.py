@@ -66,13 +66,14 @@ def cmd_target(args: argparse.Namespace) -> int:
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
-                    addr = await nursery.start(server.serve, host, port)
-                    where = [f"tcp:{addr}"] + ["nbd " + a for a in await listeners.start(nursery, listens)]
+                    metrics = []  # first: a busy metrics port fails before any source is accepted
                     if args.metrics is not None:
                         from .metrics import TargetCollector, registry_of, serve_metrics
 
-                        where.append("metrics " + await nursery.start(serve_metrics, args.metrics,
-                                                                      registry_of(TargetCollector(server))))
+                        metrics.append("metrics " + await nursery.start(serve_metrics, args.metrics,
+                                                                        registry_of(TargetCollector(server))))
+                    addr = await nursery.start(server.serve, host, port)
+                    where = [f"tcp:{addr}"] + ["nbd " + a for a in await listeners.start(nursery, listens)] + metrics
                     print(f"target listening on {', '.join(where)}, replicas in {store.root} (pid {os.getpid()})",
                           flush=True)
                     async for _ in signals:
