@@ -87,8 +87,9 @@ def test_info_is_in_human_units_and_json_keeps_exact_bytes(tmp_path: Path, capsy
 
 def test_list_has_mirror_and_mounted_columns(tmp_path: Path, capsys) -> None:
     d = str(tmp_path)
-    for name in ("plain", "synced", "async1"):
+    for name in ("plain", "synced", "async1", "copy"):
         run(capsys, "--data-dir", d, "create", name, "--size", "16M")
+    VolumeStore(tmp_path).update("copy", replica={"source_uuid": "u", "source_name": "data1", "source_addr": "h:1"})
     run(capsys, "--data-dir", d, "mirror", "synced", "--to", "127.0.0.1:7800")
     run(capsys, "--data-dir", d, "mirror", "async1", "--to", "10.0.0.2:7800", "--mode", "async")
     store = VolumeStore(tmp_path)
@@ -102,11 +103,12 @@ def test_list_has_mirror_and_mounted_columns(tmp_path: Path, capsys) -> None:
     assert "async 10.0.0.2:7800" in by_name["async1"]
     assert "sync 127.0.0.1:7800" in by_name["synced"]
     assert "/mnt/plain" in by_name["plain"]
+    assert "replica of data1" in by_name["copy"]
     mirror_col = header.index("MIRROR")
     assert by_name["plain"][mirror_col] == "-"
     _, out, _ = run(capsys, "--data-dir", d, "list", "--json")
-    assert {r["name"]: r["mounted_on"] for r in json.loads(out)} == {"async1": None, "plain": "/mnt/plain",
-                                                                    "synced": None}
+    assert {r["name"]: r["mounted_on"] for r in json.loads(out)} == {"async1": None, "copy": None,
+                                                                    "plain": "/mnt/plain", "synced": None}
 
 
 def test_verify_counts_ranges_in_words_and_says_what_was_resent() -> None:

@@ -134,11 +134,11 @@ def refuse_mounted(store: VolumeStore, name: str, doing: str) -> None:
 
 
 def mirror_column(rec: dict[str, Any]) -> str:
-    """`vdisk list`'s MIRROR: 'sync HOST:PORT', 'async HOST:PORT', 'replica' or '-'."""
+    """`vdisk list`'s MIRROR: 'sync HOST:PORT', 'async HOST:PORT', 'replica of SOURCE' or '-'."""
     m, r = rec.get("mirror"), rec.get("replica")
     if isinstance(m, dict) and m.get("to"):
         return f"{m.get('mode', 'sync')} {m['to']}" + (" (split brain)" if m.get("split_brain") else "")
-    return "replica" if isinstance(r, dict) else "-"
+    return f"replica of {r.get('source_name')}" if isinstance(r, dict) else "-"
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if isinstance(rep, dict):
         from .replicas import describe as describe_replica
 
-        rows.append(("replica", describe_replica(store_of(args).meta(args.name), rep).removeprefix("a ")))
+        rows.append(("replica", describe_replica(store_of(args).meta(args.name), rep).removeprefix("a replica ")))
     emit(args, rec, "\n".join(f"{k + ':':<12} {v}" for k, v in rows))
     return 0
 
