@@ -13,7 +13,6 @@ the same series instead of starting a new one at zero (join on ``volume`` for mo
 """
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vdisk.metrics")
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 10.0
+MAX_SCRAPERS = 16  # connections served at once; more are closed at accept
 # Every state a mirror reports (sync and async), each a series of vdisk_mirror_state, 1 for the current.
 MIRROR_STATES = ("in_sync", "syncing", "lagging", "catching_up", "scheduled", "paused", "degraded",
                  "disconnected", "split_brain", "stopped")
@@ -172,7 +172,20 @@ async def serve_metrics(listen: Listen, registry: CollectorRegistry, *,
         raise ConfigError(f"cannot listen for metrics on {listen.host}:{listen.port}: {e.strerror or e}") from None
     host, port = listeners[0].socket.getsockname()[:2]
     task_status.started(f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics")
-    await trio.serve_listeners(functools.partial(_handle, render=lambda: generate_latest(registry)), listeners)
+    slots = trio.CapacityLimiter(MAX_SCRAPERS)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:  # a flood of idle connections must not pile up descriptors
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await _handle(stream, lambda: generate_latest(registry))
+        finally:
+            slots.release()
+
+    await trio.serve_listeners(handle, listeners)
 
 
 async def _handle(stream: trio.SocketStream, render: Callable[[], bytes]) -> None:

@@ -502,6 +502,8 @@ class MirrorManager:
         vol = self._volume(req)
         store = self.daemon.store
         if req.get("stop"):
+            if vol.name not in self.mirrors and not isinstance(store.meta(vol.name).extra.get("mirror"), dict):
+                raise ControlError(f"volume {vol.name!r} is not mirrored: nothing to stop")
             await self._stop(vol.name)
             store.update(vol.name, mirror=None)
             for p in self._paths(vol.name):
