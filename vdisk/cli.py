@@ -85,8 +85,10 @@ def count_arg(text: str) -> int:
 
 def metrics_arg(text: str):  # type: ignore[no-untyped-def]
     """argparse type for --metrics tcp:HOST:PORT (vdisk.metrics.parse_metrics)."""
-    from .metrics import parse_metrics
-
+    try:
+        from .metrics import parse_metrics
+    except ImportError as e:
+        raise argparse.ArgumentTypeError(f"needs the prometheus-client package ({e})") from None
     try:
         return parse_metrics(text)
     except ValueError as e:
