@@ -204,3 +204,34 @@ def test_metrics_port_in_use_is_one_line(procs):
                                           "Address already in use")
     finally:
         s.close()
+
+
+def test_counters_are_banked_when_a_replicator_is_replaced():
+    """MirrorManager.counters = retired replicators' counts + the live one's, so a swap never dips,
+    and what a retiring replicator still ships after the swap is added once."""
+    from types import SimpleNamespace as NS
+
+    from vdisk.mirroring import MirrorManager
+
+    daemon = NS(control=NS(register=lambda *a: None))
+    mgr = MirrorManager(daemon)  # type: ignore[arg-type]
+
+    def rep(acked: int, sent: int, connects: int) -> NS:
+        return NS(acked_bytes=acked, outbox=NS(sent=sent), connects=connects)
+
+    old = rep(100, 120, 2)
+    mgr.mirrors["v"] = NS(rep=old)  # type: ignore[assignment]
+    assert mgr.counters("v")["logical_bytes"] == 100
+    new = rep(0, 0, 0)
+    mgr.mirrors["v"].rep = new  # the swap and the bank happen in one step on the event loop
+    seen = mgr._bank("v", old)
+    assert mgr.counters("v") == {"logical_bytes": 100, "wire_bytes": 120, "connects": 2, "overflows": 0,
+                                 "overflow_bytes": 0}
+    old.acked_bytes, old.outbox.sent = 150, 170  # the retiring one finished a send
+    new.acked_bytes, new.connects = 10, 1
+    mgr._bank("v", old, seen)
+    c = mgr.counters("v")
+    assert (c["logical_bytes"], c["wire_bytes"], c["connects"]) == (160, 170, 3)
+    mgr._bank("v", new)  # mirror --stop: no live replicator, the totals stay
+    del mgr.mirrors["v"]
+    assert mgr.counters("v")["logical_bytes"] == 160
