@@ -112,6 +112,7 @@ class SyncReplicator(SyncStatus, Marking):
         self.resync_bytes_sent = 0
         self.resync_regions_sent = 0
         self.conflicts = 0  # ops that overlapped a local write still landing (resent by resync)
+        self.acked_bytes = 0  # write/zero/resync bytes the replica acknowledged (metrics: shipped)
 
     # -- the Replicator protocol (any thread) ----------------------------------------------------
     def admit(self, offset: int, length: int) -> WriteResult:  # type: ignore[override]
@@ -333,6 +334,7 @@ class SyncReplicator(SyncStatus, Marking):
             pending = self._pending
             while pending and pending[0].seq <= seq:
                 done.append(pending.popleft())
+            self.acked_bytes += sum(e.length for e in done)
             self._acked = max(self._acked, seq)
             local, late, tickets = self._local, self._late, []
             for e in done:

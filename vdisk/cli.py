@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from blockdev.volume import VolumeError, VolumeStore
 
@@ -19,6 +19,41 @@ Command = Callable[[argparse.Namespace], int]
 
 class UsageError(Exception):
     """A bad argument found after parsing; exits 2 like argparse's own errors."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``vdisk: error: ...`` and exit 2, without the usage block
+    (which buries the message; `vdisk COMMAND --help` has it). Subparsers inherit the class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+VERBOSE_HELP = "log connections, state changes and progress (default: warnings and errors only)"
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help shows its default: options whose help does not say it get
+    "(default: VALUE)", or "(default: off)" for a flag and "(default: none)" when unset."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required and action.option_strings and "required" not in text:
+            return f"{text} (required)".strip()
+        if (not action.option_strings or "default" in text or action.default is argparse.SUPPRESS
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        if action.nargs == 0:
+            shown = "on" if action.default else "off"
+        elif action.default is None:
+            shown = "none"
+        else:
+            shown = "%(default)s"
+        return f"{text} (default: {shown})".strip()
 
 
 def size_arg(text: str) -> int:
@@ -48,6 +83,18 @@ def count_arg(text: str) -> int:
     return n
 
 
+def metrics_arg(text: str):  # type: ignore[no-untyped-def]
+    """argparse type for --metrics tcp:HOST:PORT (vdisk.metrics.parse_metrics)."""
+    try:
+        from .metrics import parse_metrics
+    except ImportError as e:
+        raise argparse.ArgumentTypeError(f"needs the prometheus-client package ({e})") from None
+    try:
+        return parse_metrics(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def store_of(args: argparse.Namespace) -> VolumeStore:
     return VolumeStore(args.data_dir)
 
@@ -65,8 +112,35 @@ def volume_record(store: VolumeStore, name: str) -> dict[str, Any]:
     except OSError:
         allocated = None
     rec = meta.to_json()
-    rec.update({"allocated": allocated, "image": str(img), "served_by": holder.get("pid") if holder else None})
+    rec.update({"allocated": allocated, "image": str(img), "served_by": holder.get("pid") if holder else None,
+                "mounted_on": mounted_on(store, name)})
     return rec
+
+
+def mounted_on(store: VolumeStore, name: str) -> str | None:
+    """The directory `vdisk mount` put the volume on (its record), or None."""
+    from .mount import load_record
+
+    try:
+        rec = load_record(store, name)
+    except VolumeError:
+        return None
+    return rec.dir if rec is not None else None
+
+
+def refuse_mounted(store: VolumeStore, name: str, doing: str) -> None:
+    """VolumeError if `vdisk mount` holds the volume: it is in use through the host's filesystem."""
+    where = mounted_on(store, name)
+    if where is not None:
+        raise VolumeError(f"volume {name!r} is mounted on {where}: run `vdisk umount {where}` before {doing} it")
+
+
+def mirror_column(rec: dict[str, Any]) -> str:
+    """`vdisk list`'s MIRROR: 'sync HOST:PORT', 'async HOST:PORT', 'replica of SOURCE' or '-'."""
+    m, r = rec.get("mirror"), rec.get("replica")
+    if isinstance(m, dict) and m.get("to"):
+        return f"{m.get('mode', 'sync')} {m['to']}" + (" (split brain)" if m.get("split_brain") else "")
+    return f"replica of {r.get('source_name')}" if isinstance(r, dict) else "-"
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -90,21 +164,46 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not recs:
         print(f"no volumes in {store.root}")
         return 0
-    print(f"{'NAME':<20} {'SIZE':>10} {'ALLOCATED':>10}  {'SERVED':<10} UUID")
+    rows = []
     for r in recs:
         if "error" in r:
-            print(f"{r['name']:<20} {r['error']}")
+            rows.append((r["name"], r["error"]))
             continue
         served = f"pid {r['served_by']}" if r["served_by"] else "-"
         alloc = format_size(r["allocated"]) if r["allocated"] is not None else "?"
-        print(f"{r['name']:<20} {format_size(r['size']):>10} {alloc:>10}  {served:<10} {r['uuid']}")
+        rows.append((r["name"], format_size(r["size"]), alloc, served, mirror_column(r), r["mounted_on"] or "-",
+                     r["uuid"]))
+    widths = [max([len(h)] + [len(row[i]) for row in rows if len(row) > 2]) for i, h in enumerate(LIST_HEADER)]
+    for row in [LIST_HEADER, *rows]:
+        if len(row) == 2:
+            print(f"{row[0]:<{widths[0]}}  {row[1]}")
+            continue
+        cells = [f"{c:>{w}}" if i in (1, 2) else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths))]
+        print("  ".join(cells).rstrip())
     return 0
 
 
+LIST_HEADER = ("NAME", "SIZE", "ALLOCATED", "SERVED", "MIRROR", "MOUNTED", "UUID")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    """Human units in text (exact bytes next to the size); --json keeps every number exact."""
+    from .mirror_cli import describe
+
     rec = volume_record(store_of(args), args.name)
-    lines = [f"{k}: {v}" for k, v in rec.items() if not isinstance(v, dict)]
-    emit(args, rec, "\n".join(lines))
+    m, rep = rec.get("mirror"), rec.get("replica")
+    rows = [("name", rec["name"]), ("uuid", rec["uuid"]), ("size", f"{format_size(rec['size'])} ({rec['size']} bytes)"),
+            ("block size", format_size(rec["block_size"])),
+            ("allocated", "?" if rec["allocated"] is None else format_size(rec["allocated"])),
+            ("image", rec["image"]), ("created", rec["created"]), ("generation", rec["generation"]),
+            ("served by", f"pid {rec['served_by']}" if rec["served_by"] else "-"),
+            ("mounted on", rec["mounted_on"] or "-"),
+            ("mirror", f"{m['to']} ({describe(m)})" if isinstance(m, dict) and m.get("to") else "-")]
+    if isinstance(rep, dict):
+        from .replicas import describe as describe_replica
+
+        rows.append(("replica", describe_replica(store_of(args).meta(args.name), rep).removeprefix("a replica ")))
+    emit(args, rec, "\n".join(f"{k + ':':<12} {v}" for k, v in rows))
     return 0
 
 
@@ -114,6 +213,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
     store = store_of(args)
     refuse_delete(store.meta(args.name))
+    refuse_mounted(store, args.name, "deleting")
     store.delete(args.name, sidecars=MIRROR_SIDECARS)
     emit(args, {"deleted": args.name}, f"deleted volume {args.name}")
     return 0
@@ -125,6 +225,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import Daemon, Listen, ServeConfig
 
     store = store_of(args)
+    for name in args.names:
+        # `vdisk mount` serves the volume itself (with --fuse on its own directory): only that is allowed.
+        if mounted_on(store, name) is not None and not (args.fuse and _is_mount_daemon(store, name, args.fuse)):
+            refuse_mounted(store, name, "serving")
     specs = args.nbd or []
     listens = tuple(Listen.parse(s) for s in specs)
     if not listens and args.fuse is None:
@@ -132,7 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listens = (Listen.parse(f"unix:{default}"),)
     config = ServeConfig(data_dir=store.root, names=tuple(args.names), nbd=listens,
                          fuse=Path(args.fuse) if args.fuse else None, read_only=args.read_only,
-                         max_connections=args.max_connections)
+                         max_connections=args.max_connections, metrics=args.metrics)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vdisk serve: %(message)s")
 
@@ -146,10 +250,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             addrs = await nursery.start(daemon.run)
             where = ", ".join(addrs) + (f", fuse:{config.fuse}" if config.fuse else "")
+            if daemon.metrics_address:
+                where += f", metrics {daemon.metrics_address}"
             print(f"serving {', '.join(config.names)} on {where} (pid {__import__('os').getpid()})", flush=True)
 
     trio.run(main)
     return 0
+
+
+def _is_mount_daemon(store: VolumeStore, name: str, fuse: str) -> bool:
+    from .mount import load_record
+
+    rec = load_record(store, name)
+    return rec is not None and Path(fuse).resolve() == Path(rec.fuse_dir).resolve()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -160,11 +273,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
                         help="volume directory (default: $VDISK_HOME or ~/.local/share/vdisk)")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-    p = argparse.ArgumentParser(prog="vdisk", description="Userspace virtual disk with built-in mirroring.",
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output (default: text)")
+    p = Parser(prog="vdisk", description="Userspace virtual disk with built-in mirroring.",
                                 parents=[common])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -192,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--read-only", action="store_true", help="refuse writes (EPERM); the only way to serve a replica")
     sp.add_argument("--max-connections", type=count_arg, default=1000, metavar="N",
                     help="open NBD connections per listener; more are refused (default 1000)")
-    sp.add_argument("-v", "--verbose", action="store_true")
+    sp.add_argument("--metrics", type=metrics_arg, metavar="tcp:HOST:PORT",
+                    help="serve Prometheus metrics over HTTP at /metrics (default: off; port 0: any free port)")
+    sp.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
 
     add("demo", cmd_demo, "create, serve, write and read a volume in a temporary directory")
     from .mirror_cli import register as register_mirror  # here: it imports this module

@@ -80,6 +80,7 @@ class ServeConfig:
     fuse: Path | None = None
     read_only: bool = False
     max_connections: int = Limits.connections  # per NBD listener
+    metrics: Listen | None = None  # --metrics: Prometheus exposition (vdisk/metrics.py)
 
 
 @dataclass
@@ -168,6 +169,7 @@ class Daemon:
                              limits=Limits(connections=config.max_connections))
         self.listeners = NBDListeners(self.nbd)
         self.listening = self.listeners.addresses
+        self.metrics_address: str | None = None  # http://HOST:PORT/metrics once listening
         self.control.register("status", self._cmd_status)
         self.control.register("volumes", self._cmd_status)
         self.mirrors = MirrorManager(self)  # registers the "mirror" and "verify" commands
@@ -245,6 +247,11 @@ class Daemon:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.control.serve, self.control_address)
                     await nursery.start(self.mirrors.run)  # mirrors attach before any front end writes
+                    if self.config.metrics is not None:
+                        from .metrics import ServeCollector, registry_of, serve_metrics
+
+                        self.metrics_address = await nursery.start(serve_metrics, self.config.metrics,
+                                                                   registry_of(ServeCollector(self)))
                     await self.listeners.start(nursery, self.config.nbd)
                     fuse = None
                     if self.config.fuse is not None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from blockdev.volume import VolumeStore
 
-from .cli import duration_arg, emit, store_of
+from .cli import VERBOSE_HELP, duration_arg, emit, metrics_arg, store_of
 from .control import ControlError, call
 from .mirroring import (
     JOURNAL_SUFFIX,
@@ -66,8 +66,14 @@ def cmd_target(args: argparse.Namespace) -> int:
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
+                    metrics = []  # first: a busy metrics port fails before any source is accepted
+                    if args.metrics is not None:
+                        from .metrics import TargetCollector, registry_of, serve_metrics
+
+                        metrics.append("metrics " + await nursery.start(serve_metrics, args.metrics,
+                                                                        registry_of(TargetCollector(server))))
                     addr = await nursery.start(server.serve, host, port)
-                    where = [f"tcp:{addr}"] + ["nbd " + a for a in await listeners.start(nursery, listens)]
+                    where = [f"tcp:{addr}"] + ["nbd " + a for a in await listeners.start(nursery, listens)] + metrics
                     print(f"target listening on {', '.join(where)}, replicas in {store.root} (pid {os.getpid()})",
                           flush=True)
                     async for _ in signals:
@@ -88,6 +94,8 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     refuse_mirror(store.meta(args.name))  # --stop too: it rewrites the metadata the target owns
     control = _daemon(store, args.name)
     if args.stop:
+        if not isinstance(store.meta(args.name).extra.get("mirror"), dict):
+            raise ValueError(f"volume {args.name!r} is not mirrored: nothing to stop")
         if control:
             call(control, "mirror", name=args.name, stop=True)
         else:
@@ -179,6 +187,15 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     return _set_live(args, "resume", {"paused": False})
+
+
+def to_arg(text: str) -> str:
+    """--to HOST:PORT: a host is required (``:7800`` would silently mean this machine)."""
+    try:
+        parse_hostport(text, need_host=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
 
 
 def rate_arg(text: str) -> str:
@@ -341,29 +358,52 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if control is None:
         raise ControlError(f"volume {args.name!r} is not served: verify runs inside `vdisk serve`")
     rep = call(control, "verify", timeout=3600, name=args.name, repair=args.repair)["verify"]
-    lines = [(f"{args.name}: {len(rep['ranges'])} differing ranges, {format_size(rep['differing_bytes'])} "
-              f"({rep['digests_exchanged']} digests exchanged)")]
-    lines += [f"  differs at {off}+{n}" for off, n in rep["ranges"][:50]]
-    if args.repair and rep["ranges"]:
-        lines.append(f"  repaired: {rep['repaired']} ({format_size(rep.get('resent_bytes', 0))} resent)")
-    emit(args, rep, "\n".join(lines))
+    emit(args, rep, verify_text(args.name, rep, args.repair))
     return 1 if rep["ranges"] and not rep["repaired"] else 0
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def verify_text(name: str, rep: dict[str, Any], repair: bool) -> str:
+    """'vol1: 1 differing range, 64.0 KiB (12 digests exchanged)', each range, and what a repair did:
+    the bytes actually resent (zeroed ranges travel as zero frames, not data), or that it is unfinished."""
+    ranges = rep["ranges"]
+    head = (f"{name}: no differences ({plural(rep['digests_exchanged'], 'digest')} exchanged)" if not ranges else
+            f"{name}: {plural(len(ranges), 'differing range')}, {format_size(rep['differing_bytes'])} "
+            f"({plural(rep['digests_exchanged'], 'digest')} exchanged)")
+    lines = [head] + [f"  differs at {off}+{n} ({format_size(n)})" for off, n in ranges[:50]]
+    if len(ranges) > 50:
+        lines.append(f"  ... and {plural(len(ranges) - 50, 'more range')}")
+    if ranges and not repair:
+        lines.append(f"  not repaired: run `vdisk verify {name} --repair` to resend them")
+    elif ranges:
+        resent = rep.get("resent_bytes", 0)
+        sent = f"{format_size(resent)} of data resent" if resent else "no data resent (the ranges are zeroes here)"
+        lines.append(f"  repaired: {sent}, acknowledged by the replica" if rep["repaired"] else
+                     f"  not repaired: {sent} so far, but the replica did not confirm it in time; "
+                     f"run `vdisk verify {name}` again")
+    return "\n".join(lines)
 
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp = add("target", cmd_target, "receive mirrors: store replicas in --data-dir, export them read-only")
-    sp.add_argument("--listen", required=True, metavar="HOST:PORT")
+    sp.add_argument("--listen", required=True, metavar="HOST:PORT", help="where sources connect (port 0: any free port)")
     sp.add_argument("--psk-file", help="pre-shared key file (sources must use the same key)")
     sp.add_argument("--insecure", action="store_true",
                     help="allow listening beyond loopback without --psk-file (any host could write replicas)")
     sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT", help="read-only NBD export of replicas")
     sp.add_argument("--timeout", type=duration_arg, default=30.0,
                     help="source silence before dropping it (default 30s; e.g. 2m, 500ms)")
-    sp.add_argument("-v", "--verbose", action="store_true")
+    sp.add_argument("--metrics", type=metrics_arg, metavar="tcp:HOST:PORT",
+                    help="serve Prometheus metrics over HTTP at /metrics (default: off; port 0: any free port)")
+    sp.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
 
     sp = add("mirror", cmd_mirror, "mirror a volume to a target (or --stop); picked up live by `vdisk serve`")
     sp.add_argument("name")
-    sp.add_argument("--to", metavar="HOST:PORT")
+    sp.add_argument("--to", metavar="HOST:PORT", type=to_arg,
+                    help="the target (default: the stored one; needed the first time)")
     sp.add_argument("--mode", choices=MODES,
                     help="sync: the host's write waits for the replica; async: journaled and shipped "
                          "(default sync; changing it on a running mirror switches live)")
@@ -372,16 +412,19 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
                     help="with block: how long a write waits for the replica before EIO (default 30s)")
     sp.add_argument("--timeout", type=duration_arg,
                     help="target silence before link loss (default 10s)")
-    sp.add_argument("--rate", type=rate_arg, help="async: throttle, e.g. 2Mbit, 512kbit, 10MB/s, 10MiB/s, unlimited")
+    sp.add_argument("--rate", type=rate_arg, help="async: throttle, e.g. 2Mbit, 512kbit, 10MB/s, 10MiB/s, unlimited "
+                    "(default: the stored rate; unlimited at first)")
     sp.add_argument("--schedule", type=schedule_arg, metavar="SPEC",
-                    help='async: e.g. "mon-fri 08:00-18:00 rate=1Mbit; * 18:00-08:00 rate=unlimited" (see README)')
+                    help='async: e.g. "mon-fri 08:00-18:00 rate=1Mbit; * 18:00-08:00 rate=unlimited" (see README); '
+                         'none removes it (default: the stored one; none at first)')
     sp.add_argument("--ship-at", type=ship_at_arg, metavar="HH:MM",
-                    help="async: accumulate, then ship up to a checkpoint cut at this local time (e.g. 02:00)")
+                    help="async: accumulate, then ship up to a checkpoint cut at this local time (e.g. 02:00); "
+                         "none removes it (default: the stored one; none at first: ship continuously)")
     sp.add_argument("--buffer-size", type=buffer_arg,
                     help="async: source journal size before writes are tracked in the dirty map (default 10G)")
     sp.add_argument("--checkpoint-interval", type=duration_arg,
                     help="async: a consistent checkpoint every ... (default 5s; also at every host flush)")
-    sp.add_argument("--psk-file", help="pre-shared key file")
+    sp.add_argument("--psk-file", help="pre-shared key file (default: the stored one; none at first)")
     sp.add_argument("--stop", action="store_true", help="stop mirroring and forget the pairing")
     sp.add_argument("--discard-replica", action="store_true",
                     help="after a split brain: overwrite what differs on the replica (found by Merkle compare); "

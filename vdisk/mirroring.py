@@ -60,9 +60,12 @@ DEFAULT_BUFFER = "10G"
 MAX_KEY_FILE = 4096
 
 
-def parse_hostport(text: str, listen: bool = False) -> tuple[str, int]:
-    """HOST:PORT (port 0 only for a listener: any free port)."""
+def parse_hostport(text: str, listen: bool = False, need_host: bool = False) -> tuple[str, int]:
+    """HOST:PORT (port 0 only for a listener: any free port). An empty host means loopback, except
+    with ``need_host`` (a mirror's --to: where the replica lives must be said, not guessed)."""
     host, sep, port = text.rpartition(":")
+    if need_host and sep and not host.strip("[] "):
+        raise ValueError(f"bad address {text!r}: give the target's host, e.g. 127.0.0.1{text.strip()}")
     try:
         p = int(port)
         if not sep or not (0 if listen else 1) <= p <= 65535:
@@ -138,7 +141,7 @@ def check_section(section: dict[str, Any]) -> SyncConfig | AsyncConfig:
         raise ValueError(f"invalid --mode {mode!r}: use sync or async")
     if section.get("on_link_loss", "degrade") not in POLICIES:
         raise ValueError(f"--on-link-loss must be one of {', '.join(POLICIES)}")
-    host, port = parse_hostport(str(section.get("to", "")))
+    host, port = parse_hostport(str(section.get("to", "")), need_host=True)
     psk = read_psk(section.get("psk_file"))
     timeout = parse_duration(section.get("timeout", 10.0), "timeout")
     if mode == "sync":
@@ -159,6 +162,15 @@ def check_section(section: dict[str, Any]) -> SyncConfig | AsyncConfig:
                        buffer_size=parse_size(str(buffer), minimum=1 << 20) if not isinstance(buffer, int) else buffer,
                        checkpoint_interval=parse_duration(section.get("checkpoint_interval", 5.0), "checkpoint interval"),
                        paused=bool(section.get("paused", False)))
+
+
+def shipped_counts(rep: SyncReplicator | AsyncReplicator) -> dict[str, int]:
+    """A replicator's own running counts (they start at zero with it); see MirrorManager.counters."""
+    if isinstance(rep, AsyncReplicator):
+        return {"logical_bytes": rep.out_meter.total + rep.chunk_bytes_sent, "wire_bytes": rep.wire_meter.total,
+                "connects": rep.connects, "overflows": rep.overflows, "overflow_bytes": rep.overflow_bytes}
+    return {"logical_bytes": rep.acked_bytes, "wire_bytes": rep.outbox.sent, "connects": rep.connects,
+            "overflows": 0, "overflow_bytes": 0}
 
 
 class _Mirrored:
@@ -213,6 +225,9 @@ class MirrorManager:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.mirrors: dict[str, _Mirrored] = {}
+        # Counts of replicators that were replaced (new target or keys, mode switch) or stopped, per
+        # volume: what metrics report is these plus the live replicator's, so no counter goes back.
+        self.banked: dict[str, dict[str, int]] = {}
         self._nursery: trio.Nursery | None = None
         daemon.control.register("mirror", self._cmd_mirror)
         daemon.control.register("verify", self._cmd_verify)
@@ -364,14 +379,38 @@ class MirrorManager:
         # new replicator; they are not failed as if no replicator ran. Shutdown gives it ours (run).
         vol.mirror.attach(rep)
         m.rep, m.scope, m.done = rep, scope, done
+        seen = self._bank(vol.name, old)  # in the same step as the swap: a scrape never sees a dip
         if old is not None:
             self._retire(old, old_scope, fail_held=False, fold=not isinstance(rep, AsyncReplicator))
             if config.on_link_loss != "block":
                 st.held.release()  # degrade now: writes held by the old policy complete (they are marked)
         if isinstance(old, AsyncReplicator) and not isinstance(rep, AsyncReplicator):
             await self._ended(old_done)  # its shipper may still be reading the journal in a thread
+            self._bank(vol.name, old, seen)  # what it shipped meanwhile
             self._drop_journal(m, vol.name)  # folded by close(): nothing in it any more
         return rep
+
+    def _bank(self, name: str, rep: SyncReplicator | AsyncReplicator | None,
+              already: dict[str, int] | None = None) -> dict[str, int]:
+        """Add a retired replicator's counts (beyond ``already`` banked) to the volume's totals."""
+        if rep is None:
+            return {}
+        now = shipped_counts(rep)
+        banked = self.banked.setdefault(name, {})
+        for k, v in now.items():
+            banked[k] = banked.get(k, 0) + v - (already or {}).get(k, 0)
+        return now
+
+    def counters(self, name: str) -> dict[str, int]:
+        """Running totals of the volume's mirror since the daemon started, over every replicator it
+        had: bytes shipped (logical and on the wire), connects, overflows. Never decrease."""
+        out = dict.fromkeys(("logical_bytes", "wire_bytes", "connects", "overflows", "overflow_bytes"), 0)
+        out.update(self.banked.get(name, {}))
+        m = self.mirrors.get(name)
+        if m is not None and m.rep is not None:
+            for k, v in shipped_counts(m.rep).items():
+                out[k] += v
+        return out
 
     @staticmethod
     def _retire(rep: SyncReplicator | AsyncReplicator | None, scope: trio.CancelScope | None, fail_held: bool,
@@ -400,6 +439,7 @@ class MirrorManager:
         vol = self.daemon.volumes.get(name)
         if vol is not None:
             vol.mirror.attach(None)
+        self._bank(name, m.rep)
         self._retire(m.rep, m.scope, fail_held=True)
         await self._ended(m.done)
         if m.journal is not None:
@@ -462,6 +502,8 @@ class MirrorManager:
         vol = self._volume(req)
         store = self.daemon.store
         if req.get("stop"):
+            if vol.name not in self.mirrors and not isinstance(store.meta(vol.name).extra.get("mirror"), dict):
+                raise ControlError(f"volume {vol.name!r} is not mirrored: nothing to stop")
             await self._stop(vol.name)
             store.update(vol.name, mirror=None)
             for p in self._paths(vol.name):

@@ -161,7 +161,29 @@ def wait_ready(proc: subprocess.Popen[bytes], rec: MountRecord, timeout: float =
     raise MountError(f"the vdisk daemon was not ready after {timeout:.0f}s (log: {rec.log})")
 
 
-def check_can_mount(store: VolumeStore, name: str, target: str, fstype: str | None, read_only: bool = False) -> None:
+def existing_filesystem(image: str | Path) -> str | None:
+    """The type of a filesystem (or partition table) already on ``image``, or None. ``blkid -p``
+    probes the image file itself (no loop device, no cache); without blkid, the magic numbers of the
+    filesystems --mkfs makes."""
+    if shutil.which("blkid"):
+        p = subprocess.run(["blkid", "-p", "-o", "export", str(image)], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=60, check=False)
+        if p.returncode == 0:
+            found = dict(ln.split("=", 1) for ln in p.stdout.splitlines() if "=" in ln)
+            return found.get("TYPE") or found.get("PTTYPE") or "unknown"
+        if p.returncode == 2:  # nothing found
+            return None
+    magics = ((0x438, b"\x53\xef", "ext2/3/4"), (0, b"XFSB", "xfs"), (0x10040, b"_BHRfS_M", "btrfs"))
+    with open(image, "rb") as f:
+        for off, magic, kind in magics:
+            f.seek(off)
+            if f.read(len(magic)) == magic:
+                return kind
+    return None
+
+
+def check_can_mount(store: VolumeStore, name: str, target: str, fstype: str | None, read_only: bool = False,
+                    force: bool = False) -> None:
     """Every refusal that needs no undo, before anything is started."""
     meta = store.meta(name)
     if read_only and fstype is not None:
@@ -187,15 +209,21 @@ def check_can_mount(store: VolumeStore, name: str, target: str, fstype: str | No
         raise MountError(f"volume {name!r} is busy: it is being served{who}")
     if fstype is not None and shutil.which(f"mkfs.{fstype}") is None:
         raise MountError(f"--mkfs {fstype}: mkfs.{fstype} is not installed")
+    if fstype is not None and not force:
+        found = existing_filesystem(store.image_path(name))
+        if found is not None:
+            raise MountError(f"volume {name!r} already has a filesystem ({found}): --mkfs would erase it; "
+                             f"add --force to format it anyway, or mount it without --mkfs")
     if os.geteuid() != 0:
         raise MountError("vdisk mount needs root (losetup and mount)")
 
 
 def mount_volume(store: VolumeStore, name: str, target: str, fstype: str | None = None,
-                 nbd: list[str] | None = None, direct_io: bool = True, read_only: bool = False) -> MountRecord:
+                 nbd: list[str] | None = None, direct_io: bool = True, read_only: bool = False,
+                 force: bool = False) -> MountRecord:
     """Serve, attach, optionally format, and mount; on any failure undo what was done."""
     target = os.path.realpath(target)
-    check_can_mount(store, name, target, fstype, read_only)
+    check_can_mount(store, name, target, fstype, read_only, force)
     rec = MountRecord(name=name, dir=target, fuse_dir=str(store.root / f".{name}.fuse"),
                       log=str(store.root / f"{name}.mount.log"), fstype=fstype, nbd=list(nbd or []),
                       read_only=read_only)
@@ -309,7 +337,7 @@ def umount_record(store: VolumeStore, rec: MountRecord, lazy: bool = False, forc
 def cmd_mount(args: argparse.Namespace) -> int:
     store = VolumeStore(args.data_dir)
     rec = mount_volume(store, args.name, args.dir, fstype=args.mkfs, nbd=args.nbd or [],
-                       direct_io=not args.no_direct_io, read_only=args.read_only)
+                       direct_io=not args.no_direct_io, read_only=args.read_only, force=args.force)
     _emit(args, asdict(rec), f"mounted {rec.name} on {rec.dir} ({rec.loop}, FUSE file {rec.fuse_file}, "
           f"daemon pid {rec.pid})")
     return 0
@@ -335,6 +363,8 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("dir", metavar="DIR", help="an existing empty directory")
     sp.add_argument("--mkfs", metavar="TYPE", help="make a filesystem first (e.g. ext4); erases the volume")
+    sp.add_argument("--force", action="store_true",
+                    help="with --mkfs: format even if the volume already has a filesystem (default: refuse)")
     sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT",
                     help="also serve the volume over NBD while mounted")
     sp.add_argument("--no-direct-io", action="store_true", help="attach the loop device without direct I/O")

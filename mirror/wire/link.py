@@ -26,6 +26,7 @@ class Outbox:
         self.lock = threading.Lock()
         self._bufs: deque[Buffer] = deque()
         self.bytes = 0
+        self.sent = 0  # bytes handed to the socket, ever (metrics: wire bytes)
 
     def put_locked(self, bufs: list[Buffer] | tuple[Buffer, ...]) -> None:
         """Append (the caller holds ``lock``, so sequence numbers and wire order agree)."""
@@ -59,6 +60,7 @@ class Outbox:
                 return False
             with self.lock:
                 self.bytes -= n
+                self.sent += n
                 while n:
                     head = self._bufs[0]
                     if len(head) <= n:
