@@ -119,7 +119,7 @@ def test_a_torn_tail_is_cut_and_what_precedes_it_rolled_back(tmp_path):
 
 def test_holes_come_back_as_holes(tmp_path):
     img, undo = make(tmp_path)
-    undo.begin((0, 0))
+    undo.begin((1, 10))
     apply(img, undo, [("w", 8 * BLOCK, 16 * BLOCK, b"d" * 16 * BLOCK)])
     assert undo.saved_bytes == 0  # a fresh replica: nothing but "was a hole"
     undo.rollback(img)
@@ -130,7 +130,7 @@ def test_holes_come_back_as_holes(tmp_path):
 def test_view_extents_never_call_a_unit_block_a_hole(tmp_path):
     img, undo = make(tmp_path)
     img.pwrite(b"k" * BLOCK, 0)
-    undo.begin((0, 0))
+    undo.begin((1, 10))
     view = CommittedView(img, undo)
     apply(img, undo, [("z", 0, BLOCK, b"")])
     assert all(flags == 0 for _n, flags in view.extents(BLOCK, 0))
@@ -205,3 +205,32 @@ def test_a_read_only_serve_of_a_replica_whose_target_died_mid_unit_reads_the_che
         p.terminate()
         p.wait(10)
     assert (tmp_path / "rep.mirror-undo").exists()  # still there for the target to roll back
+
+
+def test_before_the_first_checkpoint_nothing_is_saved_then_units_are(tmp_path):
+    # A new replica's initial sync (base checkpoint 0) has no consistent state to return to: no
+    # undo space or index memory is spent on it; from the first commit on, units are atomic.
+    img, undo = make(tmp_path)
+    undo.begin((0, 0))
+    apply(img, undo, [("w", 0, 32 * BLOCK, b"i" * 32 * BLOCK)])
+    assert not undo.index and os.path.getsize(tmp_path / "r.mirror-undo") == 32
+    undo.commit((4, 40))
+    before = content(img)
+    apply(img, undo, [("w", 8 * BLOCK, 4 * BLOCK, b"u" * 4 * BLOCK)])
+    assert undo.index.blocks == 4
+    undo.rollback(img)
+    assert content(img) == before
+
+
+def test_index_runs_across_chunks_and_overlapping_frames(tmp_path):
+    from mirror.undo import CHUNK_SHIFT, BlockIndex
+
+    ix = BlockIndex()
+    edge = 1 << CHUNK_SHIFT
+    ix.add(edge - 2, edge + 1, 4096)
+    assert ix.free_runs(edge - 4, edge + 3) == [(edge - 4, edge - 3), (edge + 2, edge + 3)]
+    assert ix.where(edge) == 4096 + 2 * BLOCK and ix.where(edge + 2) is None
+    assert ix.touched(edge + 1, edge + 9) and not ix.touched(edge + 2, edge + 9)
+    img, undo = make(tmp_path)
+    undo.begin((1, 1))
+    assert undo.uncovered([(0, 3 * BLOCK), (BLOCK, 4 * BLOCK)]) == [(0, 4)]
