@@ -138,7 +138,7 @@ def fmt_eta(m: dict[str, Any] | None) -> str:
     eta, buf = number(dig(m, "eta_seconds")), buffer_of(m)
     if eta is not None:
         return fmt_seconds(eta)
-    return "?" if buf else "-"
+    return "?" if buf and dig(m, "mode") == "async" else "-"  # a sync mirror predicts no catch-up
 
 
 def fmt_clock(t: Any) -> str:
@@ -229,7 +229,7 @@ def detail_lines(item: dict[str, Any] | None, now: float) -> list[Text]:
         return [Text.assemble((name, "bold"), (f"  not mirrored{'' if item.get('served') else ', not served'}",
                                                "dim"))]
     first = Text.assemble((name, "bold"), f"  {m.get('mode') or '?'} ", link_text(m, now))
-    if not item.get("served", True):
+    if not item.get("served", True) and "not served" not in first.plain:
         first.append("  not served", "red")
     second = Text()
     thr = m.get("throttle") if isinstance(m.get("throttle"), dict) else {}
@@ -253,7 +253,7 @@ def detail_lines(item: dict[str, Any] | None, now: float) -> list[Text]:
     progress = _progress(m)
     if progress:
         lines.append(progress)
-    if m.get("last_error") and m.get("state") not in ("in_sync",):
+    if m.get("last_error") and m.get("state") != "in_sync" and str(m["last_error"]) not in first.plain:
         lines.append(Text(f"last error: {m['last_error']}", "red"))
     return lines
 
@@ -264,7 +264,7 @@ def _progress(m: dict[str, Any]) -> Text | None:
     init = m.get("initial_sync") if isinstance(m.get("initial_sync"), dict) else {}
     if rs:
         done, total, what = number(rs.get("done_bytes")), number(rs.get("total_bytes")), "resync"
-    elif init and init.get("done") is False:
+    elif init and init.get("done") is False and number(init.get("total_bytes")):
         total = number(init.get("total_bytes"))
         done = number(init.get("copied_bytes"))
         if done is None and total is not None and buffer_of(m) is not None:
@@ -395,12 +395,15 @@ def plain_line(vol: dict[str, Any]) -> str:
     m = mirror_of(vol)
     if m is None:
         return f"{name}  not mirrored" + ("" if vol.get("served") else "  (not served)")
-    parts = [name, str(m.get("mode") or "?"), state_of(vol), f"buffer {fmt_size(buffer_of(m))}",
-             "lag ?" if number(m.get("lag_seconds")) is None else f"lag {fmt_seconds(m['lag_seconds'])}"]
+    is_async, lag = m.get("mode") == "async", number(m.get("lag_seconds"))
+    parts = [name, str(m.get("mode") or "?"), state_of(vol),
+             f"{'dirty' if m.get('buffer_bytes') is None and not is_async else 'buffer'} {fmt_size(buffer_of(m))}"]
+    if is_async or lag is not None:  # a sync mirror has no lag, only dirty regions to resync
+        parts.append("lag ?" if lag is None else f"lag {fmt_seconds(lag)}")
     rates = m.get("rates") if isinstance(m.get("rates"), dict) else None
     if rates:
         parts += [f"wire {fmt_rate(rates.get('wire_10s'))}", f"eff {fmt_rate(rates.get('logical_out_10s'))}"]
-    if buffer_of(m):
+    if buffer_of(m) and (is_async or number(m.get("eta_seconds")) is not None):
         parts.append(f"ETA {fmt_eta(m)}")
     if number(dig(m, "throttle", "rate")):
         parts.append(f"throttle {format_rate(number(dig(m, 'throttle', 'rate')))}")
