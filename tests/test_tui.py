@@ -351,3 +351,67 @@ def test_watch_without_a_terminal_prints_plain_lines_and_exits(tmp_path: Path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# -- end to end: the dashboard in a real terminal (tmux) against live daemons ----------------------
+def test_watch_in_tmux_shows_a_throttled_async_mirror_and_q_exits(tmp_path: Path):
+    """A target and a served volume async-mirrored under a 2 Mbit/s throttle, 4 MiB written through
+    NBD: the dashboard (in a 100x30 tmux pane) shows the volume, its state and a non-zero buffer, and
+    `q` ends it with exit code 0."""
+    import re
+    import shlex
+    import shutil
+
+    from tests.mirror_procs import Procs
+
+    nbd = pytest.importorskip("nbd") if not os.environ.get("CI") else __import__("nbd")
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    procs = Procs(tmp_path)
+    tmux = ["tmux", "-L", f"vdisk-test-{os.getpid()}"]  # a private server: other tmux users are not touched
+    exit_file = tmp_path / "exit"
+    try:
+        procs.run("--data-dir", str(tmp_path / "src"), "create", "vol", "--size", "64M")
+        _, port = procs.target("dst")
+        _, sock = procs.serve("src", "vol")
+        procs.run("--data-dir", str(tmp_path / "src"), "mirror", "vol", "--to", f"127.0.0.1:{port}",
+                  "--mode", "async", "--rate", "2Mbit", "--checkpoint-interval", "1s", "--timeout", "3")
+        procs.wait_state("src", "vol", "in_sync")
+        h = nbd.NBD()
+        h.connect_unix(sock)
+        for i in range(4):  # 4 MiB at 250 kB/s: about 17 s to ship
+            h.pwrite(os.urandom(MiB), i * MiB)
+        h.flush()
+        h.shutdown()
+        watch = shlex.join([sys.executable, "-m", "vdisk.cli", "--data-dir", str(tmp_path / "src"), "status",
+                            "--watch"])
+        shell = (f"cd {shlex.quote(str(ROOT))} && PYTHONPATH={shlex.quote(procs.env['PYTHONPATH'])} {watch}; "
+                 f"echo $? > {shlex.quote(str(exit_file))}")
+        subprocess.run([*tmux, "new-session", "-d", "-s", "watch", "-x", "100", "-y", "30", shell], check=True,
+                       env={**os.environ, "TERM": "xterm-256color"}, timeout=10)
+
+        def pane() -> str:
+            return subprocess.run([*tmux, "capture-pane", "-p", "-t", "watch"], capture_output=True, text=True,
+                                  timeout=10, check=False).stdout
+
+        row = re.compile(r"\bvol\s+async\s+(lagging|catching_up)\s+([0-9.]+) (B|KiB|MiB)\b")
+        deadline = time.monotonic() + 20
+        screen, m = "", None
+        while time.monotonic() < deadline and m is None:
+            time.sleep(0.3)
+            screen = pane()
+            m = row.search(screen)
+        assert m is not None, f"no lagging row with a buffer on the screen:\n{screen}"
+        assert float(m.group(2)) > 0 and m.group(3) != "B", screen
+        assert f"127.0.0.1:{port}" in screen and "link up" in screen, screen
+        (tmp_path / "screen.txt").write_text(screen)
+        subprocess.run([*tmux, "send-keys", "-t", "watch", "q"], check=True, timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not exit_file.exists():
+            time.sleep(0.1)
+        assert exit_file.exists(), f"q did not end the dashboard:\n{pane()}"
+        time.sleep(0.1)
+        assert exit_file.read_text().strip() == "0"
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10, check=False)
+        procs.kill_all()

@@ -594,7 +594,9 @@ class Dashboard(App[int]):
         name = key.partition(":")[2] if key and key.startswith("v:") else None
         for what, fmt in (("wire", fmt_rate), ("buffer", fmt_size)):
             data = self.history.series(name, what) if name else []
-            self.query_one(f"#{what}", Sparkline).data = data or [0.0]
+            # A fixed time axis (the whole history, zeros before the first sample): the bars are
+            # read against zero and a column is always the same span of time.
+            self.query_one(f"#{what}", Sparkline).data = [0.0] * (self.history.size - len(data)) + data
             self.query_one(f"#{what}-now", Label).update(fmt(data[-1]) if data else "-")
 
     def selected_key(self) -> str | None:
