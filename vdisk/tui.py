@@ -36,7 +36,7 @@ Fetch = Callable[[], Snapshot]
 TogglePause = Callable[[str, bool], None]
 
 DEFAULT_RPO = 60.0  # seconds: what lag is coloured against when a mirror has no --rpo
-HISTORY = 300  # samples per volume: five minutes at the default interval
+HISTORY = 120  # samples per volume: two minutes at the default interval
 STATE_COLOURS = {
     "in_sync": "green",
     "lagging": "yellow", "catching_up": "yellow", "syncing": "yellow",
