@@ -170,7 +170,7 @@ def test_event_feed_deduplicates_by_time_and_message():
     feed = tui.EventFeed()
     bare = snapshot()
     del bare["events"]
-    assert len(feed.new(bare)) == 3
+    assert [e["volume"] for e in feed.new(bare)] == ["vol1", "db"]  # an unmirrored volume has no news
     bare["volumes"][0]["mirror"]["state"] = "in_sync"
     bare["time"] = NOW + 1
     assert [(e["volume"], e["message"]) for e in feed.new(bare)] == [("vol1", "lagging -> in_sync")]
@@ -308,6 +308,26 @@ def test_app_keeps_the_selection_when_volumes_come_and_go_and_shows_fetch_errors
     asyncio.run(scenario())
 
 
+def test_app_shows_alerts_and_grows_with_the_terminal():
+    snap = snapshot()
+    snap["volumes"][0]["mirror"]["alerts"] = [{"kind": "rpo", "since": NOW - 10, "message": "lag past RPO"}]
+    fake = Fake(snap)
+
+    async def scenario(size: tuple[int, int]) -> tuple[int, int]:
+        app = tui.Dashboard(fake.fetch, fake.toggle, interval=0.2)
+        async with app.run_test(size=size) as pilot:
+            await _until(pilot, lambda: "ALERT vol1: lag past RPO" in screen_text(app))
+            sizes = app.query_one("#events").size.height, app.query_one("#wire").size.width
+            await pilot.press("ctrl+c")
+            await pilot.pause(0.1)
+            assert not app.is_running
+        return sizes
+
+    small, large = asyncio.run(scenario((80, 24))), asyncio.run(scenario((160, 50)))
+    assert small[0] >= 3 and large[0] >= small[0] + 20
+    assert large[1] >= small[1] + 70
+
+
 def test_a_slow_daemon_never_freezes_the_keys():
     fake = Fake(snapshot(), delay=30.0)
 
@@ -412,6 +432,9 @@ def test_watch_in_tmux_shows_a_throttled_async_mirror_and_q_exits(tmp_path: Path
         assert exit_file.exists(), f"q did not end the dashboard:\n{pane()}"
         time.sleep(0.1)
         assert exit_file.read_text().strip() == "0"
+        # The target's data directory: its replica, where from.
+        dst = procs.run("--data-dir", str(tmp_path / "dst"), "status", "--watch", "--count", "1").stdout
+        assert dst.startswith("vol  replica of vol from 127.0.0.1:"), dst
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10, check=False)
         procs.kill_all()

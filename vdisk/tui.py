@@ -348,7 +348,7 @@ class EventFeed:
             name, state = str(dig(v, "name", default="?")), state_of(v)
             old = self._states.get(name)
             self._states[name] = state
-            if old == state:
+            if old == state or (old is None and state == "unmirrored"):
                 continue
             level = "warning" if state_colour(state) in ("red",) else "info"
             msg = state if old is None else f"{old} -> {state}"
@@ -454,6 +454,7 @@ class Dashboard(App[int]):
     """Volumes table (arrows select), details and sparklines of the selected one, alerts, events."""
 
     TITLE = "vdisk status"
+    ENABLE_COMMAND_PALETTE = False  # nothing to command: the footer keeps its room for the keys
     CSS = """
     Screen { layout: vertical; }
     #top { height: 1; background: $panel; color: $text; padding: 0 1; }
@@ -470,6 +471,7 @@ class Dashboard(App[int]):
     """
     BINDINGS: ClassVar[list[Binding]] = [
         Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", show=False, priority=True),  # textual's default only says "press ctrl+q"
         Binding("p", "toggle_pause", "Pause/resume"),
         Binding("up", "select(-1)", "Select", key_display="↑↓"),
         Binding("down", "select(1)", "Select", show=False),
