@@ -450,6 +450,15 @@ def plain_watch(fetch: Fetch, interval: float, count: int | None, as_json: bool 
 
 
 # -- the dashboard --------------------------------------------------------------------------------
+class VolumeTable(DataTable[Text]):
+    """The volumes, one row each; its arrows select (and say so in the footer)."""
+
+    BINDINGS: ClassVar[list[Binding]] = [
+        Binding("up", "cursor_up", "Select", key_display="↑↓"),
+        Binding("down", "cursor_down", "Select", show=False),
+    ]
+
+
 class Dashboard(App[int]):
     """Volumes table (arrows select), details and sparklines of the selected one, alerts, events."""
 
@@ -473,8 +482,6 @@ class Dashboard(App[int]):
         Binding("q", "quit", "Quit"),
         Binding("ctrl+c", "quit", show=False, priority=True),  # textual's default only says "press ctrl+q"
         Binding("p", "toggle_pause", "Pause/resume"),
-        Binding("up", "select(-1)", "Select", key_display="↑↓"),
-        Binding("down", "select(1)", "Select", show=False),
     ]
 
     def __init__(self, fetch: Fetch, toggle_pause: TogglePause, interval: float = 1.0) -> None:
@@ -489,8 +496,7 @@ class Dashboard(App[int]):
 
     def compose(self) -> ComposeResult:
         yield Static("vdisk status: connecting...", id="top")
-        table: DataTable[Text] = DataTable(id="volumes", cursor_type="row", zebra_stripes=False)
-        yield table
+        yield VolumeTable(id="volumes", cursor_type="row", zebra_stripes=False)
         with Vertical(id="detail"):
             yield Static(id="info")
             with Horizontal(classes="spark"):
@@ -515,13 +521,6 @@ class Dashboard(App[int]):
         table.focus()
         self.set_interval(self.interval, self.refresh_now)
         self.refresh_now()
-
-    def action_select(self, delta: int) -> None:
-        """The arrows, when the table does not have the focus (the focused table moves its own cursor)."""
-        table = self.query_one("#volumes", DataTable)
-        table.focus()
-        if self._keys:
-            table.move_cursor(row=max(0, min(len(self._keys) - 1, table.cursor_row + delta)))
 
     # fetching, off the event loop
     def refresh_now(self) -> None:
