@@ -203,6 +203,24 @@ def test_plain_watch_prints_every_interval_count_times():
     assert text.count("vol1  async  lagging") == 2 and "\n\n" in text
 
 
+def test_plain_watch_reports_a_later_error_and_goes_on(capsys: pytest.CaptureFixture[str]):
+    out = io.StringIO()
+    results: list[Any] = [snapshot(), ConnectionError("daemon restarting"), snapshot()]
+
+    def fetch() -> dict[str, Any]:
+        r = results.pop(0)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    assert tui.plain_watch(fetch, 0.01, 2, out=out) == 0
+    assert out.getvalue().count("vol1  async") == 2
+    assert "vdisk: error: daemon restarting" in capsys.readouterr().err
+    with pytest.raises(ConnectionError):  # the first fetch failing is the command's error
+        tui.plain_watch(lambda: fetch() if results else (_ for _ in ()).throw(ConnectionError("x")), 0.01, 1,
+                        out=out)
+
+
 # -- the app, through textual's pilot ---------------------------------------------------------------
 class Fake:
     """A daemon stand-in: a snapshot per fetch, and the pause requests it got."""
@@ -273,6 +291,13 @@ def test_app_shows_the_volumes_at_80x24_and_p_pauses_the_selected_one():
             await pilot.press("p")
             await _until(pilot, fake.toggled.is_set)
             assert fake.toggles[-1] == ("vol1", False)
+            # The daemon refuses: the operator is told, nothing else changes.
+            def refuse(name: str, pause: bool) -> None:
+                raise RuntimeError("the mirror of vol1 is sync")
+
+            app._toggle = refuse
+            await pilot.press("p")
+            await _until(pilot, lambda: "vol1: resume failed" in screen_text(app))
             await pilot.press("q")
             await pilot.pause(0.1)
         assert not app.is_running

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, ClassVar
 
 from rich.text import Text
@@ -436,7 +437,15 @@ def plain_watch(fetch: Fetch, interval: float, count: int | None, as_json: bool 
     n = 0
     try:
         while True:
-            snap = fetch()
+            try:
+                snap = fetch()
+            except Exception as e:
+                if n == 0:
+                    raise  # a bad name or data directory: the command's error, at once
+                # A daemon restarting or slow: said on stderr, the watch goes on.
+                print(f"vdisk: error: {e}", file=sys.stderr, flush=True)
+                time.sleep(interval)
+                continue
             text = json.dumps(snap, default=str) if as_json else "\n".join(plain_lines(snap))
             print(("" if n == 0 or as_json else "\n") + text, file=out, flush=True)
             n += 1
@@ -467,7 +476,7 @@ class Dashboard(App[int]):
     CSS = """
     Screen { layout: vertical; }
     #top { height: 1; background: $panel; color: $text; padding: 0 1; }
-    #volumes { height: auto; max-height: 12; }
+    #volumes { height: auto; max-height: 50%; }
     #detail { height: auto; padding: 0 1; border-top: solid $primary-darken-2; }
     #info { height: auto; }
     .spark { height: 1; }
@@ -628,15 +637,21 @@ class Dashboard(App[int]):
             try:
                 self._toggle(name, pause)
             except Exception as e:  # noqa: BLE001 - the daemon's refusal, shown to the operator
-                msg = f"{name}: {verb} failed: {e}"
-                self.call_from_thread(self.notify, msg, severity="error")
-                return
+                after: Callable[[], object] = partial(self._refused, f"{name}: {verb} failed: {e}")
+            else:
+                after = self.refresh_now  # show the new state now, not at the next tick
             try:
-                self.call_from_thread(self.refresh_now)
-            except RuntimeError:
+                self.call_from_thread(after)
+            except RuntimeError:  # the app has quit meanwhile
                 pass
 
         threading.Thread(target=run, name="vdisk-pause", daemon=True).start()
+
+    def _refused(self, message: str) -> None:
+        """A refused pause/resume: a toast to see now, a line in the log to find later."""
+        self.notify(message, severity="error")
+        self.query_one("#events", RichLog).write(
+            Text.assemble((fmt_clock(time.time()) + " ", "dim"), (message, "red")))
 
 
 def watch_command(args: argparse.Namespace, collect: Fetch, toggle_pause: TogglePause) -> int:
