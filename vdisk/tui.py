@@ -662,7 +662,15 @@ def watch_command(args: argparse.Namespace, collect: Fetch, toggle_pause: Toggle
     if not sys.stdout.isatty():
         return plain_watch(collect, interval, count, as_json=bool(getattr(args, "json", False)))
     collect()  # a bad name or data directory is one line on stderr, not an empty dashboard
-    Dashboard(collect, toggle_pause, interval).run()
+    # Textual draws on the process's original stderr: with only stdout on the terminal
+    # (`vdisk status --watch 2>log`) the screen would go into the file. Draw where stdout goes.
+    saved = sys.__stderr__
+    if not (saved is not None and saved.isatty()):
+        sys.__stderr__ = sys.__stdout__
+    try:
+        Dashboard(collect, toggle_pause, interval).run()
+    finally:
+        sys.__stderr__ = saved
     return 0
 
 
