@@ -189,6 +189,15 @@ def test_history_keeps_the_last_samples_per_volume():
     assert h.series("scratch", "wire") == []
 
 
+def test_spark_text_is_read_against_zero_and_fills_its_width():
+    assert tui.spark_text([0, 1, 2, 3, 4, 5, 6, 7], 8) == "▁▂▃▄▅▆▇█"
+    assert tui.spark_text([0, 7], 4) == "▁▁██"
+    assert tui.spark_text([5.0, 5.0], 3) == "███"
+    assert tui.spark_text([0.0, 0.0], 2) == "▁▁"
+    assert tui.spark_text([1, 9, 2, 3], 2) == "█▃"  # each column shows the largest of its slice
+    assert tui.spark_text([], 5) == "" and tui.spark_text([1.0], 0) == ""
+
+
 def test_plain_watch_prints_every_interval_count_times():
     out = io.StringIO()
     calls = []
@@ -343,6 +352,8 @@ def test_app_shows_alerts_and_grows_with_the_terminal():
         async with app.run_test(size=size) as pilot:
             await _until(pilot, lambda: "ALERT vol1: lag past RPO" in screen_text(app))
             sizes = app.query_one("#events").size.height, app.query_one("#wire").size.width
+            trend = app.query_one("#volumes").get_row_at(0)[-1].plain
+            assert len(trend) == max(3, size[0] - tui.FIXED_WIDTH) and trend.endswith("█")
             await pilot.press("ctrl+c")
             await pilot.pause(0.1)
             assert not app.is_running

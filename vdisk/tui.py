@@ -44,7 +44,11 @@ STATE_COLOURS = {
     "degraded": "red", "disconnected": "red", "split_brain": "red",
     "paused": "blue", "scheduled": "blue",
 }
-COLUMNS = (("VOLUME", 12), ("MODE", 7), ("STATE", 12), ("BUFFER", 10), ("LAG", 7), ("WIRE", 11), ("ETA", 6))
+COLUMNS = (("VOLUME", 10), ("MODE", 5), ("STATE", 12), ("BUFFER", 10), ("LAG", 6), ("WIRE", 11), ("ETA", 5))
+# The table's last column, the buffer's trend over the history, takes what the terminal has left.
+TREND = "BUFFER TREND"
+FIXED_WIDTH = sum(w + 2 for _, w in COLUMNS) + 2 + 2  # cell padding, the trend's padding, a scrollbar
+BARS = "▁▂▃▄▅▆▇█"
 
 
 # -- reading a snapshot that may lack anything ----------------------------------------------------
@@ -158,6 +162,20 @@ def volume_row(vol: dict[str, Any]) -> tuple[Text, ...]:
     return (Text(name, "bold"), Text(str(m.get("mode") or "?")), Text(state, state_colour(state)),
             Text(fmt_size(buffer_of(m))), Text(fmt_seconds(lag), lag_colour(lag, rpo_of(m))),
             Text(fmt_rate(dig(m, "rates", "wire_10s"))), Text(fmt_eta(m)))
+
+
+def spark_text(values: list[float], width: int) -> str:
+    """``values`` as ``width`` block characters (each the largest value of its slice), read against
+    zero: a table cell's sparkline, one per volume."""
+    if width <= 0 or not values:
+        return ""
+    top = max(values)
+    out = []
+    for i in range(width):
+        chunk = values[i * len(values) // width:max((i + 1) * len(values) // width, i * len(values) // width + 1)]
+        v = max(chunk) if chunk else 0.0
+        out.append(BARS[min(len(BARS) - 1, int(v / top * (len(BARS) - 1) + 0.5))] if top > 0 else BARS[0])
+    return "".join(out)
 
 
 def replica_row(rep: dict[str, Any]) -> tuple[Text, ...]:
@@ -502,6 +520,7 @@ class Dashboard(App[int]):
         self._keys: list[str] = []
         self._busy = False
         self._error: str | None = None
+        self._trend_width = -1
 
     def compose(self) -> ComposeResult:
         yield Static("vdisk status: connecting...", id="top")
@@ -524,10 +543,8 @@ class Dashboard(App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.query_one("#volumes", DataTable)
-        for label, width in COLUMNS:
-            table.add_column(label, key=label, width=width)
-        table.focus()
+        self.query_one("#volumes", DataTable).focus()
+        self._build_columns()
         self.set_interval(self.interval, self.refresh_now)
         self.refresh_now()
 
@@ -573,13 +590,39 @@ class Dashboard(App[int]):
             text.append(f"  {self._error}", "bold red")
         self.query_one("#top", Static).update(text)
 
+    def _build_columns(self) -> None:
+        """The columns, the trend as wide as the terminal allows; again after a resize."""
+        width = max(3, self.size.width - FIXED_WIDTH)
+        if width == self._trend_width:
+            return
+        self._trend_width = width
+        table = self.query_one("#volumes", DataTable)
+        table.clear(columns=True)
+        for label, w in COLUMNS:
+            table.add_column(label, key=label, width=w)
+        table.add_column(TREND, key=TREND, width=width)
+        self._keys = []  # the rows are added again with the next snapshot (now, if there is one)
+        if self.snapshot is not None:
+            self._update_table(self.snapshot)
+
+    def on_resize(self, _event: object) -> None:
+        self._build_columns()
+
+    def _trend(self, key: str) -> Text:
+        if not key.startswith("v:"):
+            return Text("")
+        data = self.history.series(key[2:], "buffer")
+        padded = [0.0] * (self.history.size - len(data)) + data
+        return Text(spark_text(padded, self._trend_width) if data else "", "cyan")
+
     def _update_table(self, snap: Snapshot) -> None:
         table = self.query_one("#volumes", DataTable)
-        new = rows(snap)
+        new = [(key, (*cells, self._trend(key))) for key, cells in rows(snap)]
         keys = [k for k, _ in new]
+        labels = [label for label, _ in COLUMNS] + [TREND]
         if keys == self._keys:
             for key, cells in new:
-                for (label, _w), cell in zip(COLUMNS, cells, strict=True):
+                for label, cell in zip(labels, cells, strict=True):
                     table.update_cell(key, label, cell)
             return
         selected = self.selected_key()
