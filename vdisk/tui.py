@@ -600,7 +600,8 @@ class Dashboard(App[int]):
         table.clear(columns=True)
         for label, w in COLUMNS:
             table.add_column(label, key=label, width=w)
-        table.add_column(TREND, key=TREND, width=width)
+        label = TREND if width >= len(TREND) else "TREND" if width >= 5 else ""  # no "BUF" at 80 columns
+        table.add_column(label, key=TREND, width=width)
         self._keys = []  # the rows are added again with the next snapshot (now, if there is one)
         if self.snapshot is not None:
             self._update_table(self.snapshot)
