@@ -411,9 +411,9 @@ if __name__ == "__main__":
 
 # -- end to end: the dashboard in a real terminal (tmux) against live daemons ----------------------
 def test_watch_in_tmux_shows_a_throttled_async_mirror_and_q_exits(tmp_path: Path):
-    """A target and a served volume async-mirrored under a 2 Mbit/s throttle, 4 MiB written through
-    NBD: the dashboard (in a 100x30 tmux pane) shows the volume, its state and a non-zero buffer, and
-    `q` ends it with exit code 0."""
+    """A target and a served volume async-mirrored under a 2 Mbit/s throttle, 6 MiB written through
+    NBD: the dashboard (in a 100x30 tmux pane) shows the volume, its state and a non-zero buffer; `p`
+    pauses it through the daemon; `q` ends the dashboard with exit code 0."""
     import re
     import shlex
     import shutil
@@ -435,7 +435,7 @@ def test_watch_in_tmux_shows_a_throttled_async_mirror_and_q_exits(tmp_path: Path
         procs.wait_state("src", "vol", "in_sync")
         h = nbd.NBD()
         h.connect_unix(sock)
-        for i in range(4):  # 4 MiB at 250 kB/s: about 17 s to ship
+        for i in range(6):  # 6 MiB at 250 kB/s: about 25 s to ship
             h.pwrite(os.urandom(MiB), i * MiB)
         h.flush()
         h.shutdown()
@@ -451,7 +451,7 @@ def test_watch_in_tmux_shows_a_throttled_async_mirror_and_q_exits(tmp_path: Path
                                   timeout=10, check=False).stdout
 
         row = re.compile(r"\bvol\s+async\s+(lagging|catching_up)\s+([0-9.]+) (B|KiB|MiB)\b")
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 25
         screen, m = "", None
         while time.monotonic() < deadline and m is None:
             time.sleep(0.3)
@@ -461,6 +461,14 @@ def test_watch_in_tmux_shows_a_throttled_async_mirror_and_q_exits(tmp_path: Path
         assert float(m.group(2)) > 0 and m.group(3) != "B", screen
         assert f"127.0.0.1:{port}" in screen and "link up" in screen, screen
         (tmp_path / "screen.txt").write_text(screen)
+        # p pauses the selected (only) volume through its daemon; the dashboard shows it.
+        subprocess.run([*tmux, "send-keys", "-t", "watch", "p"], check=True, timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not re.search(r"\bvol\s+async\s+paused\b", screen):
+            time.sleep(0.3)
+            screen = pane()
+        assert re.search(r"\bvol\s+async\s+paused\b", screen), screen
+        assert procs.status("src", "vol")["throttle"]["paused"] is True
         subprocess.run([*tmux, "send-keys", "-t", "watch", "q"], check=True, timeout=10)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not exit_file.exists():
