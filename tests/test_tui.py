@@ -120,6 +120,9 @@ def test_detail_shows_link_schedule_catch_up_and_progress():
     assert "-> 10.0.0.2:7800" in text and "link up 3m12s" in text and "rtt 1.2 ms" in text
     assert "throttle 2.0 Mbit/s" in text and "window mon-fri 08:00-18:00 until 18:00" in text
     assert "catch-up 21 s" in text and "checkpoint 2.0 s ago" in text
+    vol["mirror"]["schedule"]["next_change"] = NOW + 3600  # a unix time works as well
+    text = "\n".join(t.plain for t in tui.detail_lines(vol, NOW))
+    assert f"until {time.strftime('%H:%M', time.localtime(NOW + 3600))}" in text
     down = {"name": "v", "served": True, "mirror": async_mirror(
         state="disconnected", eta_seconds=None, link={"connected": False, "since": NOW - 30,
                                                       "reason": "authentication failed"},

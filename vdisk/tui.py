@@ -260,8 +260,11 @@ def detail_lines(item: dict[str, Any] | None, now: float) -> list[Text]:
     if sched:
         window = sched.get("window") or "no window"
         second.append(f"  window {window}", "blue" if sched.get("paused") else "")
-        if sched.get("next_change"):
-            second.append(f" until {str(sched['next_change'])[11:16] or sched['next_change']}")
+        change = sched.get("next_change")
+        if number(change) is not None:  # a unix time, or an ISO timestamp (today's daemons)
+            second.append(f" until {fmt_clock(change)[:5]}")
+        elif isinstance(change, str) and "T" in change:
+            second.append(f" until {change.partition('T')[2][:5]}")
     buf = buffer_of(m)
     if buf:
         second.append(f"  catch-up {fmt_eta(m)}")
