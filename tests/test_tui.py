@@ -132,6 +132,17 @@ def test_detail_shows_link_schedule_catch_up_and_progress():
     assert "resync 16.0 MiB / 64.0 MiB (25%) @ 1.0 MiB/s, ETA 48 s" in text
 
 
+def test_a_target_lists_its_replicas():
+    snap = {"volumes": [], "replicas": [{"name": "vol1", "source": {"name": "vol1", "uuid": "u", "addr": "10.0.0.1:5"},
+                                         "connected": True, "connected_since": NOW - 60,
+                                         "last_checkpoint": {"id": 7, "time": NOW - 1}, "lag_seconds": 1.5}]}
+    (key, cells), = tui.rows(snap)
+    assert key == "r:vol1" and [c.plain for c in cells][:5] == ["vol1", "replica", "connected", "-", "1.5 s"]
+    text = "\n".join(t.plain for t in tui.detail_lines(tui.find(snap, key), NOW))
+    assert "replica of vol1 from 10.0.0.1:5" in text and "checkpoint #7" in text
+    assert tui.plain_lines(snap) == ["vol1  replica of vol1 from 10.0.0.1:5  connected  lag 1.5 s"]
+
+
 def test_everything_tolerates_missing_keys_and_none():
     sparse: list[dict[str, Any]] = [
         {}, {"volumes": None, "events": None, "replicas": None}, {"volumes": [None, {}, {"name": "x", "mirror": {}}]},
