@@ -14,7 +14,7 @@ from typing import Any
 
 from blockdev.volume import VolumeStore
 
-from .cli import VERBOSE_HELP, duration_arg, emit, metrics_arg, store_of
+from .cli import VERBOSE_HELP, count_arg, duration_arg, emit, metrics_arg, store_of
 from .control import ControlError, call
 from .mirroring import (
     JOURNAL_SUFFIX,
@@ -313,6 +313,15 @@ def offline_status(store: VolumeStore, name: str) -> dict[str, Any] | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        from .tui import collect_basic, pause_basic, watch_command
+
+        store = store_of(args)
+        return watch_command(args, collect=lambda: collect_basic(store, args.name),
+                             toggle_pause=lambda name, pause: pause_basic(store, name, pause))
+    if len(args.name) != 1:
+        raise ValueError("give one volume NAME (or --watch for every volume)")
+    args.name = args.name[0]
     store = store_of(args)
     control = _daemon(store, args.name)
     rec: dict[str, Any] = {"name": args.name, "served": control is not None}
@@ -433,7 +442,12 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--wait-timeout", type=duration_arg, default=3600.0, help="with --wait (default 1h)")
 
     sp = add("status", cmd_status, "a volume's mirror state (mode, state, dirty bytes, initial sync)")
-    sp.add_argument("name")
+    sp.add_argument("name", nargs="*", metavar="NAME", help="with --watch: default every volume of the data directory")
+    sp.add_argument("--watch", action="store_true",
+                    help="live dashboard (q quits, arrows select, p pauses/resumes); plain lines when not a terminal")
+    sp.add_argument("--interval", type=duration_arg, default=1.0, help="with --watch: refresh every ... (default 1s)")
+    sp.add_argument("--count", type=count_arg, metavar="N",
+                    help="with --watch, not on a terminal: print N times, then exit (default: until interrupted)")
     sp = add("throttle", cmd_throttle, "change an async mirror's rate live")
     sp.add_argument("name")
     sp.add_argument("--rate", type=rate_arg, required=True, help="e.g. 2Mbit, 512kbit, 10MB/s, 10MiB/s, unlimited")
