@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PKGS=(python3 python3-venv python3-dev python3-libnbd libnbd-bin nbdkit qemu-utils fio fuse3
-          libfuse3-dev pkg-config gcc make e2fsprogs iproute2 util-linux kmod qemu-system-common)
+          libfuse3-dev pkg-config gcc make e2fsprogs iproute2 util-linux kmod qemu-system-common tmux)
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
@@ -41,5 +41,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q -e '.[test]'
     touch "$stamp"
 fi
-.venv/bin/python -c 'import nbd, trio, pyfuse3, xxhash, zstandard, rich' \
+.venv/bin/python -c 'import nbd, trio, pyfuse3, xxhash, zstandard, rich, textual, prometheus_client' \
     || { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }

@@ -436,6 +436,8 @@ def test_watch_in_tmux_shows_a_throttled_async_mirror_and_q_exits(tmp_path: Path
 
     nbd = pytest.importorskip("nbd") if not os.environ.get("CI") else __import__("nbd")
     if shutil.which("tmux") is None:
+        if os.environ.get("CI"):
+            pytest.fail("tmux is not installed (scripts/setup.sh installs it)")
         pytest.skip("tmux is not installed")
     procs = Procs(tmp_path)
     tmux = ["tmux", "-L", f"vdisk-test-{os.getpid()}"]  # a private server: other tmux users are not touched
