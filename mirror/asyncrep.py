@@ -46,6 +46,7 @@ import trio
 import trio.lowlevel
 
 from blockdev.backend import Backend, WriteResult
+from blockdev.nbd.limits import RateLimited
 
 from .base import Marking, MirrorState
 from .journal import CHECKPOINT, WRITE, ZERO, Journal, JournalClosed
@@ -61,6 +62,7 @@ from .wire.events import PROTOCOL_VERSION, Ack, Bye, HashQuery, HashReply, Hello
 from .wire.link import Link, connect
 
 log = logging.getLogger("vdisk.mirror")
+RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log line
 RECORD_OVERHEAD = 64  # journal header bytes counted against the buffer (an estimate for the check)
 READ_BYTES = 4 << 20  # journal bytes read per shipper step
 F_WRITE, F_ZERO, F_CP, F_CHUNK = 0, 1, 2, 3
@@ -168,6 +170,7 @@ class AsyncReplicator(Marking):
         self._next_req = 0
         self._verify_first: str | None = None
         self._last_rx = 0.0
+        self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
         self._cursor = 0
         self.state = "disconnected"
         self.last_error: str | None = None
@@ -400,7 +403,10 @@ class AsyncReplicator(Marking):
                         self.last_error = str(e)
                         if getattr(e, "code", None) == SPLIT_BRAIN:
                             await self._split_brain(str(e).removeprefix("peer: "))
-                        log.warning("mirror %s -> %s:%s: %s", self.ident.name, self.config.host, self.config.port, e)
+                        # Once, then every few minutes with a count (a target down for hours is one line
+                        # per RETRY_LOG_EVERY, not one per backoff); the first failure after a success logs.
+                        self._retry_log(logging.WARNING, "mirror %s -> %s:%s: %s", self.ident.name,
+                                        self.config.host, self.config.port, e)
                     except Exception as e:  # a bug here must not stop the volume being served
                         self.last_error = f"internal error: {e!r}"
                         log.exception("mirror %s: internal error", self.ident.name)
@@ -456,6 +462,7 @@ class AsyncReplicator(Marking):
             self._last_rx = time.monotonic()
             self._link = link
             self.connects += 1
+            self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
             self.last_error = None
             self.state = "lagging"
             log.info("mirror %s: connected to %s (replica %s, checkpoint %d)", self.ident.name, link.peer,

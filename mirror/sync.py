@@ -26,6 +26,7 @@ import trio.lowlevel
 
 from blockdev.backend import Backend, Completion, WriteResult, wait
 from blockdev.errors import BlockError
+from blockdev.nbd.limits import RateLimited
 
 from .base import Marking, MirrorState
 from .dirty import ActivityLog, DirtyMap
@@ -50,6 +51,7 @@ from .wire.events import PROTOCOL_VERSION, Ack, Bye, HashQuery, HashReply, Hello
 from .wire.link import Link, Outbox, connect
 
 log = logging.getLogger("vdisk.mirror")
+RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log line
 HOST, RESYNC, FLUSH = 0, 1, 2
 EAGER_SEND = 1 << 20  # queued bytes after which the trio thread sends without waiting for its batch
 
@@ -106,6 +108,7 @@ class SyncReplicator(SyncStatus, Marking):
         self._verify_first: str | None = None  # replica id to pair with once a Merkle compare is done
         self._next_req = 0
         self._last_rx = 0.0
+        self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
         self.state = "disconnected"
         self.last_error: str | None = None
         self.connects = 0
@@ -377,8 +380,10 @@ class SyncReplicator(SyncStatus, Marking):
                         self.last_error = str(e)
                         if getattr(e, "code", None) == SPLIT_BRAIN:
                             await self._split_brain(str(e).removeprefix("peer: "))
-                        log.warning("mirror %s -> %s:%s: %s", self.ident.name, self.config.host,
-                                    self.config.port, e)
+                        # Once, then every few minutes with a count (a target down for hours is one line
+                        # per RETRY_LOG_EVERY, not one per backoff); the first failure after a success logs.
+                        self._retry_log(logging.WARNING, "mirror %s -> %s:%s: %s", self.ident.name,
+                                        self.config.host, self.config.port, e)
                     except Exception as e:  # a bug here must not stop the volume being served
                         # The session's writes are in the dirty map (_link_down); reconnect and resync.
                         self.last_error = f"internal error: {e!r}"
@@ -414,6 +419,7 @@ class SyncReplicator(SyncStatus, Marking):
                 self._seq = self._acked = 0
                 self._link = link
             self.connects += 1
+            self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
             self.last_error = None
             self.state = "syncing"
             log.info("mirror %s: connected to %s (replica %s)", self.ident.name, link.peer, welcome.replica_name)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,8 @@ class TargetServer:
     def __init__(self, store: VolumeStore, config: TargetConfig = TargetConfig()) -> None:
         self.store, self.config = store, config
         self.active: dict[str, str] = {}  # replica name -> source peer
+        # replica name -> {"since": unix time the link came up (or went down), "mode": sync|async|None}
+        self.links: dict[str, dict[str, object]] = {}
         self.applied_bytes = 0
         self.handshaking = 0  # connections not yet authenticated
         self._ro: dict[str, FileImage] = {}
@@ -303,6 +306,7 @@ class TargetServer:
             link.conn.reader.reserve(RECV_BUFFER)
             await link.send_control()
             self.active[name] = link.peer
+            self.links[name] = {"since": time.time(), "mode": hello.mode}
             log.info("source %s mirrors %r (%s) into replica %s (%s)", link.peer, hello.name, hello.volume_uuid,
                      name, hello.mode if hello.mode == "sync" else f"async, at checkpoint {cp[0]}")
             with session[0]:
@@ -322,6 +326,8 @@ class TargetServer:
         finally:
             if name is not None and self.active.get(name) == link.peer:
                 del self.active[name]
+                self.links[name] = {"since": time.time(), "mode": None}
+                log.info("replica %s: source %s disconnected", name, link.peer)
             if image is not None:
                 with trio.CancelScope(shield=True):  # before the lock goes: nobody else can write yet
                     if undo is not None:

@@ -1,0 +1,98 @@
+"""What `vdisk status` says about the replicas of a target's data directory: from the running
+target's control socket (links, applied checkpoints) or, when none runs, from the metadata alone."""
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from blockdev.volume import VolumeError, VolumeStore
+
+from .control import ControlError, ControlServer, call, control_address
+from .replicas import replica_section
+
+if TYPE_CHECKING:
+    from mirror.target import TargetServer
+
+TARGET_LOCK = ".vdisk-target.lock"  # mirror/target.py LOCK_FILE: names the running target's pid
+CHECKPOINT_SUFFIX = ".mirror-checkpoint"
+
+
+def replica_names(store: VolumeStore) -> list[str]:
+    out = []
+    for n in store.names():
+        try:
+            if replica_section(store.meta(n)) is not None:
+                out.append(n)
+        except VolumeError:
+            continue
+    return out
+
+
+def _checkpoint(store: VolumeStore, name: str) -> tuple[int, int]:
+    try:
+        d = json.loads((store.root / f"{name}{CHECKPOINT_SUFFIX}").read_text())
+        return int(d["id"]), int(d["time_ns"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, 0
+
+
+def replica_records(store: VolumeStore, server: TargetServer | None = None) -> list[dict[str, Any]]:
+    """One record per replica: its source, link, last applied checkpoint and lag (the status JSON)."""
+    now = time.time()
+    out = []
+    for name in replica_names(store):
+        rep = replica_section(store.meta(name)) or {}
+        link = server.links.get(name, {}) if server is not None else {}
+        connected = server is not None and name in server.active
+        cp = server.checkpoints.get(name) if server is not None else None
+        cp_id, cp_ns = cp if cp is not None else _checkpoint(store, name)
+        lag = None
+        if connected:
+            lag = 0.0 if link.get("mode") == "sync" else (round(max(0.0, now - cp_ns / 1e9), 3) if cp_ns else None)
+        out.append({
+            "name": name,
+            "source": {"name": rep.get("source_name"), "uuid": rep.get("source_uuid"),
+                       "addr": server.active.get(name) if connected and server is not None else rep.get("source_addr")},
+            "connected": connected, "connected_since": link.get("since") if connected else None,
+            "disconnected_since": None if connected else link.get("since"),
+            "mode": link.get("mode") if connected else None,
+            "last_connected": rep.get("last_connected"),
+            "last_checkpoint": {"id": cp_id, "time": cp_ns / 1e9 if cp_ns else None},
+            "lag_seconds": lag,
+        })
+    return out
+
+
+def register(control: ControlServer, store: VolumeStore, server: TargetServer) -> None:
+    """The target's control commands: ``status`` (replicas) and ``hello`` (built in)."""
+
+    async def status(req: dict[str, Any]) -> dict[str, Any]:
+        reps = replica_records(store, server)
+        names = req.get("names")
+        if isinstance(names, list):
+            reps = [r for r in reps if r["name"] in names]
+        return {"time": time.time(), "data_dir": str(store.root), "replicas": reps,
+                "statistics": server.statistics()}
+
+    control.register("status", status)
+
+
+def running_target(store: VolumeStore) -> str | None:
+    """The control address of a target running on this data directory, or None."""
+    try:
+        pid = int((store.root / TARGET_LOCK).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return control_address(store.root, pid) if pid > 0 else None
+
+
+def target_replicas(store: VolumeStore) -> list[dict[str, Any]]:
+    """Replica records: asked of the running target, else from the metadata (nothing connected)."""
+    addr = running_target(store)
+    if addr is not None:
+        try:
+            return call(addr, "status", timeout=5.0)["replicas"]
+        except ControlError:
+            pass  # no target answers: it is gone (its lock file outlives it)
+    return replica_records(store)
