@@ -367,13 +367,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def async_line(name: str, m: dict[str, Any]) -> str:
-    """vol1  async  lagging  buffer 246.7 MiB  lag 3.1 s  wire 230 KiB/s  eff 3.4 MiB/s  ETA 21 s"""
+    """vol1  async  lagging  buffer 246.7 MiB  lag 3.1 s  wire 230 KiB/s  eff 3.4 MiB/s (14.8x)  ETA 21 s"""
     rates = m.get("rates") or {}
     eta = m.get("eta_seconds")
     parts = [name, "async", str(m.get("state")), f"buffer {format_size(m.get('buffer_bytes', 0))}",
              "lag ?" if m.get("lag_seconds") is None else f"lag {m['lag_seconds']:.1f} s"]
     if rates:
-        parts += [f"wire {format_size(rates.get('wire_10s', 0))}/s", f"eff {format_size(rates.get('logical_out_10s', 0))}/s"]
+        wire, eff = rates.get("wire_10s", 0), rates.get("logical_out_10s", 0)
+        ratio = f" ({eff / wire:.1f}x)" if wire and eff > 1.05 * wire else ""  # what compression/dedup saved
+        parts += [f"wire {format_size(wire)}/s", f"eff {format_size(eff)}/s{ratio}"]
     if m.get("buffer_bytes"):
         parts.append("ETA " + ("-" if eta is None else f"{eta:.0f} s"))
     thr = m.get("throttle") or {}
@@ -382,7 +384,7 @@ def async_line(name: str, m: dict[str, Any]) -> str:
     sched = m.get("schedule") or {}
     if sched.get("window"):
         parts.append(f"window {sched['window']}")
-    if m.get("last_error") and m.get("state") in ("disconnected", "split_brain"):
+    if m.get("last_error") and m.get("state") == "split_brain":  # disconnected: status.line says why
         parts.append(f"({m['last_error']})")
     return "  ".join(parts)
 
