@@ -59,6 +59,31 @@ CHECKPOINT_SUFFIX = ".mirror-checkpoint"  # NAME + suffix: the last checkpoint a
 UNDO_SUFFIX = ".mirror-undo"  # NAME + suffix: the undo log of the async unit being applied (undo.py)
 
 
+def read_checkpoint(root: Path, name: str) -> tuple[int, int]:
+    """(id, time_ns) of the last checkpoint committed on replica ``name``; (0, 0) if none or unreadable.
+    Read by the target and by `vdisk status` on its data directory when no target runs."""
+    try:
+        d = json.loads((root / f"{name}{CHECKPOINT_SUFFIX}").read_text())
+        cp, t = d["id"], d["time_ns"]
+        if isinstance(cp, int) and isinstance(t, int) and cp >= 0 and t >= 0:
+            return cp, t
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return 0, 0
+
+
+def replica_names(store: VolumeStore) -> list[str]:
+    """The volumes of ``store`` that are replicas (their metadata has a ``replica`` section)."""
+    out = []
+    for n in store.names():
+        try:
+            if "replica" in store.meta(n).extra:
+                out.append(n)
+        except VolumeError:
+            continue
+    return out
+
+
 class Refused(Exception):
     """The target will not take this source (the message goes to the source, with ``code``)."""
 
@@ -419,15 +444,7 @@ class TargetServer:
         return self.store.root / f"{name}{CHECKPOINT_SUFFIX}"
 
     def read_checkpoint(self, name: str) -> tuple[int, int]:
-        """(id, time_ns) of the last checkpoint committed on ``name``; (0, 0) if none or unreadable."""
-        try:
-            d = json.loads(self._cp_path(name).read_text())
-            cp, t = d["id"], d["time_ns"]
-            if isinstance(cp, int) and isinstance(t, int) and cp >= 0 and t >= 0:
-                return cp, t
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        return 0, 0
+        return read_checkpoint(self.store.root, name)
 
     async def _session(self, link: Link, image: ReplicaImage, size: int, name: str = "",
                        undo: UndoLog | None = None) -> None:
@@ -544,14 +561,7 @@ class TargetServer:
         return ReadOnlyLayer(CommittedView(img, self.undo_for(name)))
 
     def replica_names(self) -> list[str]:
-        out = []
-        for n in self.store.names():
-            try:
-                if "replica" in self.store.meta(n).extra:
-                    out.append(n)
-            except VolumeError:
-                continue
-        return out
+        return replica_names(self.store)
 
     def close(self) -> None:
         for img in self._ro.values():

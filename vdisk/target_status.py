@@ -2,11 +2,11 @@
 target's control socket (links, applied checkpoints) or, when none runs, from the metadata alone."""
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from blockdev.volume import VolumeError, VolumeStore
+from blockdev.volume import VolumeStore
+from mirror.target import LOCK_FILE, read_checkpoint, replica_names
 
 from .control import ControlError, ControlServer, call, control_address
 from .replicas import replica_section
@@ -14,27 +14,6 @@ from .replicas import replica_section
 if TYPE_CHECKING:
     from mirror.target import TargetServer
 
-TARGET_LOCK = ".vdisk-target.lock"  # mirror/target.py LOCK_FILE: names the running target's pid
-CHECKPOINT_SUFFIX = ".mirror-checkpoint"
-
-
-def replica_names(store: VolumeStore) -> list[str]:
-    out = []
-    for n in store.names():
-        try:
-            if replica_section(store.meta(n)) is not None:
-                out.append(n)
-        except VolumeError:
-            continue
-    return out
-
-
-def _checkpoint(store: VolumeStore, name: str) -> tuple[int, int]:
-    try:
-        d = json.loads((store.root / f"{name}{CHECKPOINT_SUFFIX}").read_text())
-        return int(d["id"]), int(d["time_ns"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0, 0
 
 
 def replica_records(store: VolumeStore, server: TargetServer | None = None) -> list[dict[str, Any]]:
@@ -46,7 +25,7 @@ def replica_records(store: VolumeStore, server: TargetServer | None = None) -> l
         link = server.links.get(name, {}) if server is not None else {}
         connected = server is not None and name in server.active
         cp = server.checkpoints.get(name) if server is not None else None
-        cp_id, cp_ns = cp if cp is not None else _checkpoint(store, name)
+        cp_id, cp_ns = cp if cp is not None else read_checkpoint(store.root, name)
         lag = None
         if connected:
             lag = 0.0 if link.get("mode") == "sync" else (round(max(0.0, now - cp_ns / 1e9), 3) if cp_ns else None)
@@ -81,7 +60,7 @@ def register(control: ControlServer, store: VolumeStore, server: TargetServer) -
 def running_target(store: VolumeStore) -> str | None:
     """The control address of a target running on this data directory, or None."""
     try:
-        pid = int((store.root / TARGET_LOCK).read_text().strip() or 0)
+        pid = int((store.root / LOCK_FILE).read_text().strip() or 0)  # the running target's pid
     except (OSError, ValueError):
         return None
     return control_address(store.root, pid) if pid > 0 else None
