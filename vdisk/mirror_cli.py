@@ -58,10 +58,11 @@ def cmd_target(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=LOG_FORMAT.format("target"),
                         datefmt=LOG_DATES)
     from .control import ControlServer, control_address
+    from .target_status import TargetWatch
     from .target_status import register as register_status
 
-    control = ControlServer("target")
-    register_status(control, store, server)
+    control, watch = ControlServer("target"), TargetWatch(server)
+    register_status(control, store, server, watch)
 
     def lookup(name: str) -> Export | None:
         backend = server.export_backend(name)
@@ -75,6 +76,7 @@ def cmd_target(args: argparse.Namespace) -> int:
                     addr = await nursery.start(server.serve, host, port)
                     # After serve took the data directory's lock (which names our pid, and so the address).
                     await nursery.start(control.serve, control_address(store.root, os.getpid()))
+                    nursery.start_soon(watch.run)
                     where = [f"tcp:{addr}"] + ["nbd " + a for a in await listeners.start(nursery, listens)]
                     print(f"target listening on {', '.join(where)}, replicas in {store.root} (pid {os.getpid()})",
                           flush=True)

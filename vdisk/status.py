@@ -66,10 +66,13 @@ def snapshot(store: VolumeStore, names: list[str] | None = None) -> dict[str, An
             why = "not served" if not addr else f"not served (the daemon does not answer: {reply})"
             rec["mirror"] = _offline(store, name, why)
         volumes.append(rec)
-    wanted = set(names)
+    events = [e for e in events if e.get("volume") in set(names)]
+    replicas: list[dict[str, Any]] = []
+    if everything:
+        replicas, target_events = target_replicas(store)
+        events += target_events
     return {"version": VERSION, "time": time.time(), "data_dir": str(store.root), "volumes": volumes,
-            "replicas": target_replicas(store) if everything else [],
-            "events": sorted((e for e in events if e.get("volume") in wanted), key=lambda e: e["time"])}
+            "replicas": replicas, "events": sorted(events, key=lambda e: e["time"])}
 
 
 def when(t: float | None, now: float) -> str:

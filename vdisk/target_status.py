@@ -2,17 +2,23 @@
 target's control socket (links, applied checkpoints) or, when none runs, from the metadata alone."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from blockdev.volume import VolumeStore
 from mirror.target import LOCK_FILE, read_checkpoint, replica_names
 
 from .control import ControlError, ControlServer, call, control_address
+from .events import EventRing
 from .replicas import replica_section
 
 if TYPE_CHECKING:
     from mirror.target import TargetServer
+
+log = logging.getLogger("vdisk.target")
 
 
 
@@ -43,8 +49,34 @@ def replica_records(store: VolumeStore, server: TargetServer | None = None) -> l
     return out
 
 
-def register(control: ControlServer, store: VolumeStore, server: TargetServer) -> None:
-    """The target's control commands: ``status`` (replicas) and ``hello`` (built in)."""
+class TargetWatch:
+    """The target's event ring: a source connecting to or leaving a replica, seen from the target's
+    side. Not logged again (mirror/target.py logs each as it happens, with its reason)."""
+
+    def __init__(self, server: TargetServer) -> None:
+        self.server = server
+        self.ring = EventRing(log)
+        self._active: dict[str, str] = {}
+
+    def update(self, now: float) -> None:
+        active = dict(self.server.active)
+        for name, peer in active.items():
+            if self._active.get(name) != peer:
+                mode = self.server.links.get(name, {}).get("mode")
+                self.ring.add(now, name, "info", f"source {peer} connected ({mode})", logged=False)
+        for name, peer in self._active.items():
+            if active.get(name) != peer:
+                self.ring.add(now, name, "warning", f"source {peer} disconnected", logged=False)
+        self._active = active
+
+    async def run(self) -> None:
+        while True:
+            self.update(time.time())
+            await trio.sleep(1.0)
+
+
+def register(control: ControlServer, store: VolumeStore, server: TargetServer, watch: TargetWatch) -> None:
+    """The target's control commands: ``status`` (replicas, events) and ``hello`` (built in)."""
 
     async def status(req: dict[str, Any]) -> dict[str, Any]:
         reps = replica_records(store, server)
@@ -52,7 +84,8 @@ def register(control: ControlServer, store: VolumeStore, server: TargetServer) -
         if isinstance(names, list):
             reps = [r for r in reps if r["name"] in names]
         return {"time": time.time(), "data_dir": str(store.root), "replicas": reps,
-                "statistics": server.statistics()}
+                "statistics": server.statistics(),
+                "events": watch.ring.list(set(names) if isinstance(names, list) else None)}
 
     control.register("status", status)
 
@@ -66,12 +99,14 @@ def running_target(store: VolumeStore) -> str | None:
     return control_address(store.root, pid) if pid > 0 else None
 
 
-def target_replicas(store: VolumeStore) -> list[dict[str, Any]]:
-    """Replica records: asked of the running target, else from the metadata (nothing connected)."""
+def target_replicas(store: VolumeStore) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(replica records, the target's events): asked of the running target, else from the metadata
+    (nothing connected, no events)."""
     addr = running_target(store)
     if addr is not None:
         try:
-            return call(addr, "status", timeout=5.0)["replicas"]
+            reply = call(addr, "status", timeout=5.0)
+            return reply["replicas"], reply.get("events", [])
         except ControlError:
             pass  # no target answers: it is gone (its lock file outlives it)
-    return replica_records(store)
+    return replica_records(store), []
