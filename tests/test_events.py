@@ -108,3 +108,13 @@ def test_lines_in_one_style():
          "link": {"connected": True}}
     assert line({"name": "vol1", "mirror": a}, now) == ("vol1  async  lagging  buffer 246.0 MiB  lag 3.1 s  "
                                                       "wire 230.0 KiB/s  eff 3.4 MiB/s (15.1x)  ETA 21 s")
+
+
+def test_a_target_that_is_only_unreachable_alerts_after_the_stall_time():
+    w = MirrorWatch("vol", EventRing(log))
+    down = async_st("disconnected", error="[Errno 111] Connection refused")
+    w.update(down, 0.0, rpo=None, stall=10)
+    w.update(down, 5.0, rpo=None, stall=10)
+    assert not w.alerts
+    w.update(down, 10.0, rpo=None, stall=10)
+    assert list(w.alerts) == ["disconnected"] and "Connection refused" in w.alerts["disconnected"]["message"]

@@ -165,7 +165,8 @@ class MirrorWatch:
                              f"{format_size(pending)} pending")
         if reason == "split brain":
             want["split_brain"] = f"split brain: {st.get('last_error')}"
-        elif not connected and self.since is not None and (reason != "connecting" or now - self.since >= stall):
+        elif not connected and self.since is not None and (
+                not str(reason).startswith("connecting") or now - self.since >= stall):  # retries get ``stall`` s
             want["disconnected"] = f"disconnected since {now - self.since:.0f} s: {reason}"
         for kind, message in want.items():
             if kind not in self.alerts:
