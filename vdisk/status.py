@@ -132,9 +132,11 @@ def render(snap: dict[str, Any]) -> str:
         cp = r.get("last_checkpoint") or {}
         link = (f"connected since {when(r['connected_since'], now)}" if r["connected"] else
                 f"disconnected{' since ' + when(r['disconnected_since'], now) if r.get('disconnected_since') else ''}")
-        lag = "" if r.get("lag_seconds") is None else f"  lag {r['lag_seconds']:.1f} s"
-        out.append(f"{r['name']}  replica of {src.get('name')!r} from {src.get('addr') or '?'}  {link}  "
-                   f"checkpoint {cp.get('id', 0)} at {when(cp.get('time'), now)}{lag}")
+        mode = f"  {r['mode']}" if r.get("mode") else ""
+        # The target cannot tell an idle source from a slow link: the checkpoint's age bounds the lag.
+        age = "" if r.get("lag_seconds") is None or r.get("mode") == "sync" else f"  age {r['lag_seconds']:.1f} s"
+        cps = f"  checkpoint {cp['id']} at {when(cp.get('time'), now)}" if cp.get("id") else ""
+        out.append(f"{r['name']}  replica of {src.get('name')!r} from {src.get('addr') or '?'}{mode}  {link}{cps}{age}")
     if not out:
         out.append(f"no volumes in {snap['data_dir']}")
     return "\n".join(out)
