@@ -564,8 +564,7 @@ class SyncReplicator(SyncStatus, Marking):
             await self._ack_event.wait()
 
     def _reach_in_sync(self) -> None:
-        if self.state != "in_sync":
-            log.info("mirror %s: in sync", self.ident.name)
+        # Logged once by the daemon's watch (vdisk/events.py), with the bytes resent and the time taken.
         self.state = "in_sync"
         if not self.pairing.initial_sync_done:
             self.pairing = Pairing(self.pairing.replica_id, True, self.pairing.sync_total)

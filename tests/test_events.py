@@ -40,8 +40,8 @@ def test_rpo_alert_is_raised_once_and_cleared_with_events():
     w.update(async_st(), 104.0, rpo=5)
     assert not w.alerts
     messages = [e["message"] for e in ring.list()]
-    assert messages == ["connected to h:1", "alert raised: lag 6.0 s is past the RPO of 5 s",
-                        "in sync", "alert cleared: rpo"]
+    assert messages == ["connected to h:1", "in sync", "alert raised: lag 6.0 s is past the RPO of 5 s",
+                        "alert cleared: rpo"]  # lagging and back is no news
 
 
 def test_stall_alert_needs_pending_data_and_no_progress():
@@ -118,3 +118,16 @@ def test_a_target_that_is_only_unreachable_alerts_after_the_stall_time():
     assert not w.alerts
     w.update(down, 10.0, rpo=None, stall=10)
     assert list(w.alerts) == ["disconnected"] and "Connection refused" in w.alerts["disconnected"]["message"]
+
+
+def test_in_sync_after_an_outage_says_what_was_resent_and_how_long_it_took():
+    ring = EventRing(log)
+    w = MirrorWatch("vol", ring)
+    base = {"mode": "sync", "target": "h:1", "dirty_bytes": 0, "acked_seq": 1, "last_error": None}
+    w.update({**base, "state": "in_sync", "resync_bytes_sent": 0}, 0.0, rpo=None)
+    w.update({**base, "state": "degraded", "dirty_bytes": 1 << 20, "last_error": "link lost"}, 1.0, rpo=None)
+    w.update({**base, "state": "syncing", "dirty_bytes": 1 << 20}, 3.0, rpo=None)
+    w.update({**base, "state": "in_sync", "resync_bytes_sent": 1 << 20}, 4.5, rpo=None)
+    assert [e["message"] for e in ring.list()] == [
+        "connected to h:1", "in sync", "disconnected from h:1: connecting (link lost)", "degraded",
+        "connected to h:1", "in sync, 1.0 MiB resent in 3.5 s"]

@@ -96,6 +96,9 @@ class MirrorWatch:
         self.rate = 0.0
         self._overflows = 0
         self._window: str | None = None
+        self._out_since: float | None = None  # when it last left in_sync (or was first seen out of it)
+        self._sent_base = 0  # the resync/chunk byte counter when it was last in sync
+        self._spell: set[str] = {"disconnected"}  # the states since it was last in sync
 
     def _event(self, now: float, level: str, message: str, logged: bool = True) -> None:
         self.ring.add(now, self.name, level, message, logged)
@@ -115,13 +118,23 @@ class MirrorWatch:
             if connected != self.connected:
                 self.since = now
             self.connected, self.reason = connected, reason
+        sent = int(st.get("resync_bytes_sent", st.get("chunk_bytes_sent", 0)) or 0)
+        if sent < self._sent_base:  # a new replicator (mode switch): its counters start at 0
+            self._sent_base = 0
         if state != self.state:
-            if state == "in_sync" and self.state is not None:
-                took = f" in {now - self._resync[0]:.1f} s" if self._resync else ""
-                moved = f", {format_size(self._resync[1])} sent" if self._resync and self._resync[1] else ""
-                self._event(now, "info", f"in sync{moved}{took}")
-            elif state in ("degraded", "paused", "scheduled", "catching_up") and connected or state == "degraded":
-                self._event(now, "warning" if state == "degraded" else "info", state.replace("_", " "))
+            if state == "in_sync":
+                # An async mirror under writes goes lagging <-> in_sync all the time: that is no news.
+                if self._spell - {"lagging"}:
+                    took = f" in {now - self._out_since:.1f} s" if self._out_since is not None else ""
+                    moved = f", {format_size(sent - self._sent_base)} resent" if sent > self._sent_base else ""
+                    self._event(now, "info", f"in sync{moved}{took}")
+                self._sent_base, self._out_since, self._spell = sent, None, set()
+            else:
+                if self._out_since is None:
+                    self._out_since = now
+                self._spell.add(state)
+                if state == "degraded" or connected and state in ("paused", "scheduled", "catching_up"):
+                    self._event(now, "warning" if state == "degraded" else "info", state.replace("_", " "))
             self.state = state
         if state in ("syncing", "catching_up") and pending:
             if self._resync is None:

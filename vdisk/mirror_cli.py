@@ -150,8 +150,10 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 def describe(section: dict[str, Any]) -> str:
     """A configuration in words: 'async, rate 2.0 Mbit/s, schedule ..., buffer 10G'."""
     mode = section.get("mode", "sync")
+    alerts = "".join(f", {k} {section[k]:g}s" if isinstance(section[k], float) else f", {k} {section[k]}"
+                     for k in ("rpo", "stall") if section.get(k) is not None)
     if mode == "sync":
-        return f"sync, on link loss: {section.get('on_link_loss', 'degrade')}"
+        return f"sync, on link loss: {section.get('on_link_loss', 'degrade')}{alerts}"
     from .units import parse_rate
 
     parts = ["async", f"rate {format_rate(parse_rate(str(section['rate'])) if section.get('rate') else None)}"]
@@ -162,7 +164,7 @@ def describe(section: dict[str, Any]) -> str:
             parts.append(f"{label} {v:g}s" if isinstance(v, float) else f"{label} {v}")
     if section.get("paused"):
         parts.append("paused")
-    return ", ".join(parts)
+    return ", ".join(parts) + alerts
 
 
 def _set_live(args: argparse.Namespace, cmd: str, change: dict[str, Any], **req: Any) -> int:
@@ -259,17 +261,10 @@ def _wait_in_sync(control: str, args: argparse.Namespace) -> tuple[dict[str, Any
     bar = task = None
     st: dict[str, Any] = {}
     if sys.stdout.isatty() and not args.json:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TaskProgressColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 
         bar = Progress("[progress.description]{task.description}", BarColumn(), TaskProgressColumn(),
-                       DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn())
+                       DownloadColumn(binary_units=True), _rate_column(), TimeRemainingColumn())
         bar.start()
         task = bar.add_task(f"sync {args.name}", total=None)
     peak = 0
@@ -294,6 +289,19 @@ def _wait_in_sync(control: str, args: argparse.Namespace) -> tuple[dict[str, Any
         if bar is not None:
             bar.stop()
     return st, f"the mirror of {args.name} is not in sync after {args.wait_timeout:g}s (state {st.get('state')})"
+
+
+def _rate_column() -> Any:
+    """rich's TransferSpeedColumn counts in kB/MB: ours says MiB/s, as every other vdisk rate."""
+    from rich.progress import ProgressColumn, Task
+    from rich.text import Text
+
+    class BinaryRate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{format_size(speed)}/s", style="progress.data.speed")
+
+    return BinaryRate()
 
 
 def _progress(st: dict[str, Any], peak: int) -> tuple[int, int]:
