@@ -171,6 +171,8 @@ class AsyncReplicator(Marking):
         self._verify_first: str | None = None
         self._last_rx = 0.0
         self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
+        self._ping_sent: float | None = None  # when the unanswered keep-alive left
+        self.rtt: float | None = None  # seconds, of the last keep-alive
         self._cursor = 0
         self.state = "disconnected"
         self.last_error: str | None = None
@@ -463,6 +465,7 @@ class AsyncReplicator(Marking):
             self._link = link
             self.connects += 1
             self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
+            self._ping_sent = None  # one of the last link's would time this one
             self.last_error = None
             self.state = "lagging"
             log.info("mirror %s: connected to %s (replica %s, checkpoint %d)", self.ident.name, link.peer,
@@ -576,6 +579,9 @@ class AsyncReplicator(Marking):
             if scope.cancelled_caught:
                 raise PeerSilent(f"target {link.peer} went silent for {self.config.timeout:g}s")
             self._last_rx = time.monotonic()
+            if self._ping_sent is not None:  # a Ping goes out only after a silent second: this is its Ack
+                self.rtt = self._last_rx - self._ping_sent
+                self._ping_sent = None
             acked = -1
             for ev in events:
                 if type(ev) is Ack:
@@ -637,6 +643,7 @@ class AsyncReplicator(Marking):
             await trio.sleep(self.config.keepalive)
             if time.monotonic() - self._last_rx >= self.config.keepalive:
                 token += 1
+                self._ping_sent = time.monotonic()
                 await self._send(link, [encode_ping(token)])
 
     async def _send(self, link: Link, frames: list[Any]) -> None:
@@ -1007,4 +1014,5 @@ class AsyncReplicator(Marking):
             "initial_sync": {"done": p.initial_sync_done, "total_bytes": p.sync_total},
             "blocked": 0, "connects": self.connects, "al_hot": self.al.hot, "al_writes": self.al.writes,
             "replica": p.replica_id, "last_error": self.last_error, "save_error": self.dirty.save_error,
+            "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 2),
         }

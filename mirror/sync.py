@@ -109,6 +109,8 @@ class SyncReplicator(SyncStatus, Marking):
         self._next_req = 0
         self._last_rx = 0.0
         self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
+        self._ping_sent: float | None = None  # when the unanswered keep-alive left
+        self.rtt: float | None = None  # seconds, of the last keep-alive
         self.state = "disconnected"
         self.last_error: str | None = None
         self.connects = 0
@@ -314,6 +316,9 @@ class SyncReplicator(SyncStatus, Marking):
             if scope.cancelled_caught:
                 raise PeerSilent(f"target {link.peer} went silent for {self.config.timeout:g}s")
             self._last_rx = time.monotonic()
+            if self._ping_sent is not None:  # a Ping goes out only after a silent second: this is its Ack
+                self.rtt = self._last_rx - self._ping_sent
+                self._ping_sent = None
             acked = -1
             for ev in events:
                 if type(ev) is Ack:
@@ -359,6 +364,7 @@ class SyncReplicator(SyncStatus, Marking):
             await trio.sleep(self.config.keepalive)
             if time.monotonic() - self._last_rx >= self.config.keepalive:
                 token += 1
+                self._ping_sent = time.monotonic()
                 self._send_control([encode_ping(token)])
 
     # -- sessions --------------------------------------------------------------------------------
@@ -420,6 +426,7 @@ class SyncReplicator(SyncStatus, Marking):
                 self._link = link
             self.connects += 1
             self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
+            self._ping_sent = None  # one of the last link's would time this one
             self.last_error = None
             self.state = "syncing"
             log.info("mirror %s: connected to %s (replica %s)", self.ident.name, link.peer, welcome.replica_name)

@@ -142,8 +142,11 @@ def test_mirror_wait_on_an_unserved_volume_is_an_error(procs):
     assert res.returncode == 1 and "is not served" in res.stderr
 
 
-def test_both_daemons_answer_hello_with_the_protocol_version(procs):
+def test_both_daemons_answer_hello_with_the_protocol_version_and_the_link_is_timed(procs):
     tgt, _, srv, _ = async_mirrored(procs, "8M")
     for data, p, role in (("src", srv, "serve"), ("dst", tgt, "target")):
         reply = call(control_address(procs.tmp / data, p.pid), "hello")
         assert reply["version"] == VERSION and reply["role"] == role and "status" in reply["commands"]
+    # An idle link is timed by its keep-alives.
+    rtt = wait_for(lambda: procs.status("src", "vol")["link"]["rtt_ms"], 15, "a round trip measured")
+    assert 0 < rtt < 1000

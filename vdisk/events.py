@@ -201,6 +201,7 @@ class MirrorWatch:
             total = self._resync[1]
             resync = {"done_bytes": max(0, total - pending), "total_bytes": total, "rate": round(self.rate, 1),
                       "eta_seconds": round(pending / self.rate, 1) if self.rate > 0 else None}
-        return {**st, "link": {"connected": reason is None, "since": self.since, "rtt_ms": None, "reason": reason},
+        return {**st, "link": {"connected": reason is None, "since": self.since, "rtt_ms": st.get("rtt_ms") if reason is None else None,
+                         "reason": reason},
                 "rpo_seconds": rpo, "alerts": list(self.alerts.values()), "resync": resync,
                 "last_ack": self.last_ack, "last_progress": self.last_progress}
