@@ -183,7 +183,10 @@ class TargetServer:
         raise_fd_limit()  # every source link (and handshake) is a descriptor, as for `vdisk serve`
         try:
             self.recover_replicas()  # before anything (the NBD export, a source) reads a replica
-            listeners = await trio.open_tcp_listeners(port, host=host)
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=host)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
             addr = listeners[0].socket.getsockname()
             task_status.started(f"{addr[0]}:{addr[1]}")
             async with trio.open_nursery() as nursery:

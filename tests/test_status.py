@@ -150,3 +150,10 @@ def test_both_daemons_answer_hello_with_the_protocol_version_and_the_link_is_tim
     # An idle link is timed by its keep-alives.
     rtt = wait_for(lambda: procs.status("src", "vol")["link"]["rtt_ms"], 15, "a round trip measured")
     assert 0 < rtt < 1000
+
+
+def test_a_listen_error_names_the_address(procs):
+    vd(procs, "create", "vol", "--size", "1M")
+    res = vd(procs, "serve", "vol", "--nbd", f"unix:{procs.tmp}/missing/x.sock", check=False)
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"vdisk: error: cannot listen on unix:{procs.tmp}/missing/x.sock: No such file or directory"
