@@ -282,8 +282,8 @@ class TargetServer:
             with trio.move_on_after(self.config.handshake_timeout) as scope:
                 events = await link.receive()
             if scope.cancelled_caught:
-                raise PeerSilent(f"source {link.peer} did not complete the handshake in "
-                                 f"{self.config.handshake_timeout:g}s")
+                # Logged as "source ADDR: ...": the address is not repeated in the message.
+                raise PeerSilent(f"did not complete the handshake in {self.config.handshake_timeout:g}s")
             if counted is not None and counted[0]:
                 counted[0] = False
                 self.handshaking -= 1
@@ -486,7 +486,7 @@ class TargetServer:
             with trio.move_on_after(self.config.timeout) as scope:
                 events = await link.receive()
             if scope.cancelled_caught:
-                raise PeerSilent(f"source {link.peer} went silent for {self.config.timeout:g}s")
+                raise PeerSilent(f"went silent for {self.config.timeout:g}s")
             batch: Batch = []
             reply = False
             for ev in events:
