@@ -107,55 +107,67 @@ class MirrorWatch:
         state = str(st.get("state"))
         pending = pending_bytes(st)
         reason = link_reason(state, st.get("last_error"))
-        connected = reason is None
-        if connected != self.connected or (not connected and reason != self.reason):
-            if connected:
-                self._event(now, "info", f"connected to {st.get('target')}", logged=False)
-            elif state == "split_brain":
-                self._event(now, "error", f"split brain: {st.get('last_error')}", logged=False)
-            elif self.connected is not None or reason not in (None, "connecting"):
-                self._event(now, "warning", f"disconnected from {st.get('target')}: {reason}")
-            if connected != self.connected:
-                self.since = now
-            self.connected, self.reason = connected, reason
-        sent = int(st.get("resync_bytes_sent", st.get("chunk_bytes_sent", 0)) or 0)
-        if sent < self._sent_base:  # a new replicator (mode switch): its counters start at 0
-            self._sent_base = 0
-        if state != self.state:
-            if state == "in_sync":
-                # An async mirror under writes goes lagging <-> in_sync all the time: that is no news.
-                if self._spell - {"lagging"}:
-                    took = f" in {now - self._out_since:.1f} s" if self._out_since is not None else ""
-                    moved = f", {format_size(sent - self._sent_base)} resent" if sent > self._sent_base else ""
-                    self._event(now, "info", f"in sync{moved}{took}")
-                self._sent_base, self._out_since, self._spell = sent, None, set()
-            else:
-                if self._out_since is None:
-                    self._out_since = now
-                self._spell.add(state)
-                if state == "degraded" or connected and state in ("paused", "scheduled", "catching_up"):
-                    self._event(now, "warning" if state == "degraded" else "info", state.replace("_", " "))
-            self.state = state
-        if state in ("syncing", "catching_up") and pending:
-            if self._resync is None:
-                self._resync = (now, pending)
-            elif pending > self._resync[1]:
-                self._resync = (self._resync[0], pending)
-        elif state == "in_sync" or not connected:
-            self._resync = None if state == "in_sync" else self._resync
-        if self._rate is not None and now > self._rate[0]:
-            drained = max(0, self._rate[1] - pending)
-            self.rate = 0.8 * self.rate + 0.2 * drained / (now - self._rate[0]) if self.rate else drained / (now - self._rate[0])
-        self._rate = (now, pending)
+        self._link(st, now, state, reason)
+        self._state(st, now, state, reason is None)
+        self._progress(st, now, state, pending, reason is None)
         overflows = int(st.get("overflows") or 0)
-        if overflows > self._overflows:
-            self._event(now, "warning", "the source buffer is full: new writes are tracked in the dirty map")
+        if overflows > self._overflows:  # the replicator logged it
+            self._event(now, "warning", "the source buffer is full: new writes are tracked in the dirty map",
+                        logged=False)
         self._overflows = overflows
         window = (st.get("schedule") or {}).get("window")
         if window != self._window:
             self._event(now, "info", f"schedule window {window} opened" if window else
                         f"schedule window {self._window} closed")
             self._window = window
+        self._evaluate(st, now, rpo, stall, pending, reason is None, reason)
+
+    def _link(self, st: dict[str, Any], now: float, state: str, reason: str | None) -> None:
+        connected = reason is None
+        if connected == self.connected and (connected or reason == self.reason):
+            return
+        if connected:  # the replicator logged these two
+            self._event(now, "info", f"connected to {st.get('target')}", logged=False)
+        elif state == "split_brain":
+            self._event(now, "error", f"split brain: {st.get('last_error')}", logged=False)
+        elif self.connected is not None or reason != "connecting":  # not a first "connecting" at start
+            self._event(now, "warning", f"disconnected from {st.get('target')}: {reason}")
+        if connected != self.connected:
+            self.since = now
+        self.connected, self.reason = connected, reason
+
+    def _state(self, st: dict[str, Any], now: float, state: str, connected: bool) -> None:
+        sent = int(st.get("resync_bytes_sent", st.get("chunk_bytes_sent", 0)) or 0)
+        if sent < self._sent_base:  # a new replicator (mode switch): its counters start at 0
+            self._sent_base = 0
+        if state == self.state:
+            return
+        if state == "in_sync":
+            # An async mirror under writes goes lagging <-> in_sync all the time: that is no news.
+            if self._spell - {"lagging"}:
+                took = f" in {now - self._out_since:.1f} s" if self._out_since is not None else ""
+                moved = f", {format_size(sent - self._sent_base)} resent" if sent > self._sent_base else ""
+                self._event(now, "info", f"in sync{moved}{took}")
+            self._sent_base, self._out_since, self._spell = sent, None, set()
+        else:
+            if self._out_since is None:
+                self._out_since = now
+            self._spell.add(state)
+            if state == "degraded" or connected and state in ("paused", "scheduled", "catching_up"):
+                self._event(now, "warning" if state == "degraded" else "info", state.replace("_", " "))
+        self.state = state
+
+    def _progress(self, st: dict[str, Any], now: float, state: str, pending: int, connected: bool) -> None:
+        """Resync extent and drain rate, the last progress and the last full acknowledgement."""
+        if state in ("syncing", "catching_up") and pending:
+            if self._resync is None or pending > self._resync[1]:
+                self._resync = (now if self._resync is None else self._resync[0], pending)
+        elif state == "in_sync":
+            self._resync = None
+        if self._rate is not None and now > self._rate[0]:
+            drained = max(0, self._rate[1] - pending) / (now - self._rate[0])
+            self.rate = 0.8 * self.rate + 0.2 * drained if self.rate else drained
+        self._rate = (now, pending)
         key = _progress_key(st)
         if not pending or key != self._key or self.last_progress is None:
             self.last_progress = now
@@ -165,7 +177,6 @@ class MirrorWatch:
         cp_time = (st.get("last_checkpoint") or {}).get("time")
         if cp_time:
             self.last_ack = max(self.last_ack or 0.0, float(cp_time))
-        self._evaluate(st, now, rpo, stall, pending, connected, reason)
 
     def _evaluate(self, st: dict[str, Any], now: float, rpo: float | None, stall: float, pending: int,
                   connected: bool, reason: str | None) -> None:
