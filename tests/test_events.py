@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from vdisk.events import EventRing, MirrorWatch, link_reason
-from vdisk.status import CRITICAL, OK, WARNING, check, line
+from vdisk.status import CRITICAL, OK, UNKNOWN, WARNING, check, line
 
 log = logging.getLogger("test.events")
 
@@ -93,6 +93,11 @@ def test_check_verdicts():
     assert check(snapshot(stalled), 100, 120) == (WARNING, "vol no progress for 200 s with 1 B pending")
     down = {**ok, "state": "disconnected", "link": {"connected": False, "reason": "not served"}}
     assert check(snapshot(down), None, 120) == (CRITICAL, "vol disconnected (not served)")
+    mute = {**down, "last_error": "not served (the daemon does not answer: timed out)"}
+    assert check(snapshot(mute), None, 120) == (UNKNOWN, "vol: not served (the daemon does not answer: timed out)")
+    both = snapshot(mute)
+    both["volumes"].append({"name": "b", "size": 1, "served": True, "mirror": lag})
+    assert check(both, None, 120)[0] == CRITICAL  # critical outranks unknown
 
 
 def test_lines_in_one_style():

@@ -19,6 +19,8 @@ from .units import format_rate, format_size
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 CHECK_WORDS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+SEVERITY = {OK: 0, WARNING: 1, UNKNOWN: 2, CRITICAL: 3}  # the verdict is the worst; critical wins
+NO_ANSWER = "not served (the daemon does not answer"
 
 
 def _offline(store: VolumeStore, name: str, why: str) -> dict[str, Any] | None:
@@ -63,7 +65,7 @@ def snapshot(store: VolumeStore, names: list[str] | None = None) -> dict[str, An
         if live is not None:
             rec.update(served=True, read_only=live.get("read_only"), io=live.get("io"), mirror=live.get("mirror"))
         else:
-            why = "not served" if not addr else f"not served (the daemon does not answer: {reply})"
+            why = "not served" if not addr else f"{NO_ANSWER}: {reply})"
             rec["mirror"] = _offline(store, name, why)
         volumes.append(rec)
     events = [e for e in events if e.get("volume") in set(names)]
@@ -145,7 +147,8 @@ def render(snap: dict[str, Any]) -> str:
 def check(snap: dict[str, Any], rpo: float | None, stall: float) -> tuple[int, str]:
     """The monitoring-plugin verdict: the worst volume's code and a one-line reason. CRITICAL for a
     split brain, a disconnected mirror or lag past the RPO; WARNING for no progress while data is
-    pending for ``stall`` seconds. ``rpo`` None: each mirror's own ``--rpo`` (if any)."""
+    pending for ``stall`` seconds; UNKNOWN when the daemon holding a volume does not answer. ``rpo``
+    None: each mirror's own ``--rpo`` (if any)."""
     now = snap["time"]
     problems: list[tuple[int, str]] = []
     mirrored = 0
@@ -158,7 +161,9 @@ def check(snap: dict[str, Any], rpo: float | None, stall: float) -> tuple[int, s
         link = m.get("link") or {}
         limit = rpo if rpo is not None else m.get("rpo_seconds")
         lag = m.get("lag_seconds")
-        if state == "split_brain":
+        if str(m.get("last_error")).startswith(NO_ANSWER):
+            problems.append((UNKNOWN, f"{name}: {m['last_error']}"))
+        elif state == "split_brain":
             problems.append((CRITICAL, f"{name} split brain"))
         elif not link.get("connected", state not in ("disconnected", "degraded")):
             problems.append((CRITICAL, f"{name} disconnected ({link.get('reason') or state})"))
@@ -172,5 +177,5 @@ def check(snap: dict[str, Any], rpo: float | None, stall: float) -> tuple[int, s
             problems.append((WARNING, stalled))
     if not problems:
         return OK, f"{mirrored} mirror{'s' if mirrored != 1 else ''} ok"
-    code = max(c for c, _ in problems)
-    return code, "; ".join(t for c, t in sorted(problems, key=lambda p: -p[0]))
+    problems.sort(key=lambda p: -SEVERITY[p[0]])
+    return problems[0][0], "; ".join(t for _, t in problems)
