@@ -463,7 +463,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("names", nargs="*", metavar="NAME")
     sp.add_argument("--check", action="store_true",
                     help="monitoring plugin: exit 0 OK, 1 WARNING (stalled), 2 CRITICAL (disconnected, split "
-                         "brain, lag past the RPO), 3 UNKNOWN, with a one-line reason")
+                         "brain, lag past the RPO), 3 UNKNOWN (a daemon does not answer), with a one-line reason")
     sp.add_argument("--rpo", type=duration_arg,
                     help="with --check: lag allowed (default: each mirror's own --rpo, else none)")
     sp.add_argument("--stall", type=duration_arg, default=120.0,
