@@ -104,8 +104,11 @@ def test_check_exit_codes_ok_lag_past_rpo_stalled_and_disconnected(procs):
 
 
 def test_rpo_alert_is_raised_and_cleared(procs):
-    _, _, _, sock = async_mirrored(procs, "16M", "--rpo", "1s")
-    procs.wait_state("src", "vol", "in_sync")
+    _, _, _, sock = async_mirrored(procs, "16M")
+    before = procs.wait_state("src", "vol", "in_sync")
+    assert "rpo 1s" in vd(procs, "mirror", "vol", "--rpo", "1s").stdout  # live, without a reconnect
+    after = procs.status("src", "vol")
+    assert after["rpo_seconds"] == 1 and after["connects"] == before["connects"] == 1
     vd(procs, "pause", "vol")
     write_random(sock, 1 * MiB, seed=4)
     m = wait_for(lambda: (st := procs.status("src", "vol")) and any(a["kind"] == "rpo" for a in st["alerts"]) and st,
