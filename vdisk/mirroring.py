@@ -1,24 +1,11 @@
 """The mirrors of the volumes a daemon serves: started from the persisted ``mirror`` section of a
 volume's metadata, changed live through the control socket, reported in ``status``.
 
-Control API (JSON lines, see vdisk/control.py):
-
-    {"cmd": "mirror", "name": N, "set": {"to": "HOST:PORT", "mode": "sync"|"async", "on_link_loss": "degrade",
-                                         "psk_file": PATH|null, "block_timeout": S, "timeout": S,
-                                         async only: "rate": "2Mbit"|"unlimited", "schedule": SPEC,
-                                         "ship_at": "02:00", "buffer_size": "10G",
-                                         "checkpoint_interval": "5s", "paused": bool},
-                                         "rpo": "60s"|null, "stall": "120s"|null}}
-        start (or reconfigure) the mirror of N and persist the configuration -> {"mirror": STATUS}.
-        Keys not given keep their stored value; a change of only async settings (rate, schedule,
-        ship_at, buffer_size, checkpoint_interval, paused) applies live, without a new connection;
-        a change of mode hands the volume to a new replicator with no gap (see MirrorManager.start).
-    {"cmd": "throttle", "name": N, "rate": R}        set the async throttle live -> {"mirror": STATUS}
-    {"cmd": "pause"|"resume", "name": N}             stop / restart shipping (writes are still journaled)
-    {"cmd": "mirror", "name": N, "stop": true}       stop it and forget the pairing -> {}
-    {"cmd": "verify", "name": N, "repair": bool}     Merkle compare with the replica -> {"verify": REPORT}
-    {"cmd": "status", "name": N}                     each volume's record has "mirror": STATUS or null
-    (docs/CONTROL_API.md has every field; "rpo" and "stall" only set alert thresholds: no reconnect)
+Control commands registered here: ``mirror`` (set / stop), ``throttle``, ``pause``, ``resume``,
+``verify``; every request and reply field is in docs/CONTROL_API.md. A change of only async settings
+(rate, schedule, ship_at, buffer_size, checkpoint_interval, paused) applies live, without a new
+connection; of only ``rpo``/``stall`` (alert thresholds), without touching the replicator; a change
+of mode hands the volume to a new replicator with no gap (see MirrorManager.start).
 
 Files next to the volume: NAME.mirror-dirty (dirty map), NAME.mirror-al (activity log),
 NAME.mirror-journal/ (async: the source buffer, mirror/journal.py).
