@@ -64,6 +64,8 @@ def test_status_without_names_shows_every_volume_and_the_targets_replicas(procs)
     assert r["source"]["addr"].startswith("127.0.0.1:") and r["last_checkpoint"]["id"] > 0
     assert any(e["volume"] == "vol" and e["message"].startswith("source 127.0.0.1:") and "connected (async)"
                in e["message"] for e in d["events"])
+    one = snap(procs, "dst", "vol")  # a replica by name: the target's record of it
+    assert one["volumes"] == [] and one["replicas"][0]["name"] == "vol" and one["connected"] is True
     plain = procs.run("--data-dir", str(procs.tmp / "dst"), "status").stdout
     assert "vol  replica of 'vol' from 127.0.0.1:" in plain and "connected since" in plain
     # ... and from the metadata once it is gone.

@@ -371,7 +371,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     snap = snapshot(store, args.names)
     obj: dict[str, Any] = snap
     if len(args.names) == 1:  # `status NAME --json`: the volume's keys at the top too (mirror, served)
-        obj = {**snap["volumes"][0], **snap}
+        obj = {**(snap["volumes"] or snap["replicas"])[0], **snap}
     emit(args, obj, render(snap))
     return 0
 

@@ -44,13 +44,16 @@ def _offline(store: VolumeStore, name: str, why: str) -> dict[str, Any] | None:
 
 
 def snapshot(store: VolumeStore, names: list[str] | None = None) -> dict[str, Any]:
-    """Every named volume (default: all of the data directory) and, without names, every replica."""
-    everything = not names
-    names = names or [n for n in store.names() if replica_section(store.meta(n)) is None]
+    """Every named volume (default: all of the data directory); a replica (on a target's data
+    directory) is reported as one, by the target if it runs."""
+    requested = names or store.names()
+    # store.meta: VolumeError for an unknown name (one line, exit 1)
+    rep_names = [n for n in requested if replica_section(store.meta(n)) is not None]
+    names = [n for n in requested if n not in rep_names]
     replies: dict[str, dict[str, Any] | str] = {}  # control address -> its status reply, or why not
     volumes, events = [], []
     for name in names:
-        meta = store.meta(name)  # VolumeError for an unknown name: one line, exit 1
+        meta = store.meta(name)
         holder = store.holder(name)
         addr = holder.get("control") if holder else None
         rec: dict[str, Any] = {"name": name, "uuid": meta.uuid, "size": meta.size, "served": False, "mirror": None}
@@ -70,9 +73,10 @@ def snapshot(store: VolumeStore, names: list[str] | None = None) -> dict[str, An
         volumes.append(rec)
     events = [e for e in events if e.get("volume") in set(names)]
     replicas: list[dict[str, Any]] = []
-    if everything:
+    if rep_names:
         replicas, target_events = target_replicas(store)
-        events += target_events
+        replicas = [r for r in replicas if r["name"] in rep_names]
+        events += [e for e in target_events if e.get("volume") in rep_names]
     return {"version": VERSION, "time": time.time(), "data_dir": str(store.root), "volumes": volumes,
             "replicas": replicas, "events": sorted(events, key=lambda e: e["time"])}
 
