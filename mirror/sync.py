@@ -387,9 +387,10 @@ class SyncReplicator(SyncStatus, Marking):
                         if getattr(e, "code", None) == SPLIT_BRAIN:
                             await self._split_brain(str(e).removeprefix("peer: "))
                         # Once, then every few minutes with a count (a target down for hours is one line
-                        # per RETRY_LOG_EVERY, not one per backoff); the first failure after a success logs.
+                        # per RETRY_LOG_EVERY, not one per backoff); a new error, or the first failure
+                        # after a success, is logged at once.
                         self._retry_log(logging.WARNING, "mirror %s -> %s:%s: %s", self.ident.name,
-                                        self.config.host, self.config.port, e)
+                                        self.config.host, self.config.port, e, key=str(e))
                     except Exception as e:  # a bug here must not stop the volume being served
                         # The session's writes are in the dirty map (_link_down); reconnect and resync.
                         self.last_error = f"internal error: {e!r}"

@@ -136,3 +136,17 @@ def test_in_sync_after_an_outage_says_what_was_resent_and_how_long_it_took():
     assert [e["message"] for e in ring.list()] == [
         "connected to h:1", "in sync", "disconnected from h:1: connecting (link lost)", "degraded",
         "connected to h:1", "in sync, 1.0 MiB resent in 3.5 s"]
+
+
+def test_a_retry_log_repeats_every_few_minutes_but_a_new_error_at_once(caplog):
+    from blockdev.nbd.limits import RateLimited
+
+    now = [0.0]
+    say = RateLimited(log, 300.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.events"):
+        for t, err in ((0, "refused"), (1, "refused"), (2, "refused"), (3, "wrong key"), (4, "wrong key"),
+                       (303, "wrong key")):
+            now[0] = t
+            say(logging.WARNING, "retry: %s", err, key=err)
+    assert [r.getMessage() for r in caplog.records] == [
+        "retry: refused", "retry: wrong key", "retry: wrong key (1 more since the last message)"]

@@ -4,6 +4,7 @@ the control API's version, and a `mirror --wait` that gives up at once on a wron
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -162,3 +163,18 @@ def test_a_listen_error_names_the_address(procs):
     res = vd(procs, "serve", "vol", "--nbd", f"unix:{procs.tmp}/missing/x.sock", check=False)
     assert res.returncode == 1
     assert res.stderr.strip() == f"vdisk: error: cannot listen on unix:{procs.tmp}/missing/x.sock: No such file or directory"
+
+
+def test_a_failing_reconnect_is_logged_once_with_a_timestamp(procs):
+    vd(procs, "create", "vol", "--size", "8M")
+    procs.serve("src", "vol")
+    vd(procs, "mirror", "vol", "--to", "127.0.0.1:9")  # nothing listens there: refused, retried with backoff
+    m = wait_for(lambda: (st := procs.status("src", "vol")) and st.get("connects") == 0 and st["last_error"] and st,
+                 10, "a failed connect")
+    assert m["link"]["reason"].startswith("connecting (") and m["link"]["connected"] is False
+    time.sleep(3)  # several retries
+    lines = [ln for ln in (procs.tmp / "serve.log").read_text().splitlines() if "cannot connect to 127.0.0.1:9" in ln]
+    assert len(lines) == 1, lines
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} vdisk serve: WARNING mirror vol -> ", lines[0]), lines
+    code, text = check(procs)
+    assert code == 2 and text.startswith("VDISK CRITICAL - vol disconnected (connecting ("), text

@@ -131,7 +131,8 @@ class MirrorWatch:
         elif state == "split_brain":
             self._event(now, "error", f"split brain: {st.get('last_error')}", logged=False)
         elif self.connected is not None or reason != "connecting":  # not a first "connecting" at start
-            self._event(now, "warning", f"disconnected from {st.get('target')}: {reason}")
+            # Not logged: the replicator logs each new link error itself (once, then every few minutes).
+            self._event(now, "warning", f"disconnected from {st.get('target')}: {reason}", logged=False)
         if connected != self.connected:
             self.since = now
         self.connected, self.reason = connected, reason
