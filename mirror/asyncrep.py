@@ -46,6 +46,7 @@ import trio
 import trio.lowlevel
 
 from blockdev.backend import Backend, WriteResult
+from blockdev.nbd.limits import RateLimited
 
 from .base import Marking, MirrorState, ping_period
 from .journal import CHECKPOINT, WRITE, ZERO, Journal, JournalClosed
@@ -61,6 +62,7 @@ from .wire.events import PROTOCOL_VERSION, Ack, Bye, HashQuery, HashReply, Hello
 from .wire.link import Link, connect
 
 log = logging.getLogger("vdisk.mirror")
+RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log line
 RECORD_OVERHEAD = 64  # journal header bytes counted against the buffer (an estimate for the check)
 READ_BYTES = 4 << 20  # journal bytes read per shipper step
 F_WRITE, F_ZERO, F_CP, F_CHUNK = 0, 1, 2, 3
@@ -168,6 +170,9 @@ class AsyncReplicator(Marking):
         self._next_req = 0
         self._verify_first: str | None = None
         self._last_rx = 0.0
+        self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
+        self._ping_sent: float | None = None  # when the unanswered keep-alive left
+        self.rtt: float | None = None  # seconds, of the last keep-alive
         self._cursor = 0
         self.state = "disconnected"
         self.last_error: str | None = None
@@ -400,7 +405,11 @@ class AsyncReplicator(Marking):
                         self.last_error = str(e)
                         if getattr(e, "code", None) == SPLIT_BRAIN:
                             await self._split_brain(str(e).removeprefix("peer: "))
-                        log.warning("mirror %s -> %s:%s: %s", self.ident.name, self.config.host, self.config.port, e)
+                        # Once, then every few minutes with a count (a target down for hours is one line
+                        # per RETRY_LOG_EVERY, not one per backoff); a new error, or the first failure
+                        # after a success, is logged at once.
+                        self._retry_log(logging.WARNING, "mirror %s -> %s:%s: %s", self.ident.name,
+                                        self.config.host, self.config.port, e, key=str(e))
                     except Exception as e:  # a bug here must not stop the volume being served
                         self.last_error = f"internal error: {e!r}"
                         log.exception("mirror %s: internal error", self.ident.name)
@@ -456,6 +465,8 @@ class AsyncReplicator(Marking):
             self._last_rx = time.monotonic()
             self._link = link
             self.connects += 1
+            self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
+            self._ping_sent = None  # one of the last link's would time this one
             self.last_error = None
             self.state = "lagging"
             log.info("mirror %s: connected to %s (replica %s, checkpoint %d)", self.ident.name, link.peer,
@@ -569,6 +580,9 @@ class AsyncReplicator(Marking):
             if scope.cancelled_caught:
                 raise PeerSilent(f"target {link.peer} went silent for {self.config.timeout:g}s")
             self._last_rx = time.monotonic()
+            if self._ping_sent is not None:  # a Ping goes out only after a silent second: this is its Ack
+                self.rtt = self._last_rx - self._ping_sent
+                self._ping_sent = None
             acked = -1
             for ev in events:
                 if type(ev) is Ack:
@@ -631,6 +645,7 @@ class AsyncReplicator(Marking):
             await trio.sleep(period)
             if time.monotonic() - self._last_rx >= quiet:
                 token += 1
+                self._ping_sent = time.monotonic()
                 await self._send(link, [encode_ping(token)])
 
     async def _send(self, link: Link, frames: list[Any]) -> None:
@@ -1001,4 +1016,5 @@ class AsyncReplicator(Marking):
             "initial_sync": {"done": p.initial_sync_done, "total_bytes": p.sync_total},
             "blocked": 0, "connects": self.connects, "al_hot": self.al.hot, "al_writes": self.al.writes,
             "replica": p.replica_id, "last_error": self.last_error, "save_error": self.dirty.save_error,
+            "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 2),
         }

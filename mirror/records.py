@@ -54,6 +54,7 @@ class MirrorStats:
     replica: str | None
     last_error: str | None
     save_error: str | None = None  # why the dirty map could not be saved (it is kept in memory)
+    rtt_ms: float | None = None  # the last keep-alive's round trip (None before the first)
 
 
 @dataclass

@@ -18,6 +18,7 @@ class SyncStatus:
     state: str
     _held: Any
     _pending: Any
+    rtt: float | None
 
     async def wait_in_sync(self, timeout: float) -> bool:
         """True once the state is in_sync (as reported), False after ``timeout`` seconds."""
@@ -47,4 +48,5 @@ class SyncStatus:
                           "percent": 100.0 if p.initial_sync_done or not total else
                           round(100.0 * max(0, total - remaining) / total, 1)},
             blocked=len(self._held), connects=self.connects, al_hot=self.al.hot, al_writes=self.al.writes,
-            replica=p.replica_id, last_error=self.last_error, save_error=self.dirty.save_error)
+            replica=p.replica_id, last_error=self.last_error, save_error=self.dirty.save_error,
+            rtt_ms=None if self.rtt is None else round(self.rtt * 1000, 2))

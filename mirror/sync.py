@@ -26,6 +26,7 @@ import trio.lowlevel
 
 from blockdev.backend import Backend, Completion, WriteResult, wait
 from blockdev.errors import BlockError
+from blockdev.nbd.limits import RateLimited
 
 from .base import Marking, MirrorState, ping_period
 from .dirty import ActivityLog, DirtyMap
@@ -50,6 +51,7 @@ from .wire.events import PROTOCOL_VERSION, Ack, Bye, HashQuery, HashReply, Hello
 from .wire.link import Link, Outbox, connect
 
 log = logging.getLogger("vdisk.mirror")
+RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log line
 HOST, RESYNC, FLUSH = 0, 1, 2
 EAGER_SEND = 1 << 20  # queued bytes after which the trio thread sends without waiting for its batch
 
@@ -106,6 +108,9 @@ class SyncReplicator(SyncStatus, Marking):
         self._verify_first: str | None = None  # replica id to pair with once a Merkle compare is done
         self._next_req = 0
         self._last_rx = 0.0
+        self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
+        self._ping_sent: float | None = None  # when the unanswered keep-alive left
+        self.rtt: float | None = None  # seconds, of the last keep-alive
         self.state = "disconnected"
         self.last_error: str | None = None
         self.connects = 0
@@ -312,6 +317,9 @@ class SyncReplicator(SyncStatus, Marking):
             if scope.cancelled_caught:
                 raise PeerSilent(f"target {link.peer} went silent for {self.config.timeout:g}s")
             self._last_rx = time.monotonic()
+            if self._ping_sent is not None:  # a Ping goes out only after a silent second: this is its Ack
+                self.rtt = self._last_rx - self._ping_sent
+                self._ping_sent = None
             acked = -1
             for ev in events:
                 if type(ev) is Ack:
@@ -359,6 +367,7 @@ class SyncReplicator(SyncStatus, Marking):
             await trio.sleep(period)
             if time.monotonic() - self._last_rx >= quiet:
                 token += 1
+                self._ping_sent = time.monotonic()
                 self._send_control([encode_ping(token)])
 
     # -- sessions --------------------------------------------------------------------------------
@@ -380,8 +389,11 @@ class SyncReplicator(SyncStatus, Marking):
                         self.last_error = str(e)
                         if getattr(e, "code", None) == SPLIT_BRAIN:
                             await self._split_brain(str(e).removeprefix("peer: "))
-                        log.warning("mirror %s -> %s:%s: %s", self.ident.name, self.config.host,
-                                    self.config.port, e)
+                        # Once, then every few minutes with a count (a target down for hours is one line
+                        # per RETRY_LOG_EVERY, not one per backoff); a new error, or the first failure
+                        # after a success, is logged at once.
+                        self._retry_log(logging.WARNING, "mirror %s -> %s:%s: %s", self.ident.name,
+                                        self.config.host, self.config.port, e, key=str(e))
                     except Exception as e:  # a bug here must not stop the volume being served
                         # The session's writes are in the dirty map (_link_down); reconnect and resync.
                         self.last_error = f"internal error: {e!r}"
@@ -417,6 +429,8 @@ class SyncReplicator(SyncStatus, Marking):
                 self._seq = self._acked = 0
                 self._link = link
             self.connects += 1
+            self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
+            self._ping_sent = None  # one of the last link's would time this one
             self.last_error = None
             self.state = "syncing"
             log.info("mirror %s: connected to %s (replica %s)", self.ident.name, link.peer, welcome.replica_name)
@@ -561,8 +575,7 @@ class SyncReplicator(SyncStatus, Marking):
             await self._ack_event.wait()
 
     def _reach_in_sync(self) -> None:
-        if self.state != "in_sync":
-            log.info("mirror %s: in sync", self.ident.name)
+        # Logged once by the daemon's watch (vdisk/events.py), with the bytes resent and the time taken.
         self.state = "in_sync"
         if not self.pairing.initial_sync_done:
             self.pairing = Pairing(self.pairing.replica_id, True, self.pairing.sync_total)

@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,18 @@ log = logging.getLogger("vdisk.target")
 RECV_BUFFER = 16 << 20  # after the handshake
 HANDSHAKE_BUFFER = 4 << 10  # before it: grows only as far as one pre-auth frame (PRE_AUTH_PAYLOAD)
 LOCK_FILE = ".vdisk-target.lock"
+
+
+def replica_names(store: VolumeStore) -> list[str]:
+    """The volumes of ``store`` that are replicas (their metadata has a ``replica`` section)."""
+    out = []
+    for n in store.names():
+        try:
+            if "replica" in store.meta(n).extra:
+                out.append(n)
+        except VolumeError:
+            continue
+    return out
 
 
 class Refused(Exception):
@@ -130,6 +143,8 @@ class TargetServer:
     def __init__(self, store: VolumeStore, config: TargetConfig = TargetConfig()) -> None:
         self.store, self.config = store, config
         self.active: dict[str, str] = {}  # replica name -> source peer
+        # replica name -> {"since": unix time the link came up (or went down), "mode": sync|async|None}
+        self.links: dict[str, dict[str, object]] = {}
         self.applied_bytes = 0
         self.handshaking = 0  # connections not yet authenticated
         self._ro: dict[str, FileImage] = {}
@@ -152,7 +167,10 @@ class TargetServer:
         raise_fd_limit()  # every source link (and handshake) is a descriptor, as for `vdisk serve`
         try:
             self.recover_replicas()  # before anything (the NBD export, a source) reads a replica
-            listeners = await trio.open_tcp_listeners(port, host=host)
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=host)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
             addr = listeners[0].socket.getsockname()
             task_status.started(f"{addr[0]}:{addr[1]}")
             async with trio.open_nursery() as nursery:
@@ -248,8 +266,8 @@ class TargetServer:
             with trio.move_on_after(self.config.handshake_timeout) as scope:
                 events = await link.receive()
             if scope.cancelled_caught:
-                raise PeerSilent(f"source {link.peer} did not complete the handshake in "
-                                 f"{self.config.handshake_timeout:g}s")
+                # Logged as "source ADDR: ...": the address is not repeated in the message.
+                raise PeerSilent(f"did not complete the handshake in {self.config.handshake_timeout:g}s")
             if counted is not None and counted[0]:
                 counted[0] = False
                 self.handshaking -= 1
@@ -301,6 +319,7 @@ class TargetServer:
             link.conn.reader.reserve(RECV_BUFFER)
             await link.send_control()
             self.active[name] = link.peer
+            self.links[name] = {"since": time.time(), "mode": hello.mode}
             log.info("source %s mirrors %r (%s) into replica %s (%s)", link.peer, hello.name, hello.volume_uuid,
                      name, hello.mode if hello.mode == "sync" else f"async, at checkpoint {cp[0]}")
             with session[0]:
@@ -320,6 +339,8 @@ class TargetServer:
         finally:
             if name is not None and self.active.get(name) == link.peer:
                 del self.active[name]
+                self.links[name] = {"since": time.time(), "mode": None}
+                log.info("replica %s: source %s disconnected", name, link.peer)
             if image is not None:
                 with trio.CancelScope(shield=True):  # before the lock goes: nobody else can write yet
                     if undo is not None:
@@ -451,7 +472,7 @@ class TargetServer:
             with trio.move_on_after(self.config.timeout) as scope:
                 events = await link.receive()
             if scope.cancelled_caught:
-                raise PeerSilent(f"source {link.peer} went silent for {self.config.timeout:g}s")
+                raise PeerSilent(f"went silent for {self.config.timeout:g}s")
             batch: Batch = []
             reply = False
             for ev in events:
@@ -529,14 +550,7 @@ class TargetServer:
         return ReadOnlyLayer(CommittedView(img, self.undo_for(name)))
 
     def replica_names(self) -> list[str]:
-        out = []
-        for n in self.store.names():
-            try:
-                if "replica" in self.store.meta(n).extra:
-                    out.append(n)
-            except VolumeError:
-                continue
-        return out
+        return replica_names(self.store)
 
     def close(self) -> None:
         for img in self._ro.values():

@@ -231,6 +231,6 @@ def test_index_runs_across_chunks_and_overlapping_frames(tmp_path):
     assert ix.free_runs(edge - 4, edge + 3) == [(edge - 4, edge - 3), (edge + 2, edge + 3)]
     assert ix.where(edge) == 4096 + 2 * BLOCK and ix.where(edge + 2) is None
     assert ix.touched(edge + 1, edge + 9) and not ix.touched(edge + 2, edge + 9)
-    img, undo = make(tmp_path)
+    _img, undo = make(tmp_path)
     undo.begin((1, 1))
     assert undo.uncovered([(0, 3 * BLOCK), (BLOCK, 4 * BLOCK)]) == [(0, 4)]

@@ -56,6 +56,11 @@ class DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown})".strip()
 
 
+# Daemon log lines: local time with its UTC offset (the two ends of a mirror may be in different zones).
+LOG_FORMAT = "%(asctime)s vdisk {}: %(levelname)s %(message)s"
+LOG_DATES = "%Y-%m-%dT%H:%M:%S%z"
+
+
 def size_arg(text: str) -> int:
     """argparse type for every size flag (vdisk.units.parse_size: exact, human units)."""
     try:
@@ -238,7 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          fuse=Path(args.fuse) if args.fuse else None, read_only=args.read_only,
                          max_connections=args.max_connections, metrics=args.metrics)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="vdisk serve: %(message)s")
+                        format=LOG_FORMAT.format("serve"), datefmt=LOG_DATES)
 
     # Worker threads finishing big writes need the GIL back to report; the default 5 ms switch
     # interval lets a busy event loop keep them waiting. 0.5 ms: 1 MiB seq write 0.87x -> 0.95x of

@@ -3,8 +3,11 @@
 Abstract sockets vanish with their process (nothing stale after kill -9) and have no path-length
 limit; the server accepts only peers of its own uid (SO_PEERCRED).
 
-Request:  {"cmd": "status", ...args}        Reply: {"ok": true, ...} or {"ok": false, "error": "..."}
-Commands are registered by name (``ControlServer.register``); see docs/ARCHITECTURE.md for the list.
+Request:  {"cmd": "status", ...args}
+Reply:    {"ok": true, "version": 1, ...} or {"ok": false, "version": 1, "error": "..."}
+Commands are registered by name (``ControlServer.register``); every server answers ``hello`` (its
+role, protocol version and commands). docs/CONTROL_API.md documents every command and field;
+``VERSION`` goes up when a field changes meaning or goes away (new fields do not change it).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import trio
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_LINE = 1 << 20
+VERSION = 1
 
 
 class ControlError(Exception):
@@ -28,13 +32,20 @@ class ControlError(Exception):
 
 
 def control_address(data_dir: Path, pid: int) -> str:
+    """The abstract socket of the daemon ``pid`` on ``data_dir`` (`vdisk serve` and `vdisk target` alike)."""
     digest = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
     return f"\0vdisk-{digest}-{pid}"
 
 
 class ControlServer:
-    def __init__(self) -> None:
-        self._handlers: dict[str, Handler] = {}
+    """Dispatches JSON-line requests to registered handlers; ``role`` is "serve" or "target"."""
+
+    def __init__(self, role: str = "serve") -> None:
+        self.role = role
+        self._handlers: dict[str, Handler] = {"hello": self._hello}
+
+    async def _hello(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"role": self.role, "pid": os.getpid(), "commands": sorted(self._handlers)}
 
     def register(self, cmd: str, handler: Handler) -> None:
         self._handlers[cmd] = handler
@@ -65,7 +76,8 @@ class ControlServer:
                             return
                         buf += chunk
                         if len(buf) > MAX_LINE:
-                            await stream.send_all(_encode({"ok": False, "error": "request too long"}))
+                            await stream.send_all(_encode({"ok": False, "version": VERSION,
+                                                           "error": "request too long"}))
                             return
                     line, buf = buf.split(b"\n", 1)
                     await stream.send_all(_encode(await self._dispatch(line)))
@@ -78,15 +90,15 @@ class ControlServer:
             if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                 raise ValueError("a request is a JSON object with a string 'cmd'")  # noqa: TRY004 - reported as a bad request
         except ValueError as e:
-            return {"ok": False, "error": f"bad request: {e}"}
+            return {"ok": False, "version": VERSION, "error": f"bad request: {e}"}
         handler = self._handlers.get(req["cmd"])
         if handler is None:
-            return {"ok": False, "error": f"unknown command {req['cmd']!r}"}
+            return {"ok": False, "version": VERSION, "error": f"unknown command {req['cmd']!r}"}
         try:
             reply = await handler(req)
         except ControlError as e:
-            return {"ok": False, "error": str(e)}
-        return {"ok": True, **reply}
+            return {"ok": False, "version": VERSION, "error": str(e)}
+        return {"ok": True, "version": VERSION, **reply}
 
 
 def _encode(obj: dict[str, Any]) -> bytes:

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ class Daemon:
         self.config = config
         self.store = VolumeStore(config.data_dir)
         self.volumes: dict[str, ServedVolume] = {}
-        self.control = ControlServer()
+        self.control = ControlServer("serve")
         self.control_address = control_address(config.data_dir, os.getpid())
         self.nbd = NBDServer(self.export, lambda: sorted(self.volumes),
                              limits=Limits(connections=config.max_connections))
@@ -235,8 +236,10 @@ class Daemon:
         vols = self.volumes if name is None else {name: self.volumes.get(name)}
         if name is not None and vols[name] is None:
             raise ControlError(f"volume {name!r} is not served by this daemon")
-        return {"pid": os.getpid(), "listening": self.listening,
-                "volumes": [self.volume_status(v) for v in vols.values() if v is not None]}
+        return {"pid": os.getpid(), "listening": self.listening, "time": time.time(),
+                "data_dir": str(self.store.root),
+                "volumes": [self.volume_status(v) for v in vols.values() if v is not None],
+                "events": self.mirrors.events.list(None if name is None else {name})}
 
     # -- running -------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:

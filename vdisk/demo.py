@@ -112,6 +112,9 @@ def run_demo(args: argparse.Namespace) -> int:
                       f"(every write was acknowledged only once the replica had it)")
             r.shutdown()
             ok = ok and same and async_part(con, nbd, data, sock, replica_sock, target_addr)
+            con.print("[bold]vdisk status[/] (every volume) and on the target's data directory (its replicas)")
+            for d in (data, replicas):
+                subprocess.run(_vdisk("status", data_dir=d), check=True)
         finally:
             serve.terminate()
             serve.wait(timeout=30)

@@ -14,7 +14,7 @@ from typing import Any
 
 from blockdev.volume import VolumeStore
 
-from .cli import VERBOSE_HELP, count_arg, duration_arg, emit, metrics_arg, store_of
+from .cli import LOG_DATES, LOG_FORMAT, VERBOSE_HELP, count_arg, duration_arg, emit, metrics_arg, store_of
 from .control import ControlError, call
 from .mirroring import (
     JOURNAL_SUFFIX,
@@ -29,7 +29,7 @@ from .mirroring import (
 from .units import format_rate, format_size
 
 CONFIG_KEYS = ("to", "mode", "on_link_loss", "psk_file", "block_timeout", "timeout",
-               "rate", "schedule", "ship_at", "buffer_size", "checkpoint_interval")
+               "rate", "schedule", "ship_at", "buffer_size", "checkpoint_interval", "rpo", "stall")
 
 
 def _daemon(store: VolumeStore, name: str) -> str | None:
@@ -55,7 +55,14 @@ def cmd_target(args: argparse.Namespace) -> int:
     server = TargetServer(store, TargetConfig(psk=read_psk(args.psk_file), timeout=args.timeout,
                                               insecure=args.insecure))
     listens = [Listen.parse(s) for s in args.nbd or []]
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="vdisk target: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=LOG_FORMAT.format("target"),
+                        datefmt=LOG_DATES)
+    from .control import ControlServer, control_address
+    from .target_status import TargetWatch
+    from .target_status import register as register_status
+
+    control, watch = ControlServer("target"), TargetWatch(server)
+    register_status(control, store, server, watch)
 
     def lookup(name: str) -> Export | None:
         backend = server.export_backend(name)
@@ -73,6 +80,9 @@ def cmd_target(args: argparse.Namespace) -> int:
                         metrics.append("metrics " + await nursery.start(serve_metrics, args.metrics,
                                                                         registry_of(TargetCollector(server))))
                     addr = await nursery.start(server.serve, host, port)
+                    # After serve took the data directory's lock (which names our pid, and so the address).
+                    await nursery.start(control.serve, control_address(store.root, os.getpid()))
+                    nursery.start_soon(watch.run)
                     where = [f"tcp:{addr}"] + ["nbd " + a for a in await listeners.start(nursery, listens)] + metrics
                     print(f"target listening on {', '.join(where)}, replicas in {store.root} (pid {os.getpid()})",
                           flush=True)
@@ -128,20 +138,30 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     else:
         store.update(args.name, mirror=section)
         reply, where = {}, "saved; it starts with `vdisk serve`"
-    emit(args, {"name": args.name, "mirror": section, **reply},
-         f"mirror {args.name} -> {section['to']} ({describe(section)})"
-         f"{', discarding what differs on the replica' if args.discard_replica else ''} {where}")
-    if args.wait and control:
+    if not (args.wait and args.json):  # --wait --json prints the final state instead
+        emit(args, {"name": args.name, "mirror": section, **reply},
+             f"mirror {args.name} -> {section['to']} ({describe(section)})"
+             f"{', discarding what differs on the replica' if args.discard_replica else ''} {where}")
+    if args.wait:
+        if not control:
+            raise ControlError(f"volume {args.name!r} is not served: the mirror runs inside `vdisk serve`, "
+                               "so there is nothing to wait for (configuration saved)")
         sys.stdout.flush()
-        _wait_in_sync(control, args)
+        final, error = _wait_in_sync(control, args)
+        if args.json:
+            emit(args, {"name": args.name, "in_sync": error is None, "error": error, "mirror": final}, "")
+        if error is not None:
+            raise ControlError(error)
     return 0
 
 
 def describe(section: dict[str, Any]) -> str:
     """A configuration in words: 'async, rate 2.0 Mbit/s, schedule ..., buffer 10G'."""
     mode = section.get("mode", "sync")
+    alerts = "".join(f", {k} {section[k]:g}s" if isinstance(section[k], float) else f", {k} {section[k]}"
+                     for k in ("rpo", "stall") if section.get(k) is not None)
     if mode == "sync":
-        return f"sync, on link loss: {section.get('on_link_loss', 'degrade')}"
+        return f"sync, on link loss: {section.get('on_link_loss', 'degrade')}{alerts}"
     from .units import parse_rate
 
     parts = ["async", f"rate {format_rate(parse_rate(str(section['rate'])) if section.get('rate') else None)}"]
@@ -152,7 +172,7 @@ def describe(section: dict[str, Any]) -> str:
             parts.append(f"{label} {v:g}s" if isinstance(v, float) else f"{label} {v}")
     if section.get("paused"):
         parts.append("paused")
-    return ", ".join(parts)
+    return ", ".join(parts) + alerts
 
 
 def _set_live(args: argparse.Namespace, cmd: str, change: dict[str, Any], **req: Any) -> int:
@@ -250,41 +270,81 @@ def _mirror_status(control: str, name: str) -> dict[str, Any]:
     return (vols[0].get("mirror") if vols else None) or {}
 
 
-def _wait_in_sync(control: str, args: argparse.Namespace) -> None:
-    """Until the replica is in sync; a rich progress bar of the initial sync on a terminal."""
+def _wait_in_sync(control: str, args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    """Until the replica is in sync: (the final status, None), or (it, why not) at once on an error
+    no retry ends (a wrong key, a mismatch, a refusal, a split brain), a lost daemon or the timeout.
+    A rich progress bar (bytes, percent, rate, ETA in binary units) on a terminal."""
     deadline = time.monotonic() + args.wait_timeout
+    bar = task = None
+    st: dict[str, Any] = {}
     if sys.stdout.isatty() and not args.json:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(), TimeRemainingColumn()) as bar:
-            task = bar.add_task(f"sync {args.name}", total=None)
-            while time.monotonic() < deadline:
-                st = _mirror_status(control, args.name)
-                init = st.get("initial_sync", {})
-                bar.update(task, total=init.get("total_bytes") or None, completed=init.get("copied_bytes", 0),
-                           description=f"{args.name}: {st.get('state')}")
-                if _done(st):
-                    return
-                time.sleep(0.2)
-    else:
+        bar = Progress("[progress.description]{task.description}", BarColumn(), TaskProgressColumn(),
+                       DownloadColumn(binary_units=True), _rate_column(), TimeRemainingColumn())
+        bar.start()
+        task = bar.add_task(f"sync {args.name}", total=None)
+    peak = 0
+    try:
         while time.monotonic() < deadline:
-            if _done(_mirror_status(control, args.name)):
-                return
-            time.sleep(0.1)
-    raise ControlError(f"the mirror of {args.name} is not in sync after {args.wait_timeout:g}s")
+            try:
+                st = _mirror_status(control, args.name)
+            except ControlError as e:
+                return st, f"the daemon serving {args.name} stopped answering: {e}"
+            why = _permanent(st)
+            if why is not None:
+                return st, f"the mirror of {args.name} cannot sync: {why}"
+            if bar is not None and task is not None:
+                total, done = _progress(st, peak)
+                peak = max(peak, total or 0)
+                bar.update(task, total=total or None, completed=done,
+                           description=f"{args.name}: {st.get('state')}")
+            if _done(st):
+                return st, None
+            time.sleep(0.2)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return st, f"the mirror of {args.name} is not in sync after {args.wait_timeout:g}s (state {st.get('state')})"
+
+
+def _rate_column() -> Any:
+    """rich's TransferSpeedColumn counts in kB/MB: ours says MiB/s, as every other vdisk rate."""
+    from rich.progress import ProgressColumn, Task
+    from rich.text import Text
+
+    class BinaryRate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{format_size(speed)}/s", style="progress.data.speed")
+
+    return BinaryRate()
+
+
+def _progress(st: dict[str, Any], peak: int) -> tuple[int, int]:
+    """(total, done) bytes of what is being sent now: the initial sync, a resync, or the async catch-up."""
+    init = st.get("initial_sync") or {}
+    if init and not init.get("done") and init.get("total_bytes"):
+        return init["total_bytes"], init.get("copied_bytes", 0)
+    resync = st.get("resync")
+    if resync:
+        return resync["total_bytes"], resync["done_bytes"]
+    pending = int(st.get("buffer_bytes", st.get("dirty_bytes", 0)) or 0)
+    total = max(peak, pending)
+    return total, total - pending
+
+
+def _permanent(st: dict[str, Any]) -> str | None:
+    """The error if it is one no waiting ends, else None."""
+    from .events import PERMANENT
+
+    reason = (st.get("link") or {}).get("reason") or ""
+    if st.get("state") == "split_brain" or any(reason.startswith(p) for p in PERMANENT):
+        return str(st.get("last_error") or reason)
+    return None
 
 
 def _done(st: dict[str, Any]) -> bool:
-    """In sync (True), still syncing (False), or a split brain that no waiting will end (raises)."""
-    if st.get("state") == "split_brain":
-        raise ControlError(str(st.get("last_error")))
     return st.get("state") == "in_sync"
 
 
@@ -313,41 +373,42 @@ def offline_status(store: VolumeStore, name: str) -> dict[str, Any] | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .status import CHECK_WORDS, UNKNOWN, check, render, snapshot
+
     if args.watch:
-        from .tui import collect_basic, pause_basic, watch_command
+        from .tui import pause_basic, watch_command
 
         store = store_of(args)
-        return watch_command(args, collect=lambda: collect_basic(store, args.name),
+        return watch_command(args, collect=lambda: snapshot(store, args.names),
                              toggle_pause=lambda name, pause: pause_basic(store, name, pause))
-    if len(args.name) != 1:
-        raise ValueError("give one volume NAME (or --watch for every volume)")
-    args.name = args.name[0]
     store = store_of(args)
-    control = _daemon(store, args.name)
-    rec: dict[str, Any] = {"name": args.name, "served": control is not None}
-    rec["mirror"] = _mirror_status(control, args.name) or None if control else offline_status(store, args.name)
-    m = rec["mirror"]
-    if m is None:
-        text = f"{args.name}: not mirrored"
-    elif m.get("mode") == "async":
-        text = async_line(args.name, m)
-    else:
-        init = m.get("initial_sync") or {}
-        text = (f"{args.name}: {m['mode']} mirror to {m['target']}, {m['state']}, dirty {format_size(m['dirty_bytes'])}"
-                + ("" if init.get("done") else f", initial sync {init.get('percent', 0)}%")
-                + (f", last error: {m['last_error']}" if m.get("last_error") else ""))
-    emit(args, rec, text)
+    if args.check:
+        try:
+            snap = snapshot(store, args.names)
+        except Exception as e:  # noqa: BLE001 - a monitoring plugin answers UNKNOWN, whatever failed
+            print(f"VDISK UNKNOWN - {e}")
+            return UNKNOWN
+        code, reason = check(snap, args.rpo, args.stall)
+        print(f"VDISK {CHECK_WORDS[code]} - {reason}")
+        return code
+    snap = snapshot(store, args.names)
+    obj: dict[str, Any] = snap
+    if len(args.names) == 1:  # `status NAME --json`: the volume's keys at the top too (mirror, served)
+        obj = {**(snap["volumes"] or snap["replicas"])[0], **snap}
+    emit(args, obj, render(snap))
     return 0
 
 
 def async_line(name: str, m: dict[str, Any]) -> str:
-    """vol1  async  lagging  buffer 246.7 MiB  lag 3.1 s  wire 230 KiB/s  eff 3.4 MiB/s  ETA 21 s"""
+    """vol1  async  lagging  buffer 246.7 MiB  lag 3.1 s  wire 230 KiB/s  eff 3.4 MiB/s (14.8x)  ETA 21 s"""
     rates = m.get("rates") or {}
     eta = m.get("eta_seconds")
     parts = [name, "async", str(m.get("state")), f"buffer {format_size(m.get('buffer_bytes', 0))}",
              "lag ?" if m.get("lag_seconds") is None else f"lag {m['lag_seconds']:.1f} s"]
     if rates:
-        parts += [f"wire {format_size(rates.get('wire_10s', 0))}/s", f"eff {format_size(rates.get('logical_out_10s', 0))}/s"]
+        wire, eff = rates.get("wire_10s", 0), rates.get("logical_out_10s", 0)
+        ratio = f" ({eff / wire:.1f}x)" if wire and eff > 1.05 * wire else ""  # what compression/dedup saved
+        parts += [f"wire {format_size(wire)}/s", f"eff {format_size(eff)}/s{ratio}"]
     if m.get("buffer_bytes"):
         parts.append("ETA " + ("-" if eta is None else f"{eta:.0f} s"))
     thr = m.get("throttle") or {}
@@ -356,7 +417,7 @@ def async_line(name: str, m: dict[str, Any]) -> str:
     sched = m.get("schedule") or {}
     if sched.get("window"):
         parts.append(f"window {sched['window']}")
-    if m.get("last_error") and m.get("state") in ("disconnected", "split_brain"):
+    if m.get("last_error") and m.get("state") == "split_brain":  # disconnected: status.line says why
         parts.append(f"({m['last_error']})")
     return "  ".join(parts)
 
@@ -433,6 +494,11 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
                     help="async: source journal size before writes are tracked in the dirty map (default 10G)")
     sp.add_argument("--checkpoint-interval", type=duration_arg,
                     help="async: a consistent checkpoint every ... (default 5s; also at every host flush)")
+    sp.add_argument("--rpo", type=duration_arg,
+                    help="recovery point objective: lag past it raises an alert (status, events, log); "
+                         "default none; changing it never reconnects")
+    sp.add_argument("--stall", type=duration_arg,
+                    help="no progress while data is pending for this long raises an alert (default 2m)")
     sp.add_argument("--psk-file", help="pre-shared key file (default: the stored one; none at first)")
     sp.add_argument("--stop", action="store_true", help="stop mirroring and forget the pairing")
     sp.add_argument("--discard-replica", action="store_true",
@@ -441,8 +507,16 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--wait", action="store_true", help="wait until the replica is in sync (progress bar on a tty)")
     sp.add_argument("--wait-timeout", type=duration_arg, default=3600.0, help="with --wait (default 1h)")
 
-    sp = add("status", cmd_status, "a volume's mirror state (mode, state, dirty bytes, initial sync)")
-    sp.add_argument("name", nargs="*", metavar="NAME", help="with --watch: default every volume of the data directory")
+    sp = add("status", cmd_status, "every volume's mirror state, one line each (or the NAMEs given); "
+                                   "the replicas too on a target's data directory")
+    sp.add_argument("names", nargs="*", metavar="NAME")
+    sp.add_argument("--check", action="store_true",
+                    help="monitoring plugin: exit 0 OK, 1 WARNING (stalled), 2 CRITICAL (disconnected, split "
+                         "brain, lag past the RPO), 3 UNKNOWN (a daemon does not answer), with a one-line reason")
+    sp.add_argument("--rpo", type=duration_arg,
+                    help="with --check: lag allowed (default: each mirror's own --rpo, else none)")
+    sp.add_argument("--stall", type=duration_arg, default=120.0,
+                    help="with --check: no progress while data is pending for this long warns (default 2m)")
     sp.add_argument("--watch", action="store_true",
                     help="live dashboard (q quits, arrows select, p pauses/resumes); plain lines when not a terminal")
     sp.add_argument("--interval", type=duration_arg, default=1.0, help="with --watch: refresh every ... (default 1s)")

@@ -1,22 +1,11 @@
 """The mirrors of the volumes a daemon serves: started from the persisted ``mirror`` section of a
 volume's metadata, changed live through the control socket, reported in ``status``.
 
-Control API (JSON lines, see vdisk/control.py):
-
-    {"cmd": "mirror", "name": N, "set": {"to": "HOST:PORT", "mode": "sync"|"async", "on_link_loss": "degrade",
-                                         "psk_file": PATH|null, "block_timeout": S, "timeout": S,
-                                         async only: "rate": "2Mbit"|"unlimited", "schedule": SPEC,
-                                         "ship_at": "02:00", "buffer_size": "10G",
-                                         "checkpoint_interval": "5s", "paused": bool}}
-        start (or reconfigure) the mirror of N and persist the configuration -> {"mirror": STATUS}.
-        Keys not given keep their stored value; a change of only async settings (rate, schedule,
-        ship_at, buffer_size, checkpoint_interval, paused) applies live, without a new connection;
-        a change of mode hands the volume to a new replicator with no gap (see MirrorManager.start).
-    {"cmd": "throttle", "name": N, "rate": R}        set the async throttle live -> {"mirror": STATUS}
-    {"cmd": "pause"|"resume", "name": N}             stop / restart shipping (writes are still journaled)
-    {"cmd": "mirror", "name": N, "stop": true}       stop it and forget the pairing -> {}
-    {"cmd": "verify", "name": N, "repair": bool}     Merkle compare with the replica -> {"verify": REPORT}
-    {"cmd": "status", "name": N}                     each volume's record has "mirror": STATUS or null
+Control commands registered here: ``mirror`` (set / stop), ``throttle``, ``pause``, ``resume``,
+``verify``; every request and reply field is in docs/CONTROL_API.md. A change of only async settings
+(rate, schedule, ship_at, buffer_size, checkpoint_interval, paused) applies live, without a new
+connection; of only ``rpo``/``stall`` (alert thresholds), without touching the replicator; a change
+of mode hands the volume to a new replicator with no gap (see MirrorManager.start).
 
 Files next to the volume: NAME.mirror-dirty (dirty map), NAME.mirror-al (activity log),
 NAME.mirror-journal/ (async: the source buffer, mirror/journal.py).
@@ -28,6 +17,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +33,8 @@ from mirror.sync import Pairing, SyncConfig, SyncReplicator, VolumeIdentity
 from mirror.verify import compare
 
 from .control import ControlError
-from .units import parse_duration, parse_rate, parse_size
+from .events import DEFAULT_STALL, EventRing, MirrorWatch
+from .units import format_size, parse_duration, parse_rate, parse_size
 
 if TYPE_CHECKING:
     from .daemon import Daemon, ServedVolume
@@ -57,6 +48,7 @@ MODES = ("sync", "async")
 # Async settings: applied live to a running async replicator (no reconnect) when only they change.
 ASYNC_KEYS = ("rate", "schedule", "ship_at", "buffer_size", "checkpoint_interval", "paused")
 DEFAULT_BUFFER = "10G"
+ALERT_KEYS = ("rpo", "stall")  # thresholds for status and alerts only: never restart a replicator
 MAX_KEY_FILE = 4096
 
 
@@ -142,6 +134,7 @@ def check_section(section: dict[str, Any]) -> SyncConfig | AsyncConfig:
     if section.get("on_link_loss", "degrade") not in POLICIES:
         raise ValueError(f"--on-link-loss must be one of {', '.join(POLICIES)}")
     host, port = parse_hostport(str(section.get("to", "")), need_host=True)
+    alert_thresholds(section)
     psk = read_psk(section.get("psk_file"))
     timeout = parse_duration(section.get("timeout", 10.0), "timeout")
     if mode == "sync":
@@ -173,6 +166,13 @@ def shipped_counts(rep: SyncReplicator | AsyncReplicator) -> dict[str, int]:
             "overflows": 0, "overflow_bytes": 0}
 
 
+def alert_thresholds(section: dict[str, Any]) -> tuple[float | None, float]:
+    """(rpo, stall) in seconds from a ``mirror`` section: no RPO unless set, stall 120 s."""
+    rpo = section.get("rpo")
+    return (None if rpo in (None, "") else parse_duration(rpo, "rpo"),
+            parse_duration(section.get("stall") or DEFAULT_STALL, "stall"))
+
+
 class _Mirrored:
     """One mirrored volume while it is served: its MirrorState, which outlives replicators, and the
     replicator on top of it (None: ``marking`` is attached, so writes are still recorded)."""
@@ -184,6 +184,9 @@ class _Mirrored:
         self.scope: trio.CancelScope | None = None
         self.done: trio.Event | None = None  # set once the replicator's run task has returned
         self.journal: Journal | None = None  # open while an async replicator may use it
+        self.rpo: float | None = None
+        self.stall = DEFAULT_STALL
+        self.watch: MirrorWatch | None = None
 
 
 def sweep_temp_files(root: Path, name: str) -> None:
@@ -229,6 +232,7 @@ class MirrorManager:
         # volume: what metrics report is these plus the live replicator's, so no counter goes back.
         self.banked: dict[str, dict[str, int]] = {}
         self._nursery: trio.Nursery | None = None
+        self.events = EventRing(log)
         daemon.control.register("mirror", self._cmd_mirror)
         daemon.control.register("verify", self._cmd_verify)
         daemon.control.register("throttle", self._cmd_throttle)
@@ -255,6 +259,7 @@ class MirrorManager:
                     except (ValueError, OSError) as e:
                         log.error("volume %s: mirror not started: %s", vol.name, e)
             nursery.start_soon(self._keep_saved)
+            nursery.start_soon(self._watch_forever)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -327,6 +332,7 @@ class MirrorManager:
             except OSError as e:  # the log keeps them; it is written again with the next admission
                 log.error("volume %s: cannot write the activity log: %s", vol.name, e.strerror or e)
         m = self.mirrors[vol.name] = _Mirrored(MirrorState(dirty, al, HeldWrites(30.0)))
+        m.watch = MirrorWatch(vol.name, self.events)
         vol.mirror.attach(m.marking)
         return m
 
@@ -340,6 +346,7 @@ class MirrorManager:
         and keys stay the same is reconfigured in place (rate, schedule...: no reconnect)."""
         config = check_section(section)
         m = self._open(vol)
+        m.rpo, m.stall = alert_thresholds(section)
         if isinstance(config, AsyncConfig) and isinstance(m.rep, AsyncReplicator) and \
                 dataclasses.replace(m.rep.config, **{f: getattr(config, f) for f in ASYNC_KEYS}) == config:
             m.rep.configure(config)
@@ -436,6 +443,7 @@ class MirrorManager:
         m = self.mirrors.pop(name, None)
         if m is None:
             return
+        self.events.add(time.time(), name, "info", "mirror stopped")
         vol = self.daemon.volumes.get(name)
         if vol is not None:
             vol.mirror.attach(None)
@@ -460,6 +468,19 @@ class MirrorManager:
             still = any(d.save_error for d in failing)
             delay = min(delay * 2, 5.0) if still else (0.1 if failing else 1.0)
 
+    async def _watch_forever(self) -> None:
+        """Once a second: each mirror's snapshot through its watch (events, alerts, link history)."""
+        while True:
+            self.watch_once()
+            await trio.sleep(1.0)
+
+    def watch_once(self) -> None:
+        now = time.time()
+        for name, m in list(self.mirrors.items()):
+            st = self._raw_status(name)
+            if m.watch is not None and st is not None:
+                m.watch.update(st, now, m.rpo, m.stall)
+
     def _save_pairing(self, name: str, p: Pairing) -> None:
         section = dict(self.daemon.store.meta(name).extra.get("mirror") or {})
         section.update(replica_id=p.replica_id, initial_sync_done=p.initial_sync_done, sync_total=p.sync_total)
@@ -477,6 +498,14 @@ class MirrorManager:
                       self.daemon.store.root / f"{name}.json", e.strerror or e)
 
     def status(self, name: str) -> dict[str, Any] | None:
+        """The replicator's snapshot with its watch's link, alerts and resync progress."""
+        st = self._raw_status(name)
+        m = self.mirrors.get(name)
+        if st is None or m is None or m.watch is None:
+            return st
+        return m.watch.annotate(st, m.rpo)
+
+    def _raw_status(self, name: str) -> dict[str, Any] | None:
         m = self.mirrors.get(name)
         if m is None:
             return None
@@ -512,6 +541,15 @@ class MirrorManager:
         new = req.get("set")
         if not isinstance(new, dict):
             raise ControlError("mirror: give 'set' (a configuration) or 'stop'")
+        m = self.mirrors.get(vol.name)
+        if new and set(new) <= set(ALERT_KEYS) and m is not None and m.rep is not None:
+            section = merge_section(store.meta(vol.name).extra.get("mirror") or {}, new)
+            try:
+                m.rpo, m.stall = alert_thresholds(section)
+            except ValueError as e:
+                raise ControlError(str(e)) from None
+            store.update(vol.name, mirror=section)
+            return {"mirror": self.status(vol.name)}
         return await self._set(vol, new)
 
     async def _set(self, vol: ServedVolume, new: dict[str, Any]) -> dict[str, Any]:
@@ -579,6 +617,7 @@ class MirrorManager:
                 rep.request_resync()
                 ok = await rep.drain(float(req.get("timeout", 300)))
                 out.update(repaired=ok, resent_bytes=rep.chunk_bytes_sent - before)
+                self._verified(vol.name, out)
                 return {"verify": out}
             before = rep.resync_bytes_sent
             for b in report.differing_blocks:
@@ -586,4 +625,13 @@ class MirrorManager:
             rep.request_resync()
             ok = await rep.wait_in_sync(float(req.get("timeout", 300)))
             out.update(repaired=ok, resent_bytes=rep.resync_bytes_sent - before)
+        self._verified(vol.name, out)
         return {"verify": out}
+
+    def _verified(self, name: str, out: dict[str, Any]) -> None:
+        n = len(out["ranges"])
+        text = "verify: the replica matches" if not n else (
+            f"verify: {n} differing range{'s' if n != 1 else ''}, {format_size(out['differing_bytes'])}"
+            + (f", repaired ({format_size(out.get('resent_bytes', 0))} resent)" if out["repaired"] else ""))
+        self.events.add(time.time(), name, "warning" if n and not out["repaired"] else "info", text)
+

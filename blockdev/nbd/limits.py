@@ -118,10 +118,14 @@ class RateLimited:
         self.logger, self.every, self._clock = logger, every, clock
         self._next = float("-inf")
         self.dropped = 0
+        self._key: object = None
 
-    def __call__(self, level: int, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` unless one was logged less than ``every`` ago; True if logged."""
+    def __call__(self, level: int, msg: str, *args: object, key: object = None) -> bool:
+        """Log ``msg % args`` unless one was logged less than ``every`` ago; True if logged. A
+        ``key`` other than the last one's (a different error) is logged at once."""
         now = self._clock()
+        if key != self._key:
+            self._key, self._next, self.dropped = key, float("-inf"), 0
         if now < self._next:
             self.dropped += 1
             return False

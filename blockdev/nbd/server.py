@@ -93,16 +93,24 @@ class NBDServer:
 
     async def serve(self, kind: str, where: str, port: int = 0, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on ``unix:where`` or ``tcp:where:port`` until cancelled; reports the bound address."""
-        if kind == "unix":
-            lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            lsock.bind(where)
-            addr = f"unix:{where}"
-        else:
-            infos = socket.getaddrinfo(where, port, type=socket.SOCK_STREAM)
-            fam, _, _, _, sa = infos[0]
-            lsock = socket.socket(fam, socket.SOCK_STREAM)
-            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lsock.bind(sa)
+        lsock: socket.socket | None = None
+        try:
+            if kind == "unix":
+                lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                lsock.bind(where)
+                addr = f"unix:{where}"
+            else:
+                infos = socket.getaddrinfo(where, port, type=socket.SOCK_STREAM)
+                fam, _, _, _, sa = infos[0]
+                lsock = socket.socket(fam, socket.SOCK_STREAM)
+                lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                lsock.bind(sa)
+        except OSError as e:  # the user's one line names the address, not only "No such file or directory"
+            if lsock is not None:
+                lsock.close()
+            raise OSError(e.errno, f"cannot listen on {kind}:{where}{'' if kind == 'unix' else f':{port}'}: "
+                                   f"{e.strerror or e}") from None
+        if kind != "unix":
             host, bound = lsock.getsockname()[:2]
             addr = f"tcp:{'[' + host + ']' if ':' in host else host}:{bound}"
         lsock.listen(128)

@@ -104,7 +104,8 @@ class Link:
             except OSError as e:
                 raise RemoteProtocolError(f"link to {self.peer} failed: {e.strerror or e}") from None
             if n == 0:
-                raise RemoteProtocolError(f"{self.peer} closed the connection")
+                # The caller's log line names the peer ("source ADDR: ...", "mirror N -> ADDR: ...").
+                raise RemoteProtocolError("the peer closed the connection")
             reader.commit(n)
 
     async def send_control(self) -> None:
