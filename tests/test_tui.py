@@ -410,13 +410,15 @@ def test_watch_without_a_terminal_prints_plain_lines_and_exits(tmp_path: Path):
     assert res.returncode == 0, res.stderr
     blocks = res.stdout.strip().split("\n\n")
     assert len(blocks) == 2
-    assert blocks[0].splitlines() == ["v1  not mirrored  (not served)",
-                                      "v2  async  disconnected  buffer 0 B  lag ?  -> 127.0.0.1:9  (not served)"]
+    first = blocks[0].splitlines()  # the lines `vdisk status` prints (vdisk/status.py)
+    assert len(first) == 2 and first[0].startswith("v1  not mirrored") and "not served" in first[0]
+    assert first[1].startswith("v2  async  disconnected  buffer 0 B") and "not served" in first[1]
     one = vd("status", "v2", "--watch", "--count", "1", "--json")
     assert one.returncode == 0 and '"name": "v2"' in one.stdout and '"v1"' not in one.stdout
     missing = vd("status", "nope", "--watch", "--count", "1")
     assert missing.returncode == 1 and "no volume named 'nope'" in missing.stderr
-    assert vd("status").returncode == 1  # without --watch a name is still needed
+    every = vd("status")  # every volume of the data directory, once
+    assert every.returncode == 0 and every.stdout.splitlines()[0].startswith("v1  not mirrored")
 
 
 if __name__ == "__main__":
@@ -494,7 +496,7 @@ def test_watch_in_tmux_shows_a_throttled_async_mirror_and_q_exits(tmp_path: Path
         assert exit_file.read_text().strip() == "0"
         # The target's data directory: its replica, where from.
         dst = procs.run("--data-dir", str(tmp_path / "dst"), "status", "--watch", "--count", "1").stdout
-        assert dst.startswith("vol  replica of vol from 127.0.0.1:"), dst
+        assert dst.startswith("vol  replica of 'vol' from 127.0.0.1:") and "connected" in dst, dst
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10, check=False)
         procs.kill_all()

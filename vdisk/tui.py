@@ -454,6 +454,8 @@ def plain_watch(fetch: Fetch, interval: float, count: int | None, as_json: bool 
                 out: Any = None) -> int:
     """Not a terminal: the plain lines (or one JSON snapshot per line) every ``interval``,
     ``count`` times or until interrupted, each refresh separated by an empty line."""
+    from .status import render
+
     out = out or sys.stdout
     n = 0
     try:
@@ -467,7 +469,7 @@ def plain_watch(fetch: Fetch, interval: float, count: int | None, as_json: bool 
                 print(f"vdisk: error: {e}", file=sys.stderr, flush=True)
                 time.sleep(interval)
                 continue
-            text = json.dumps(snap, default=str) if as_json else "\n".join(plain_lines(snap))
+            text = json.dumps(snap, default=str) if as_json else render(snap)  # as `vdisk status` prints
             print(("" if n == 0 or as_json else "\n") + text, file=out, flush=True)
             n += 1
             if count is not None and n >= count:
