@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
 
@@ -721,47 +721,6 @@ def watch_command(args: argparse.Namespace, collect: Fetch, toggle_pause: Toggle
     finally:
         sys.__stderr__ = saved
     return 0
-
-
-# -- today's producer: the pieces `vdisk status NAME` already has ----------------------------------
-def collect_basic(store: Any, names: Iterable[str] | None = None) -> Snapshot:
-    """A snapshot of ``names`` (default: every volume of the data directory) built from what `vdisk
-    status NAME` reads today: each serving daemon's control socket, else the metadata on disk. A
-    volume named on the command line must exist; one listed from the directory and deleted since is
-    skipped. Replicas (on a target's data directory) are listed with what their metadata says."""
-    from blockdev.volume import VolumeError
-
-    from .control import ControlError
-    from .mirror_cli import _daemon, _mirror_status, offline_status
-    from .replicas import replica_section
-
-    explicit = list(names or [])
-    vols: list[dict[str, Any]] = []
-    reps: list[dict[str, Any]] = []
-    for name in explicit or store.names():
-        try:
-            meta = store.meta(name)
-        except VolumeError:
-            if explicit:
-                raise
-            continue
-        rep = replica_section(meta)
-        if rep is not None:
-            reps.append({"name": name, "source": {"name": rep.get("source_name"), "uuid": rep.get("source_uuid"),
-                                                  "addr": rep.get("source_addr")},
-                         "connected": None, "connected_since": None, "last_checkpoint": None, "lag_seconds": None})
-            continue
-        control = _daemon(store, name)
-        mirror = None
-        if control:
-            try:
-                mirror = _mirror_status(control, name) or None
-            except ControlError:
-                control = None  # the daemon has just gone: what the disk says
-        if not control:
-            mirror = offline_status(store, name)
-        vols.append({"name": name, "size": meta.size, "served": control is not None, "mirror": mirror})
-    return {"version": 1, "time": time.time(), "data_dir": str(store.root), "volumes": vols, "replicas": reps}
 
 
 def pause_basic(store: Any, name: str, pause: bool) -> None:
