@@ -235,3 +235,21 @@ def test_counters_are_banked_when_a_replicator_is_replaced():
     mgr._bank("v", new)  # mirror --stop: no live replicator, the totals stay
     del mgr.mirrors["v"]
     assert mgr.counters("v")["logical_bytes"] == 160
+
+
+def test_rpo_alert_is_a_metric_raised_and_cleared(procs):
+    # A paused async mirror with writes lags past --rpo: vdisk_mirror_alert{kind="rpo"} goes to 1
+    # (as the status and the event log say), then back to 0 once it has caught up.
+    port, _ = target(procs)
+    vd(procs, "create", "vol", "--size", "16M")
+    sock, url = serve(procs)
+    vd(procs, "mirror", "vol", "--to", f"127.0.0.1:{port}", "--mode", "async", "--rpo", "1s")
+    procs.wait_state("src", "vol", "in_sync")
+    assert value(scrape(url), "vdisk_mirror_alert", volume="vol", kind="rpo") == 0
+    assert value(scrape(url), "vdisk_mirror_rpo_seconds", volume="vol") == 1.0
+    vd(procs, "pause", "vol")
+    write(sock, 2 * MiB, seed=3)
+    wait_for(lambda: value(scrape(url), "vdisk_mirror_alert", volume="vol", kind="rpo") == 1, 20, "rpo alert raised")
+    vd(procs, "resume", "vol")
+    procs.wait_state("src", "vol", "in_sync")
+    wait_for(lambda: value(scrape(url), "vdisk_mirror_alert", volume="vol", kind="rpo") == 0, 20, "rpo alert cleared")

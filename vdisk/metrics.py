@@ -34,6 +34,7 @@ MAX_SCRAPERS = 16  # connections served at once; more are closed at accept
 # Every state a mirror reports (sync and async), each a series of vdisk_mirror_state, 1 for the current.
 MIRROR_STATES = ("in_sync", "syncing", "lagging", "catching_up", "scheduled", "paused", "degraded",
                  "disconnected", "split_brain", "stopped")
+ALERT_KINDS = ("rpo", "stall", "disconnected", "split_brain")  # vdisk/events.py
 OPS = (("read", "reads", "read_bytes"), ("write", "writes", "write_bytes"), ("zero", "zeroes", "zero_bytes"),
        ("trim", "trims", "trim_bytes"), ("flush", "flushes", None))
 CONNECTED = ("in_sync", "syncing", "lagging", "catching_up", "scheduled", "paused")
@@ -81,6 +82,8 @@ def mirror_families(d: Daemon) -> list[Metric]:
     state = GaugeMetricFamily("vdisk_mirror_state", "1 for the mirror's current state, 0 for the others",
                               labels=["volume", "mode", "target", "state"])
     connected = GaugeMetricFamily("vdisk_mirror_connected", "1 while a session with the target is up", labels=L)
+    alert = GaugeMetricFamily("vdisk_mirror_alert", "1 while the alert is raised (rpo: lag past --rpo; stall: no "
+                              "progress with data pending; disconnected; split_brain), else 0", labels=["volume", "kind"])
     gauges = {k: GaugeMetricFamily(f"vdisk_mirror_{k}", text, labels=L) for k, text in (
         ("buffer_bytes", "What the replica lacks: unshipped journal plus dirty regions"),
         ("journal_bytes", "Size of the async source journal"),
@@ -89,6 +92,7 @@ def mirror_families(d: Daemon) -> list[Metric]:
         ("in_flight", "Frames sent and not yet acknowledged"),
         ("last_checkpoint_id", "Last checkpoint the replica committed (async)"),
         ("last_checkpoint_timestamp_seconds", "When the last committed checkpoint was cut (async, Unix time)"),
+        ("rpo_seconds", "The mirror's recovery point objective (--rpo), when set"),
     )}
     counters = {k: CounterMetricFamily(f"vdisk_mirror_{name}", text, labels=L) for k, name, text in (
         ("logical_bytes", "shipped_bytes", "Volume bytes shipped to the replica (before compression)"),
@@ -106,13 +110,17 @@ def mirror_families(d: Daemon) -> list[Metric]:
         for s in MIRROR_STATES + (() if cur in MIRROR_STATES else (cur,)):
             state.add_metric([name, mode, target, s], 1 if s == cur else 0)
         connected.add_metric([name], 1 if cur in CONNECTED else 0)
+        raised = {a.get("kind") for a in st.get("alerts") or () if isinstance(a, dict)}
+        for kind in ALERT_KINDS + tuple(sorted(k for k in raised if k not in ALERT_KINDS)):
+            alert.add_metric([name, str(kind)], 1 if kind in raised else 0)
         lag = st.get("lag_seconds")
         if lag is None and mode == "sync" and cur == "in_sync":
             lag = 0.0
         cp = st.get("last_checkpoint") or {}
         values = {"buffer_bytes": st.get("buffer_bytes", st.get("dirty_bytes")), "journal_bytes": st.get("journal_bytes"),
                   "dirty_bytes": st.get("dirty_bytes"), "lag_seconds": lag, "in_flight": st.get("in_flight"),
-                  "last_checkpoint_id": cp.get("id"), "last_checkpoint_timestamp_seconds": cp.get("time")}
+                  "last_checkpoint_id": cp.get("id"), "last_checkpoint_timestamp_seconds": cp.get("time"),
+                  "rpo_seconds": st.get("rpo_seconds")}
         for k, v in values.items():
             if v is not None:
                 gauges[k].add_metric([name], float(v))
@@ -120,7 +128,7 @@ def mirror_families(d: Daemon) -> list[Metric]:
         c["reconnects"] = max(0, c.pop("connects") - 1)
         for k, fam in counters.items():
             fam.add_metric([name], c[k])
-    return [info, state, connected, *gauges.values(), *counters.values()]
+    return [info, state, connected, alert, *gauges.values(), *counters.values()]
 
 
 class TargetCollector(Collector):
