@@ -60,7 +60,8 @@ def tree_height(size: int, leaf: int) -> int:
     return top
 
 
-def leaf_digests(image: Backend, size: int, leaf: int, stop: threading.Event | None = None) -> bytearray:
+def leaf_digests(image: Backend, size: int, leaf: int, stop: threading.Event | None = None,
+                 progress: Callable[[int], object] | None = None) -> bytearray:
     """Digest of every block; holes are hashed without reading them. Raises Abandoned once ``stop``
     is set (checked every CHUNK), so a worker thread hashing for a closed session ends soon."""
     check_leaf(size, leaf)
@@ -76,6 +77,8 @@ def leaf_digests(image: Backend, size: int, leaf: int, stop: threading.Event | N
     while pos < size:
         if stop is not None and stop.is_set():
             raise Abandoned("verify abandoned")
+        if progress is not None:
+            progress(pos)  # bytes hashed so far (`vdisk verify`'s progress bar)
         if pos % leaf == 0:
             # Whole leaves of a hole in one step (one SEEK_DATA): hashing a sparse volume costs its
             # extents and leaves, not its size / CHUNK.
@@ -182,8 +185,12 @@ class MerkleTree:
         return range(i * FANOUT, min((i + 1) * FANOUT, count))
 
 
-def build_tree(image: Backend, size: int, leaf: int, stop: threading.Event | None = None) -> MerkleTree:
-    return MerkleTree(leaf_digests(image, size, leaf, stop))
+def build_tree(image: Backend, size: int, leaf: int, stop: threading.Event | None = None,
+               progress: Callable[[int], object] | None = None) -> MerkleTree:
+    tree = MerkleTree(leaf_digests(image, size, leaf, stop, progress))
+    if progress is not None:
+        progress(size)
+    return tree
 
 
 @dataclass(frozen=True)
@@ -207,12 +214,13 @@ class VerifyReport:
 Query = Callable[[int, int, list[int]], Awaitable[bytes]]
 
 
-async def compare(image: Backend, size: int, leaf: int, query: Query) -> VerifyReport:
+async def compare(image: Backend, size: int, leaf: int, query: Query,
+                  progress: Callable[[int], object] | None = None) -> VerifyReport:
     """Walk both trees from the root; ``query(leaf, level, indices)`` asks the target for digests.
     ``leaf`` is the finest block wanted; a volume over MAX_LEAVES of them is hashed in larger leaves."""
     block, leaf = leaf, leaf_for(size, leaf)
     t0 = trio.current_time()
-    tree = await trio.to_thread.run_sync(build_tree, image, size, leaf)
+    tree = await trio.to_thread.run_sync(build_tree, image, size, leaf, None, progress)
     hashed = trio.current_time() - t0
     top = tree.top
     exchanged = 1

@@ -239,3 +239,37 @@ async def test_ship_at_accumulates_then_ships_up_to_the_instant(tmp_path, nurser
     assert s.dst.image_path("vol").read_bytes()[65536:131072] != b"2" * 65536
     assert rep.statistics()["connects"] == 1  # an idle link kept alive (2 s timeout here)
     nursery.cancel_scope.cancel()
+
+
+async def test_a_running_verify_reports_its_progress_in_status(tmp_path, nursery):
+    # `vdisk verify` draws its bar from the volume's status while the verify runs: phase and bytes
+    # hashed of the volume; the key is gone once it is done.
+    s = Served(tmp_path)
+    mgr = await s.start(nursery, {})
+    rep = rep_of(mgr)
+    await until(lambda: rep.statistics().state == "in_sync")
+    await wait(s.layer.pwrite(b"v" * 65536, 4 * MiB))
+    gate, real = threading.Event(), s.image.extents
+    seen: list[int] = []
+
+    def extents(length, offset):
+        seen.append(offset)
+        if offset >= 8 * MiB:
+            gate.wait(10)  # halfway through the volume
+        return real(length, offset)
+
+    s.image.extents = extents
+    result: list = []
+
+    async def run() -> None:
+        result.append(await mgr._cmd_verify({"name": "vol"}))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run)
+        await until(lambda: (mgr.status("vol") or {}).get("verify", {}).get("done_bytes", 0) >= 8 * MiB)
+        v = mgr.status("vol")["verify"]
+        assert v["phase"] == "hashing" and v["total_bytes"] == SIZE and v["done_bytes"] < SIZE
+        gate.set()
+    assert result[0]["verify"]["differing_bytes"] == 0
+    assert "verify" not in mgr.status("vol")
+    nursery.cancel_scope.cancel()

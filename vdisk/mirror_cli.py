@@ -427,9 +427,46 @@ def cmd_verify(args: argparse.Namespace) -> int:
     control = _daemon(store, args.name)
     if control is None:
         raise ControlError(f"volume {args.name!r} is not served: verify runs inside `vdisk serve`")
-    rep = call(control, "verify", timeout=3600, name=args.name, repair=args.repair)["verify"]
+    if sys.stdout.isatty() and not args.json:
+        rep = _verify_with_progress(control, args)
+    else:
+        rep = call(control, "verify", timeout=3600, name=args.name, repair=args.repair)["verify"]
     emit(args, rep, verify_text(args.name, rep, args.repair))
     return 1 if rep["ranges"] and not rep["repaired"] else 0
+
+
+def _verify_with_progress(control: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The verify call on a thread; meanwhile a rich bar of the daemon's progress (its status'
+    ``verify``: phase, bytes hashed of the volume, rate and ETA in binary units)."""
+    import threading
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TimeRemainingColumn
+
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["rep"] = call(control, "verify", timeout=3600, name=args.name, repair=args.repair)["verify"]
+        except ControlError as e:
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    with Progress("[progress.description]{task.description}", BarColumn(), TaskProgressColumn(),
+                  DownloadColumn(binary_units=True), _rate_column(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(f"verify {args.name}", total=None)
+        while t.is_alive():
+            try:
+                v = (_mirror_status(control, args.name) or {}).get("verify")
+            except ControlError:
+                v = None
+            if v:
+                bar.update(task, total=v.get("total_bytes") or None, completed=v.get("done_bytes", 0),
+                           description=f"verify {args.name}: {v.get('phase')}")
+            t.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["rep"]
 
 
 def plural(n: int, word: str) -> str:

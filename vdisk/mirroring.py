@@ -228,6 +228,7 @@ class MirrorManager:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.mirrors: dict[str, _Mirrored] = {}
+        self.verifying: dict[str, dict[str, Any]] = {}  # volume -> a running verify's progress
         # Counts of replicators that were replaced (new target or keys, mode switch) or stopped, per
         # volume: what metrics report is these plus the live replicator's, so no counter goes back.
         self.banked: dict[str, dict[str, int]] = {}
@@ -501,6 +502,8 @@ class MirrorManager:
         """The replicator's snapshot with its watch's link, alerts and resync progress."""
         st = self._raw_status(name)
         m = self.mirrors.get(name)
+        if st is not None and name in self.verifying:
+            st["verify"] = dict(self.verifying[name])
         if st is None or m is None or m.watch is None:
             return st
         return m.watch.annotate(st, m.rpo)
@@ -586,7 +589,16 @@ class MirrorManager:
         return await self._set(self._async_volume(req), {"paused": False})
 
     async def _cmd_verify(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Verify (and repair); meanwhile the volume's status has ``verify``: phase, bytes hashed."""
         vol = self._volume(req)
+        prog = self.verifying[vol.name] = {"phase": "starting", "done_bytes": 0, "total_bytes": vol.meta.size}
+        try:
+            return await self._verify(vol, req, prog)
+        finally:
+            if self.verifying.get(vol.name) is prog:
+                del self.verifying[vol.name]
+
+    async def _verify(self, vol: ServedVolume, req: dict[str, Any], prog: dict[str, Any]) -> dict[str, Any]:
         m = self.mirrors.get(vol.name)
         rep = m.rep if m is not None else None
         if rep is None:
@@ -596,13 +608,19 @@ class MirrorManager:
             # The replica is at a checkpoint behind the volume: ship and commit everything first.
             if rep.state in ("disconnected", "split_brain"):
                 raise ControlError(f"the mirror of {vol.name!r} is {rep.state}: verify needs a connected replica")
+            prog["phase"] = "catching up"
             if not await rep.drain(float(req.get("timeout", 300))):
                 raise ControlError(f"the mirror of {vol.name!r} did not catch up for verify (state "
                                    f"{rep.statistics()['state']})")
         elif rep.state not in ("in_sync", "syncing"):
             raise ControlError(f"the mirror of {vol.name!r} is {rep.state}: verify needs a connected replica")
+        def hashed(pos: int) -> None:  # the hashing thread; then the target's tree is awaited
+            prog["done_bytes"] = pos
+            prog["phase"] = "hashing" if pos < vol.meta.size else "comparing with the replica"
+
+        prog["phase"] = "hashing"
         try:
-            report = await compare(vol.image, vol.meta.size, REGION, rep.query_hashes)
+            report = await compare(vol.image, vol.meta.size, REGION, rep.query_hashes, hashed)
         except Exception as e:  # noqa: BLE001 (link errors end up as one line for the user)
             raise ControlError(f"verify failed: {e}") from None
         out = {"ranges": report.ranges, "differing_bytes": report.differing_bytes,
@@ -610,6 +628,7 @@ class MirrorManager:
                "digests_exchanged": report.digests_exchanged,
                "local_hash_seconds": round(report.local_hash_seconds, 3), "repaired": False}
         if req.get("repair") and report.differing_blocks:
+            prog["phase"] = "repairing"
             if isinstance(rep, AsyncReplicator):
                 before = rep.chunk_bytes_sent
                 for b in report.differing_blocks:
