@@ -72,7 +72,11 @@ async def test_verify_of_a_4_gib_volume_keeps_the_link_in_sync(tmp_path, nursery
         while not done.is_set():
             off = (len(written) * 7919 % 4096) * MiB + 4096
             t0 = trio.current_time()
-            await wait(layer.pwrite(b"v" * 4096, off, True))  # FUA: acknowledged by the replica
+            # Acknowledged by the replica (a sync mirror), issued on a worker thread as the NBD server
+            # does: no FUA (an fdatasync under other tests' writeback can take seconds on its own, and
+            # the test is about the target acking while it hashes), and nothing blocking on the event
+            # loop, which runs both ends of the link here.
+            await wait(await trio.to_thread.run_sync(layer.pwrite, b"v" * 4096, off))
             slowest = max(slowest, trio.current_time() - t0)
             written.append(off)
             assert rep.state == "in_sync", f"the link left in_sync during verify: {rep.last_error}"
