@@ -523,7 +523,7 @@ class TargetServer:
         if not batch:
             return applied
         sync, nbytes, threaded = check_batch(batch, size)
-        save = undo.uncovered(batch_ranges(batch)) if undo is not None else None
+        save = undo.uncovered(batch_ranges(batch)) if undo is not None and undo.active else None
         if threaded or save:
             # The receive buffer the Writes point into is not touched until this returns: the frame
             # loop receives again only after it.
