@@ -253,3 +253,31 @@ def test_rpo_alert_is_a_metric_raised_and_cleared(procs):
     vd(procs, "resume", "vol")
     procs.wait_state("src", "vol", "in_sync")
     wait_for(lambda: value(scrape(url), "vdisk_mirror_alert", volume="vol", kind="rpo") == 0, 20, "rpo alert cleared")
+
+
+async def test_idle_connections_cannot_lock_scrapers_out():
+    """More idle connections than scraper slots: the oldest idle ones are dropped for newcomers, so a
+    real scrape is answered at once (it used to wait for the 10 s request timeout)."""
+    import trio
+    from prometheus_client import CollectorRegistry, Counter
+
+    from vdisk import metrics
+
+    reg = CollectorRegistry()
+    Counter("probe", "a probe", registry=reg).inc()
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(metrics.serve_metrics, metrics.parse_metrics("tcp:127.0.0.1:0"), reg)
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3 * metrics.MAX_SCRAPERS)]
+        await trio.sleep(0.2)
+        with trio.fail_after(3):
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            await s.send_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            body = b""
+            while chunk := await s.receive_some(65536):
+                body += chunk
+        assert body.startswith(b"HTTP/1.1 200") and b"probe_total 1.0" in body
+        for c in idle:
+            await c.aclose()
+        await s.aclose()
+        nursery.cancel_scope.cancel()

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vdisk.metrics")
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 10.0
-MAX_SCRAPERS = 16  # connections served at once; more are closed at accept
+MAX_SCRAPERS = 16  # connections served at once; past it the oldest still-idle one is dropped
 # Every state a mirror reports (sync and async), each a series of vdisk_mirror_state, 1 for the current.
 MIRROR_STATES = ("in_sync", "syncing", "lagging", "catching_up", "scheduled", "paused", "degraded",
                  "disconnected", "split_brain", "stopped")
@@ -180,35 +180,49 @@ async def serve_metrics(listen: Listen, registry: CollectorRegistry, *,
         raise ConfigError(f"cannot listen for metrics on {listen.host}:{listen.port}: {e.strerror or e}") from None
     host, port = listeners[0].socket.getsockname()[:2]
     task_status.started(f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics")
-    slots = trio.CapacityLimiter(MAX_SCRAPERS)
+    # Connections still waiting for their request line, oldest first. When every slot is taken, the
+    # oldest of them is dropped for the newcomer: idle connections cannot lock scrapers out.
+    reading: dict[int, trio.CancelScope] = {}
+    busy = [0]
 
     async def handle(stream: trio.SocketStream) -> None:
+        if busy[0] >= MAX_SCRAPERS:
+            if not reading:  # every slot is answering a request: a flood of real scrapes
+                await trio.aclose_forcefully(stream)
+                return
+            reading.pop(next(iter(reading))).cancel()
+        busy[0] += 1
         try:
-            slots.acquire_nowait()
-        except trio.WouldBlock:  # a flood of idle connections must not pile up descriptors
-            await trio.aclose_forcefully(stream)
-            return
-        try:
-            await _handle(stream, lambda: generate_latest(registry))
+            await _handle(stream, lambda: generate_latest(registry), reading)
         finally:
-            slots.release()
+            busy[0] -= 1
 
     await trio.serve_listeners(handle, listeners)
 
 
-async def _handle(stream: trio.SocketStream, render: Callable[[], bytes]) -> None:
-    """One request, one response, then close (HTTP/1.0 style: Prometheus scrapes are single requests)."""
+async def _handle(stream: trio.SocketStream, render: Callable[[], bytes],
+                  reading: dict[int, trio.CancelScope] | None = None) -> None:
+    """One request, one response, then close (HTTP/1.0 style: Prometheus scrapes are single requests).
+    While the request is being read, this connection's scope is in ``reading`` (it may be evicted)."""
+    key = id(stream)
     try:
         with trio.move_on_after(REQUEST_TIMEOUT):
             buf = b""
-            while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                buf += chunk
-                if len(buf) > MAX_REQUEST:
-                    await _respond(stream, 431, b"request too large\n")
-                    return
+            with trio.CancelScope() as waiting:
+                if reading is not None:
+                    reading[key] = waiting
+                while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    buf += chunk
+                    if len(buf) > MAX_REQUEST:
+                        await _respond(stream, 431, b"request too large\n")
+                        return
+            if reading is not None:
+                reading.pop(key, None)
+            if waiting.cancelled_caught:
+                return  # evicted for a newer connection
             method, _, rest = buf.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
             path = rest.split(" ", 1)[0].split("?", 1)[0]
             if method not in ("GET", "HEAD"):
@@ -226,6 +240,8 @@ async def _handle(stream: trio.SocketStream, render: Callable[[], bytes]) -> Non
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the scraper went away
     finally:
+        if reading is not None:
+            reading.pop(key, None)
         await trio.aclose_forcefully(stream)
 
 
