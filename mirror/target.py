@@ -45,7 +45,7 @@ from blockdev.volume import (
 from . import seal as seals
 from .target_io import Batch, Hasher, ReplicaImage, apply_batch, batch_ranges, check_batch, check_query
 from .undo import CHECKPOINT_SUFFIX, UNDO_SUFFIX, CommittedView, UndoLog, read_checkpoint
-from .wire import Connection, PeerError, PeerSilent, Role, WireError
+from .wire import Connection, PeerClosed, PeerError, PeerSilent, Role, WireError
 from .wire.codec import FrameReader, encode_ack
 from .wire.events import Bye, Checkpoint, Flush, HashQuery, Hello, Ping, Welcome, Write, Zero
 from .wire.link import Link
@@ -330,6 +330,8 @@ class TargetServer:
             return
         except PeerError as e:
             log.warning("source %s: %s", link.peer, e)
+        except PeerClosed:  # a source stopping (or its host gone): "disconnected" below says it
+            pass
         except WireError as e:
             log.warning("source %s: %s", link.peer, e)
             link.conn.fail(str(e), "protocol")  # no-op if the connection already queued its reason

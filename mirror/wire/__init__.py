@@ -1,6 +1,14 @@
 """The replication wire protocol: sans-IO frames and handshake (codec, connection) plus a thin trio link."""
 from .connection import Connection, Role, State
-from .errors import AuthError, LocalProtocolError, PeerError, PeerSilent, RemoteProtocolError, WireError
+from .errors import (
+           AuthError,
+           LocalProtocolError,
+           PeerClosed,
+           PeerError,
+           PeerSilent,
+           RemoteProtocolError,
+           WireError,
+)
 from .events import PROTOCOL_VERSION
 
 __all__ = [
@@ -8,6 +16,7 @@ __all__ = [
            "AuthError",
            "Connection",
            "LocalProtocolError",
+           "PeerClosed",
            "PeerError",
            "PeerSilent",
            "RemoteProtocolError",

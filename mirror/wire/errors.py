@@ -10,6 +10,10 @@ class RemoteProtocolError(WireError):
     """The peer broke the protocol (bad frame, bad checksum, unexpected message)."""
 
 
+class PeerClosed(RemoteProtocolError):
+    """The peer closed the connection (a source stopping, or a host going away): not a protocol fault."""
+
+
 class LocalProtocolError(WireError):
     """We were asked to send something illegal in the current state (a bug on our side)."""
 

@@ -12,7 +12,7 @@ from collections import deque
 import trio
 
 from .connection import Connection
-from .errors import RemoteProtocolError, WireError
+from .errors import PeerClosed, RemoteProtocolError, WireError
 from .events import Event
 
 IOV_MAX = 512
@@ -105,7 +105,7 @@ class Link:
                 raise RemoteProtocolError(f"link to {self.peer} failed: {e.strerror or e}") from None
             if n == 0:
                 # The caller's log line names the peer ("source ADDR: ...", "mirror N -> ADDR: ...").
-                raise RemoteProtocolError("the peer closed the connection")
+                raise PeerClosed("the peer closed the connection")
             reader.commit(n)
 
     async def send_control(self) -> None:
