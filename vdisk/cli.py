@@ -328,6 +328,9 @@ EXTENSIONS: list[Callable[[Callable[..., argparse.ArgumentParser]], None]] = []
 from .mount import add_commands as _mount_commands  # after EXTENSIONS: mount.py imports this module
 
 EXTENSIONS.append(_mount_commands)
+from .tls import add_commands as _tls_commands
+
+EXTENSIONS.append(_tls_commands)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,9 @@ def link_reason(state: str | None, last_error: str | None) -> str | None:
         return "split brain"
     if state == "stopped":
         return "stopped"
+    if "certificate" in err or "tls" in err.split(":", 1)[0] or "speak tls" in err or "requires tls" in err \
+            or "not use tls" in err:
+        return f"refused: {last_error}"  # a TLS refusal: the whole reason (which fingerprint, what to do)
     for word in ("not served", "authentication failed", "version mismatch", "size mismatch"):
         if word in err:
             return word
