@@ -17,7 +17,7 @@ from typing import Any
 
 from mirror import keys as K
 from mirror.secure import SourceTls, TargetTls
-from mirror.target import is_loopback
+from mirror.target import TargetConfig, check_exposure, is_loopback
 
 log = logging.getLogger("vdisk.tls")
 TLS_KEYS = ("tls", "insecure", "target_fingerprint", "trust_on_first_use")  # of a mirror section
@@ -61,6 +61,8 @@ def target_tls(args: argparse.Namespace, data_dir: Path, host: str, psk: bool) -
         if args.trust_on_first_use:
             raise ValueError("--trust-on-first-use needs TLS (on loopback add --tls)")
         return None
+    if not is_loopback(host) and not (psk or args.trust_on_first_use or K.read_trusted(data_dir).anywhere()):
+        check_exposure(host, TargetConfig())  # refuses beyond loopback, before any key is made
     keys = site_keys(data_dir)
     tls = TargetTls(keys, Path(data_dir), bool(args.trust_on_first_use), psk)
     tls.open_ = is_loopback(host) and not tls.can_authenticate()
