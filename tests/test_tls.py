@@ -125,7 +125,7 @@ def test_a_relay_with_its_own_certificate_is_refused_pinned_or_by_psk(procs, tmp
     psk = tmp_path / "psk"
     psk.write_text("a shared secret of some length\n")
     psk.chmod(0o600)
-    sfp, tfp, port = two_sites(procs, target_args=("--psk-file", str(psk)))
+    _, tfp, port = two_sites(procs, target_args=("--psk-file", str(psk)))
     sock = serve(procs)
     keys(procs, "mitm")
     mitm = TlsMitm(("127.0.0.1", port), str(tmp_path / "mitm/keys/cert.pem"), str(tmp_path / "mitm/keys/key.pem"))
@@ -195,7 +195,7 @@ def test_tls_and_plain_mismatch_is_refused_with_the_reason_on_both_sides(procs):
     wait_reason(procs, "this target does not use TLS")
     wait_log(procs, "target.log", "refused a TLS connection")
     keys(procs, "dst2")
-    p, line = procs.start("--data-dir", str(procs.tmp / "dst2"), "target", "--listen", "127.0.0.1:0", "--tls",
+    _, line = procs.start("--data-dir", str(procs.tmp / "dst2"), "target", "--listen", "127.0.0.1:0", "--tls",
                           log="target2.log", ready=r"target listening on tcp:127\.0\.0\.1:\d+")
     tls_port = int(line.rsplit(":", 1)[1])
     mirror(procs, "--to", f"127.0.0.1:{tls_port}", "--no-tls", "--no-trust-on-first-use")
