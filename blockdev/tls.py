@@ -118,6 +118,9 @@ class TlsChannel:
             if not best_effort:
                 raise TlsError("connection lost during the TLS handshake") from None
 
+    def fileno(self) -> int:  # trio waits on the socket for us
+        return self.sock.fileno()
+
     def peer_certificate(self) -> bytes:
         """The peer's certificate (DER), or b'' if it sent none."""
         return self.obj.getpeercert(binary_form=True) or b""

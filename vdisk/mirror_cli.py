@@ -84,7 +84,12 @@ def cmd_target(args: argparse.Namespace) -> int:
         return None if backend is None else Export(name, backend, f"vdisk replica {name} (read-only)")
 
     async def main() -> None:
-        listeners = NBDListeners(NBDServer(lookup, server.replica_names))
+        nbd_tls = None
+        if args.nbd_tls:
+            from .tls import nbd_context
+
+            nbd_tls = nbd_context(store.root)
+        listeners = NBDListeners(NBDServer(lookup, server.replica_names, tls=nbd_tls))
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
@@ -522,6 +527,8 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--trust-on-first-use", action="store_true",
                     help="TLS: while no source is trusted (DATA_DIR/keys/trusted), trust and record the first one")
     sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT", help="read-only NBD export of replicas")
+    sp.add_argument("--nbd-tls", action="store_true",
+                    help="NBD clients of the export must use TLS (STARTTLS), with this site's key")
     sp.add_argument("--timeout", type=duration_arg, default=30.0,
                     help="source silence before dropping it (default 30s; e.g. 2m, 500ms)")
     sp.add_argument("--metrics", type=metrics_arg, metavar="tcp:HOST:PORT",
