@@ -20,7 +20,8 @@ import trio
 
 RECORD_BYTE = 0x16  # the first byte of a TLS handshake record (a ClientHello)
 CIPHER_BUFFER = 1 << 20  # ciphertext read from the socket at once
-ENCRYPT_BATCH = 1 << 20  # plaintext encrypted per sendmsg call (then the socket must take it)
+ENCRYPT_BATCH = 256 << 10  # plaintext encrypted per sendmsg call, sent at once: the peer decrypts while we
+# encrypt the next (1 MiB at once: 0.42-0.48x of plain on 1 MiB writes, 256 KiB: 0.60x; bench_tls.py, loaded host)
 
 
 class TlsError(Exception):
@@ -132,9 +133,11 @@ class TlsChannel:
         record that fails authentication."""
         size = len(buf)
         total = 0
-        obj = self.obj
+        obj, bio = self.obj, self._in
         while True:
-            while total < size:
+            # Only while there is something to decrypt: a read that finds nothing raises, which
+            # costs more than the check (this runs once per batch of frames).
+            while total < size and (bio.pending or obj.pending()):
                 try:
                     n = obj.read(size - total, buf[total:])
                 except ssl.SSLWantReadError:
@@ -150,7 +153,7 @@ class TlsChannel:
             n = self.sock.recv_into(self._cbuf)  # BlockingIOError propagates: the caller waits
             if n == 0:
                 return 0
-            self._in.write(self._cview[:n])
+            bio.write(self._cview[:n])
 
     def sendmsg(self, bufs: list[bytes | memoryview]) -> int:
         """Encrypt and send up to ENCRYPT_BATCH bytes of ``bufs``; the number of plaintext bytes

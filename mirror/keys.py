@@ -17,8 +17,9 @@ import hashlib
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 KEY_DIR = "keys"
 KEY_FILE, CERT_FILE, TRUSTED_FILE = "key.pem", "cert.pem", "trusted"
@@ -127,6 +128,7 @@ class SiteKeys:
     cert_file: Path
     key_file: Path
     cert_der: bytes
+    private_key: Any = field(default=None, compare=False, repr=False)  # loaded once (rotation: restart)
 
     @property
     def fingerprint(self) -> str:
@@ -135,9 +137,9 @@ class SiteKeys:
     def sign(self, message: bytes) -> bytes:
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
-        key = serialization.load_pem_private_key(self.key_file.read_bytes(), None)
+        key = self.private_key or serialization.load_pem_private_key(self.key_file.read_bytes(), None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise KeyError_(f"{self.key_file}: not an EC key")
+            raise KeyError_(f"{self.key_file}: not an EC P-256 key")
         return key.sign(message, ec.ECDSA(hashes.SHA256()))
 
 
@@ -163,7 +165,7 @@ def load(data_dir: Path) -> SiteKeys:
         raise KeyError_(f"{cert_file} does not belong to {key_file} (run `vdisk keys init --force`)")
     der = cert.public_bytes(serialization.Encoding.DER)
     check_validity(der, "this site's")
-    return SiteKeys(cert_file, key_file, der)
+    return SiteKeys(cert_file, key_file, der, key)
 
 
 def verify_signature(cert_der: bytes, signature: bytes, message: bytes) -> bool:

@@ -282,3 +282,53 @@ def test_the_target_refuses_an_expired_or_unsigned_source_certificate(tmp_path):
         policy.check_source(src.cert_der, src.sign(msg), msg + b"x", "peer")
     with pytest.raises(AuthError, match="no certificate"):
         policy.check_source(b"", b"", msg, "peer")
+
+
+def _conns(binding_s: bytes, binding_t: bytes, psk: bytes | None, signer=None, check=None):  # type: ignore[no-untyped-def]
+    from mirror.wire.connection import Connection, Role
+    from mirror.wire.events import Hello
+
+    src = Connection(Role.SOURCE, psk, binding=binding_s, signer=signer)
+    tgt = Connection(Role.TARGET, psk, binding=binding_t, check_source=check)
+    src.start(Hello(1, "0b0e5d4e-6a43-4f0e-9d57-6d2a7f1c1e11", "vol", 1 << 20, 4096, 1, b"", "sync", ()))
+    return src, tgt
+
+
+def _move(a, b):  # type: ignore[no-untyped-def]
+    b.receive_data(a.data_to_send())
+    return b.next_events()
+
+
+def test_psk_proofs_and_the_source_signature_are_bound_to_the_certificate_the_source_saw(tmp_path):
+    from mirror.wire.errors import AuthError
+    from mirror.wire.events import Hello
+
+    K.generate(tmp_path / "src")
+    keys_ = K.load(tmp_path / "src")
+    seen: list[bytes] = []
+
+    def check(cert: bytes, sig: bytes, message: bytes) -> None:
+        if not K.verify_signature(cert, sig, message):
+            raise AuthError("authentication failed: bad signature")
+        seen.append(cert)
+
+    def sign(message: bytes) -> tuple[bytes, bytes]:
+        return keys_.cert_der, keys_.sign(message)
+
+    # Same binding on both sides: PSK proofs and the signature check out.
+    src, tgt = _conns(b"T" * 32, b"T" * 32, b"a key of 16 bytes!", sign, check)
+    _move(src, tgt)
+    _move(tgt, src)
+    evs = _move(src, tgt)
+    assert isinstance(evs[0], Hello) and seen == [keys_.cert_der]
+    # A relay's certificate: the source's binding differs, the target's PSK proof fails at the source.
+    src, tgt = _conns(b"M" * 32, b"T" * 32, b"a key of 16 bytes!")
+    _move(src, tgt)
+    with pytest.raises(AuthError, match="relay holds another certificate"):
+        _move(tgt, src)
+    # Without a PSK the signature catches it: signed over the relay's binding, checked over the target's.
+    src, tgt = _conns(b"M" * 32, b"T" * 32, None, sign, check)
+    _move(src, tgt)
+    _move(tgt, src)
+    with pytest.raises(AuthError, match="bad signature"):
+        _move(src, tgt)
