@@ -332,3 +332,20 @@ def test_psk_proofs_and_the_source_signature_are_bound_to_the_certificate_the_so
     _move(tgt, src)
     with pytest.raises(AuthError, match="bad signature"):
         _move(src, tgt)
+
+
+def test_an_async_mirror_ships_over_tls_and_a_live_rate_change_keeps_the_link(procs):
+    _, tfp, port = two_sites(procs)
+    sock = serve(procs)
+    relay = Relay(("127.0.0.1", port))
+    try:
+        procs.run("--data-dir", str(procs.tmp / "src"), "mirror", "vol", "--to", f"127.0.0.1:{relay.port}", "--mode",
+                  "async", "--tls", "--target-fingerprint", tfp, "--checkpoint-interval", "1s", "--timeout", "3")
+        procs.wait_state("src", "vol", "in_sync", timeout=30)
+        write(sock, PATTERN * 2000, 2 * MiB)
+        procs.run("--data-dir", str(procs.tmp / "src"), "throttle", "vol", "--rate", "100MB/s")
+        procs.wait_state("src", "vol", "in_sync", timeout=30)
+        assert images_equal(procs)
+        assert len(relay.seen) == 1 and PATTERN[:16] not in relay.seen[0]  # one link, encrypted
+    finally:
+        relay.close()
