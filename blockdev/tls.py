@@ -19,7 +19,8 @@ import ssl
 import trio
 
 RECORD_BYTE = 0x16  # the first byte of a TLS handshake record (a ClientHello)
-CIPHER_BUFFER = 1 << 20  # ciphertext read from the socket at once
+CIPHER_BUFFER = 1 << 20  # ciphertext read from the socket at once, at most (it starts at one record:
+FIRST_BUFFER = 17 << 10  # an unauthenticated connection costs kilobytes; it grows when a read fills it)
 ENCRYPT_BATCH = 256 << 10  # plaintext encrypted per sendmsg call, sent at once: the peer decrypts while we
 # encrypt the next (1 MiB at once: 0.42-0.48x of plain on 1 MiB writes, 256 KiB: 0.60x; bench_tls.py, loaded host)
 
@@ -72,7 +73,7 @@ class TlsChannel:
         self.obj = ctx.wrap_bio(self._in, self._out, server_side=server_side)
         if initial:
             self._in.write(initial)
-        self._cbuf = bytearray(CIPHER_BUFFER)
+        self._cbuf = bytearray(FIRST_BUFFER)
         self._cview = memoryview(self._cbuf)
         self._pending = memoryview(b"")  # ciphertext the socket did not take yet
         self.raw_seen = bytearray()  # the peer's first bytes during the handshake (a plain peer's error)
@@ -154,6 +155,9 @@ class TlsChannel:
             if n == 0:
                 return 0
             bio.write(self._cview[:n])
+            if 2 * n > len(self._cbuf) < CIPHER_BUFFER:  # the peer sends in bulk: read more at once
+                self._cbuf = bytearray(min(4 * len(self._cbuf), CIPHER_BUFFER))
+                self._cview = memoryview(self._cbuf)
 
     def sendmsg(self, bufs: list[bytes | memoryview]) -> int:
         """Encrypt and send up to ENCRYPT_BATCH bytes of ``bufs``; the number of plaintext bytes

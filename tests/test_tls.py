@@ -349,3 +349,21 @@ def test_an_async_mirror_ships_over_tls_and_a_live_rate_change_keeps_the_link(pr
         assert len(relay.seen) == 1 and PATTERN[:16] not in relay.seen[0]  # one link, encrypted
     finally:
         relay.close()
+
+
+def test_a_target_trusts_its_first_source_on_first_use_and_refuses_the_next(tmp_path):
+    from mirror.secure import TargetTls
+    from mirror.wire.errors import AuthError
+
+    for site in ("dst", "a", "b"):
+        K.generate(tmp_path / site)
+    a, b = K.load(tmp_path / "a"), K.load(tmp_path / "b")
+    policy = TargetTls(K.load(tmp_path / "dst"), tmp_path / "dst", tofu=True)
+    assert policy.can_authenticate()
+    msg = b"binding and nonces"
+    policy.check_source(a.cert_der, a.sign(msg), msg, "10.0.0.1:4000")
+    assert K.read_trusted(tmp_path / "dst").anywhere() == {a.fingerprint}
+    policy.check_source(a.cert_der, a.sign(msg), msg, "10.0.0.1:4001")  # known now
+    with pytest.raises(AuthError, match=f"{b.fingerprint} is not trusted"):
+        policy.check_source(b.cert_der, b.sign(msg), msg, "10.0.0.2:4000")
+    assert "trust on first use" in (K.key_dir(tmp_path / "dst") / K.TRUSTED_FILE).read_text()

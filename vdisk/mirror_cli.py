@@ -181,6 +181,9 @@ def describe(section: dict[str, Any]) -> str:
     mode = section.get("mode", "sync")
     alerts = "".join(f", {k} {section[k]:g}s" if isinstance(section[k], float) else f", {k} {section[k]}"
                      for k in ("rpo", "stall") if section.get(k) is not None)
+    from .tls import describe_tls
+
+    alerts += describe_tls(section)
     if mode == "sync":
         return f"sync, on link loss: {section.get('on_link_loss', 'degrade')}{alerts}"
     from .units import parse_rate

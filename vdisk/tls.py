@@ -69,6 +69,18 @@ def target_tls(args: argparse.Namespace, data_dir: Path, host: str, psk: bool) -
     return tls
 
 
+def describe_tls(section: dict[str, Any]) -> str:
+    """The link security a mirror section asks for, in words (', TLS, target SHA256:...')."""
+    if section.get("insecure"):
+        return ", plain link (--insecure)"
+    words = ", TLS" if section.get("tls") else ""
+    if section.get("target_fingerprint"):
+        words = f", TLS, target {section['target_fingerprint']}"
+    elif section.get("trust_on_first_use"):
+        words = ", TLS, trust on first use"
+    return words
+
+
 def nbd_context(data_dir: Path) -> ssl.SSLContext:
     """The NBD server's TLS context: the site's certificate (clients take it as its own CA)."""
     from blockdev.tls import server_context
