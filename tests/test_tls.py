@@ -37,6 +37,13 @@ def two_sites(procs: Procs, trust_source: bool = True, target_args: tuple[str, .
     return sfp, tfp, port
 
 
+def psk_file(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    psk = tmp_path / "psk"
+    psk.write_text("a shared secret of some length\n")
+    psk.chmod(0o600)
+    return str(psk)
+
+
 def serve(procs: Procs, size: str = "32M") -> str:
     procs.run("--data-dir", str(procs.tmp / "src"), "create", "vol", "--size", size)
     return procs.serve("src", "vol")[1]
@@ -122,15 +129,13 @@ def test_a_passive_observer_sees_no_plaintext_and_the_replica_has_it(procs):
 
 
 def test_a_relay_with_its_own_certificate_is_refused_pinned_or_by_psk(procs, tmp_path):
-    psk = tmp_path / "psk"
-    psk.write_text("a shared secret of some length\n")
-    psk.chmod(0o600)
-    _, tfp, port = two_sites(procs, target_args=("--psk-file", str(psk)))
+    psk = psk_file(tmp_path)
+    _, tfp, port = two_sites(procs, target_args=("--psk-file", psk))
     sock = serve(procs)
     keys(procs, "mitm")
     mitm = TlsMitm(("127.0.0.1", port), str(tmp_path / "mitm/keys/cert.pem"), str(tmp_path / "mitm/keys/key.pem"))
     try:
-        mirror(procs, "--to", f"127.0.0.1:{mitm.port}", "--tls", "--target-fingerprint", tfp, "--psk-file", str(psk))
+        mirror(procs, "--to", f"127.0.0.1:{mitm.port}", "--tls", "--target-fingerprint", tfp, "--psk-file", psk)
         st = wait_reason(procs, "not the pinned")
         assert st["state"] != "in_sync"
         # With a PSK and no pin at all, the PSK proof is bound to the certificate the source saw.
@@ -144,13 +149,11 @@ def test_a_relay_with_its_own_certificate_is_refused_pinned_or_by_psk(procs, tmp
 
 
 def test_a_psk_alone_authenticates_both_sides_over_tls(procs, tmp_path):
-    psk = tmp_path / "psk"
-    psk.write_text("a shared secret of some length\n")
-    psk.chmod(0o600)
+    psk = psk_file(tmp_path)
     keys(procs, "src")  # no fingerprint exchanged, nobody trusted: only the key
-    _, port = procs.target("dst", 0, "--tls", "--psk-file", str(psk))
+    _, port = procs.target("dst", 0, "--tls", "--psk-file", psk)
     sock = serve(procs)
-    mirror(procs, "--to", f"127.0.0.1:{port}", "--tls", "--psk-file", str(psk))
+    mirror(procs, "--to", f"127.0.0.1:{port}", "--tls", "--psk-file", psk)
     procs.wait_state("src", "vol", "in_sync")
     write(sock, PATTERN * 100)
     procs.wait_state("src", "vol", "in_sync")
