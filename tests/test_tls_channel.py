@@ -103,7 +103,7 @@ async def test_an_altered_record_is_an_ssl_error_and_end_of_stream_is_zero(conte
     finally:
         a.close()
     await trio.lowlevel.wait_readable(b)
-    c2, s2, a2, b2 = await _pair(contexts)
+    _, s2, a2, b2 = await _pair(contexts)
     a2.close()
     await trio.lowlevel.wait_readable(b2)
     assert s2.recv_into(memoryview(bytearray(100))) == 0
