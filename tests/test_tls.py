@@ -220,11 +220,11 @@ def test_wrong_missing_and_rotated_keys(procs, tmp_path):
     wait_log(procs, "target.log", "is not trusted by this target")
     procs.run("--data-dir", str(tmp_path / "dst"), "keys", "trust", sfp)
     procs.wait_state("src", "vol", "in_sync", timeout=30)
-    # No pin and no TOFU: refused, saying how to pin.
-    mirror(procs, "--target-fingerprint", "none")
-    wait_reason(procs, "is not trusted: pin it with --target-fingerprint")
+    # No pin, no TOFU, no PSK, nothing trusted: refused at once, saying how to recognise the target.
+    res = mirror(procs, "--target-fingerprint", "none", check=False)
+    assert res.returncode == 1 and "--trust-on-first-use" in res.stderr and len(res.stderr.splitlines()) == 1
     # Trust on first use records the target for this address; then the target's key rotates.
-    mirror(procs, "--trust-on-first-use")
+    mirror(procs, "--target-fingerprint", "none", "--trust-on-first-use")
     procs.wait_state("src", "vol", "in_sync", timeout=30)
     assert K.read_trusted(tmp_path / "src").pins_for(f"target=127.0.0.1:{port}") == {tfp}
     assert "trusting the target" in (tmp_path / "serve.log").read_text()

@@ -52,8 +52,14 @@ def source_tls(section: dict[str, Any], data_dir: Path | None, host: str, port: 
     if data_dir is None:
         return None
     label = f"target={host}:{port}"
-    return SourceTls(site_keys(data_dir), Path(data_dir), label, pin,
-                     bool(section.get("trust_on_first_use")), psk)
+    tofu = bool(section.get("trust_on_first_use"))
+    if pin is None and not tofu and not psk:
+        trusted = K.read_trusted(data_dir)
+        if not trusted.pins_for(label) and not trusted.anywhere():
+            raise ValueError(f"the link to {host}:{port} is TLS: say how to recognise the target: "
+                             "--target-fingerprint SHA256:... (`vdisk keys show` there), --trust-on-first-use "
+                             "or --psk-file")
+    return SourceTls(site_keys(data_dir), Path(data_dir), label, pin, tofu, psk)
 
 
 def target_tls(args: argparse.Namespace, data_dir: Path, host: str, psk: bool) -> TargetTls | None:
