@@ -370,3 +370,38 @@ def test_a_target_trusts_its_first_source_on_first_use_and_refuses_the_next(tmp_
     with pytest.raises(AuthError, match=f"{b.fingerprint} is not trusted"):
         policy.check_source(b.cert_der, b.sign(msg), msg, "10.0.0.2:4000")
     assert "trust on first use" in (K.key_dir(tmp_path / "dst") / K.TRUSTED_FILE).read_text()
+
+
+def _host_address() -> str | None:
+    """A non-loopback address of this host (the source of the default route), or None."""
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("192.0.2.1", 9))  # no packet is sent: it only picks the route
+        addr = s.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        s.close()
+    return None if addr.startswith("127.") else addr
+
+
+def test_between_hosts_tls_is_the_default_on_both_sides(procs):
+    addr = _host_address()
+    if addr is None:
+        pytest.skip("this host has no non-loopback address")
+    sfp, tfp = keys(procs, "src"), keys(procs, "dst")
+    procs.run("--data-dir", str(procs.tmp / "dst"), "keys", "trust", sfp)
+    _, line = procs.start("--data-dir", str(procs.tmp / "dst"), "target", "--listen", "0.0.0.0:0", "-v",
+                          log="target.log", ready=r"target listening on tcp:0\.0\.0\.0:\d+ \(TLS, SHA256:")
+    port = int(line.split(":")[-2].split()[0])
+    sock = serve(procs)
+    mirror(procs, "--to", f"{addr}:{port}", "--target-fingerprint", tfp)  # no --tls: the default
+    procs.wait_state("src", "vol", "in_sync", timeout=30)
+    write(sock, PATTERN * 100)
+    procs.wait_state("src", "vol", "in_sync")
+    assert images_equal(procs)
+    # A plain source (--insecure on its side only) is refused: both sides must say so.
+    mirror(procs, "--insecure", "--target-fingerprint", "none")
+    wait_reason(procs, "this target requires TLS")
