@@ -28,7 +28,7 @@ FP_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 MAX_TRUSTED = 1 << 20
 
 
-class KeyError_(ValueError):
+class KeyFileError(ValueError):
     """A key, certificate or trusted file problem, as a one-line message."""
 
 
@@ -63,7 +63,7 @@ def generate(data_dir: Path, force: bool = False, days: int = DEFAULT_DAYS,
     x509 = _x509()
     d = key_dir(data_dir)
     if (d / KEY_FILE).exists() and not force:
-        raise KeyError_(f"{d / KEY_FILE} exists: this site has keys (`vdisk keys show`; --force replaces them, "
+        raise KeyFileError(f"{d / KEY_FILE} exists: this site has keys (`vdisk keys show`; --force replaces them, "
                         "and every peer that pinned the old fingerprint must pin the new one)")
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -111,13 +111,13 @@ def check_validity(cert_der: bytes, whose: str, now: dt.datetime | None = None) 
     try:
         start, end = cert_validity(cert_der)
     except ValueError:
-        raise KeyError_(f"{whose} certificate cannot be parsed") from None
+        raise KeyFileError(f"{whose} certificate cannot be parsed") from None
     now = now or dt.datetime.now(dt.UTC)
     if now > end:
-        raise KeyError_(f"{whose} certificate {fingerprint(cert_der)} expired on {end:%Y-%m-%d %H:%M} UTC "
+        raise KeyFileError(f"{whose} certificate {fingerprint(cert_der)} expired on {end:%Y-%m-%d %H:%M} UTC "
                         "(run `vdisk keys init --force` there and pin the new fingerprint)")
     if now < start:
-        raise KeyError_(f"{whose} certificate {fingerprint(cert_der)} is not valid before {start:%Y-%m-%d %H:%M} "
+        raise KeyFileError(f"{whose} certificate {fingerprint(cert_der)} is not valid before {start:%Y-%m-%d %H:%M} "
                         "UTC (check the clocks)")
 
 
@@ -139,7 +139,7 @@ class SiteKeys:
         from cryptography.hazmat.primitives.asymmetric import ec
         key = self.private_key or serialization.load_pem_private_key(self.key_file.read_bytes(), None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise KeyError_(f"{self.key_file}: not an EC P-256 key")
+            raise KeyFileError(f"{self.key_file}: not an EC P-256 key")
         return key.sign(message, ec.ECDSA(hashes.SHA256()))
 
 
@@ -148,21 +148,21 @@ def load(data_dir: Path) -> SiteKeys:
     d = key_dir(data_dir)
     key_file, cert_file = d / KEY_FILE, d / CERT_FILE
     if not key_file.exists() or not cert_file.exists():
-        raise KeyError_(f"no TLS keys in {d}: run `vdisk keys init --data-dir {data_dir}`")
+        raise KeyFileError(f"no TLS keys in {d}: run `vdisk keys init --data-dir {data_dir}`")
     try:
         st = key_file.stat()
         if st.st_mode & 0o077:
-            raise KeyError_(f"the private key {key_file} is accessible by group or others (mode "
+            raise KeyFileError(f"the private key {key_file} is accessible by group or others (mode "
                             f"{st.st_mode & 0o777:04o}): run `chmod 600 {key_file}`")
         from cryptography.hazmat.primitives import serialization
         cert = _x509().load_pem_x509_certificate(cert_file.read_bytes())
         key = serialization.load_pem_private_key(key_file.read_bytes(), None)
     except OSError as e:
-        raise KeyError_(f"cannot read the keys in {d}: {e.strerror or e}") from None
+        raise KeyFileError(f"cannot read the keys in {d}: {e.strerror or e}") from None
     except ValueError as e:
-        raise KeyError_(f"unusable key or certificate in {d}: {e}") from None
+        raise KeyFileError(f"unusable key or certificate in {d}: {e}") from None
     if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
-        raise KeyError_(f"{cert_file} does not belong to {key_file} (run `vdisk keys init --force`)")
+        raise KeyFileError(f"{cert_file} does not belong to {key_file} (run `vdisk keys init --force`)")
     der = cert.public_bytes(serialization.Encoding.DER)
     check_validity(der, "this site's")
     return SiteKeys(cert_file, key_file, der, key)
@@ -208,9 +208,9 @@ def read_trusted(data_dir: Path) -> Trusted:
     except FileNotFoundError:
         return Trusted(())
     except OSError as e:
-        raise KeyError_(f"cannot read {path}: {e.strerror or e}") from None
+        raise KeyFileError(f"cannot read {path}: {e.strerror or e}") from None
     if len(raw) > MAX_TRUSTED:
-        raise KeyError_(f"{path} is too large (at most {MAX_TRUSTED} bytes)")
+        raise KeyFileError(f"{path} is too large (at most {MAX_TRUSTED} bytes)")
     out = []
     for no, line in enumerate(raw.decode(errors="replace").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -218,7 +218,7 @@ def read_trusted(data_dir: Path) -> Trusted:
             continue
         fp, _, label = line.partition(" ")
         if not FP_RE.fullmatch(fp):
-            raise KeyError_(f"{path}:{no}: not a fingerprint: {fp!r} (expected SHA256:...)")
+            raise KeyFileError(f"{path}:{no}: not a fingerprint: {fp!r} (expected SHA256:...)")
         out.append((fp, label.strip()))
     return Trusted(tuple(out))
 

@@ -63,7 +63,7 @@ class SourceTls:
             raise AuthError("the target sent no certificate")
         try:
             K.check_validity(cert, "the target's")
-        except K.KeyError_ as e:
+        except K.KeyFileError as e:
             raise AuthError(str(e)) from None
         fp = K.fingerprint(cert)
         if self.pin is not None:
@@ -129,7 +129,7 @@ class TargetTls:
                             "(or the link is relayed)")
         try:
             K.check_validity(cert, "the source's")
-        except K.KeyError_ as e:
+        except K.KeyFileError as e:
             raise AuthError(f"authentication failed: {e}") from None
         fp = K.fingerprint(cert)
         trusted = K.read_trusted(self.data_dir).anywhere()
