@@ -51,6 +51,7 @@ class SourceTls:
     tofu: bool = False
     psk: bool = False
     _ctx: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    verified: str | None = field(default=None, compare=False)  # the target's fingerprint, last accepted
 
     def context(self) -> ssl.SSLContext:
         if self._ctx is None:
@@ -59,6 +60,10 @@ class SourceTls:
 
     def check_target(self, cert: bytes) -> None:
         """Raise AuthError unless the target's certificate is the one we trust there."""
+        self._check_target(cert)
+        self.verified = K.fingerprint(cert)
+
+    def _check_target(self, cert: bytes) -> None:
         if not cert:
             raise AuthError("the target sent no certificate")
         try:

@@ -118,7 +118,8 @@ def test_a_passive_observer_sees_no_plaintext_and_the_replica_has_it(procs):
     relay = Relay(("127.0.0.1", port))
     try:
         mirror(procs, "--to", f"127.0.0.1:{relay.port}", "--tls", "--target-fingerprint", tfp)
-        procs.wait_state("src", "vol", "in_sync")
+        st = procs.wait_state("src", "vol", "in_sync")
+        assert st["tls"] == {"target_fingerprint": tfp, "pinned": tfp, "trust_on_first_use": False, "psk": False}
         write(sock, PATTERN * 4000, 1 * MiB)  # 4 MiB of a known pattern
         procs.wait_state("src", "vol", "in_sync")
         assert PATTERN in (procs.tmp / "dst" / "vol.img").read_bytes()
@@ -203,7 +204,7 @@ def test_tls_and_plain_mismatch_is_refused_with_the_reason_on_both_sides(procs):
                           log="target2.log", ready=r"target listening on tcp:127\.0\.0\.1:\d+")
     tls_port = int(line.rsplit(":", 1)[1])
     mirror(procs, "--to", f"127.0.0.1:{tls_port}", "--no-tls", "--no-trust-on-first-use")
-    wait_reason(procs, "this target requires TLS")
+    assert wait_reason(procs, "this target requires TLS")["tls"] is None  # a plain link
     wait_log(procs, "target2.log", "refused a plain connection")
     line = procs.run("--data-dir", str(procs.tmp / "src"), "status").stdout
     assert "this target requires TLS" in line

@@ -506,6 +506,10 @@ class MirrorManager:
         """The replicator's snapshot with its watch's link, alerts and resync progress."""
         st = self._raw_status(name)
         m = self.mirrors.get(name)
+        if st is not None and m is not None and m.rep is not None:
+            from .tls import tls_status
+
+            st["tls"] = tls_status(m.rep.config)
         if st is not None and name in self.verifying:
             st["verify"] = dict(self.verifying[name])
         if st is None or m is None or m.watch is None:

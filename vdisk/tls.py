@@ -87,6 +87,14 @@ def describe_tls(section: dict[str, Any]) -> str:
     return words
 
 
+def tls_status(config: Any) -> dict[str, Any] | None:
+    """The ``tls`` field of a mirror's status: null for a plain link."""
+    tls = getattr(config, "tls", None)
+    if tls is None:
+        return None
+    return {"target_fingerprint": tls.verified, "pinned": tls.pin, "trust_on_first_use": tls.tofu, "psk": tls.psk}
+
+
 def nbd_context(data_dir: Path) -> ssl.SSLContext:
     """The NBD server's TLS context: the site's certificate (clients take it as its own CA)."""
     from blockdev.tls import server_context
