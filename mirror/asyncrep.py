@@ -54,12 +54,13 @@ from .records import Pairing, VolumeIdentity
 from .resync import chunk, mark_allocated, read_frames
 from .schedule import Schedule, ShipAt
 from .seal import DISCARD_REPLICA, SPLIT_BRAIN
+from .secure import open_link
 from .throttle import TokenBucket
 from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
 from .wire.codec import MAX_PAYLOAD, encode, encode_checkpoint, encode_ping, encode_write, encode_zero
 from .wire.events import PROTOCOL_VERSION, Ack, Bye, HashQuery, HashReply, Hello, Welcome
-from .wire.link import Link, connect
+from .wire.link import Link
 
 log = logging.getLogger("vdisk.mirror")
 RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log line
@@ -88,6 +89,7 @@ class AsyncConfig:
     chunk: int = 1 << 20
     window: int = 32 << 20  # wire bytes sent and not yet acknowledged
     on_link_loss: str = "degrade"  # the host never waits for the WAN
+    tls: Any = None  # mirror.secure.SourceTls: encrypt the link (None: plain)
 
 
 class RateMeter:
@@ -447,7 +449,7 @@ class AsyncReplicator(Marking):
 
     async def _session(self) -> None:
         conn = Connection(Role.SOURCE, self.config.psk)
-        link = await connect(self.config.host, self.config.port, conn, self.config.timeout)
+        link = await open_link(self.config, conn)
         try:
             caps = (DISCARD_REPLICA,) if self.pairing.discard_replica else ()
             conn.start(Hello(PROTOCOL_VERSION, self.ident.uuid, self.ident.name, self.ident.size,

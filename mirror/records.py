@@ -20,6 +20,7 @@ class SyncConfig:
     backoff_max: float = 5.0
     resync_chunk: int = 1 << 20
     resync_window: int = 16 << 20  # resync bytes in flight before waiting for acks
+    tls: Any = None  # mirror.secure.SourceTls: encrypt the link (None: plain)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from .hold import HeldWrites
 from .records import Pairing, SyncConfig, VolumeIdentity
 from .resync import chunk, mark_allocated, read_frames
 from .seal import DISCARD_REPLICA, SPLIT_BRAIN
+from .secure import open_link
 from .status import SyncStatus
 from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
@@ -48,7 +49,7 @@ from .wire.codec import (
     frame_header,
 )
 from .wire.events import PROTOCOL_VERSION, Ack, Bye, HashQuery, HashReply, Hello, Welcome
-from .wire.link import Link, Outbox, connect
+from .wire.link import Link, Outbox
 
 log = logging.getLogger("vdisk.mirror")
 RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log line
@@ -289,7 +290,7 @@ class SyncReplicator(SyncStatus, Marking):
         if link is None:
             return
         try:
-            if self.outbox.send_some(link.raw):
+            if link.send_some():
                 return
         except OSError as e:
             self._send_error = e
@@ -408,7 +409,7 @@ class SyncReplicator(SyncStatus, Marking):
 
     async def _session(self) -> None:
         conn = Connection(Role.SOURCE, self.config.psk)
-        link = await connect(self.config.host, self.config.port, conn, self.config.timeout)
+        link = await open_link(self.config, conn)
         self.outbox.clear()
         link.outbox = self.outbox  # the sender task drains the outbox that on_write fills
         try:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -43,6 +44,7 @@ from blockdev.volume import (
 )
 
 from . import seal as seals
+from .secure import secure_target
 from .target_io import Batch, Hasher, ReplicaImage, apply_batch, batch_ranges, check_batch, check_query
 from .undo import CHECKPOINT_SUFFIX, UNDO_SUFFIX, CommittedView, UndoLog, read_checkpoint
 from .wire import Connection, PeerClosed, PeerError, PeerSilent, Role, WireError
@@ -87,6 +89,7 @@ class TargetConfig:
     insecure: bool = False  # allow listening beyond loopback without a pre-shared key
     io_threads: int = 64  # replica batches applied at once (each replica has at most one)
     hash_threads: int = 2  # verify trees built at once (CPU and disk bound)
+    tls: Any = None  # mirror.secure.TargetTls: every source link is TLS (None: plain only)
 
 
 class DataDirLock:
@@ -123,14 +126,16 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(host: str, config: TargetConfig) -> None:
-    """Refuse to listen beyond loopback without a key (anyone could create or take over replicas)
-    unless ``insecure``; warn once on loopback (any local user can still mirror into it)."""
-    if config.psk is not None:
+    """Refuse to listen beyond loopback without a way to authenticate sources (anyone could create
+    or take over replicas) unless ``insecure``; warn once on loopback (any local user can still
+    mirror into it). Over TLS, trusted source fingerprints or trust on first use count as a way."""
+    if config.psk is not None or (config.tls is not None and config.tls.can_authenticate()):
         return
     if not is_loopback(host):
         if not config.insecure:
-            raise VolumeError(f"refusing to listen on {host or '*'} without --psk-file: any host could write "
-                              "replicas (use --psk-file, or --insecure on a trusted network)")
+            raise VolumeError(f"refusing to listen on {host or '*'} without --psk-file or a trusted source: any "
+                              "host could write replicas (`vdisk keys trust SOURCE-FINGERPRINT`, --psk-file, "
+                              "--trust-on-first-use, or --insecure on a trusted network)")
         log.warning("no --psk-file and listening on %s: any host that reaches it can write replicas", host or "*")
     else:
         log.warning("no --psk-file: any local process can mirror into this target")
@@ -263,6 +268,7 @@ class TargetServer:
         session: tuple[trio.CancelScope, trio.Event] | None = None
         session_uuid = ""
         try:
+            await secure_target(link, self.config.tls, self.config.handshake_timeout)
             with trio.move_on_after(self.config.handshake_timeout) as scope:
                 events = await link.receive()
             if scope.cancelled_caught:

@@ -91,7 +91,7 @@ def test_list_has_mirror_and_mounted_columns(tmp_path: Path, capsys) -> None:
         run(capsys, "--data-dir", d, "create", name, "--size", "16M")
     VolumeStore(tmp_path).update("copy", replica={"source_uuid": "u", "source_name": "data1", "source_addr": "h:1"})
     run(capsys, "--data-dir", d, "mirror", "synced", "--to", "127.0.0.1:7800")
-    run(capsys, "--data-dir", d, "mirror", "async1", "--to", "10.0.0.2:7800", "--mode", "async")
+    run(capsys, "--data-dir", d, "mirror", "async1", "--to", "10.0.0.2:7800", "--mode", "async", "--insecure")
     store = VolumeStore(tmp_path)
     save_record(store, MountRecord(name="plain", dir="/mnt/plain", fuse_dir=str(tmp_path / ".plain.fuse"),
                                    log=str(tmp_path / "plain.mount.log")))

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -244,6 +245,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_connections=args.max_connections, metrics=args.metrics)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=LOG_FORMAT.format("serve"), datefmt=LOG_DATES)
+    if args.tls:
+        from .tls import nbd_context
+
+        config = replace(config, tls=nbd_context(store.root))
 
     # Worker threads finishing big writes need the GIL back to report; the default 5 ms switch
     # interval lets a busy event loop keep them waiting. 0.5 ms: 1 MiB seq write 0.87x -> 0.95x of
@@ -312,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="open NBD connections per listener; more are refused (default 1000)")
     sp.add_argument("--metrics", type=metrics_arg, metavar="tcp:HOST:PORT",
                     help="serve Prometheus metrics over HTTP at /metrics (default: off; port 0: any free port)")
+    sp.add_argument("--tls", action="store_true",
+                    help="NBD clients must use TLS (STARTTLS; the site's key from `vdisk keys init`, see README)")
     sp.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
 
     add("demo", cmd_demo, "create, serve, write and read a volume in a temporary directory")
@@ -328,6 +335,9 @@ EXTENSIONS: list[Callable[[Callable[..., argparse.ArgumentParser]], None]] = []
 from .mount import add_commands as _mount_commands  # after EXTENSIONS: mount.py imports this module
 
 EXTENSIONS.append(_mount_commands)
+from .tls import add_commands as _tls_commands
+
+EXTENSIONS.append(_tls_commands)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,7 @@ class ServeConfig:
     read_only: bool = False
     max_connections: int = Limits.connections  # per NBD listener
     metrics: Listen | None = None  # --metrics: Prometheus exposition (vdisk/metrics.py)
+    tls: Any = None  # ssl.SSLContext: NBD clients must STARTTLS (--tls; vdisk/tls.py)
 
 
 @dataclass
@@ -167,7 +168,7 @@ class Daemon:
         self.control = ControlServer("serve")
         self.control_address = control_address(config.data_dir, os.getpid())
         self.nbd = NBDServer(self.export, lambda: sorted(self.volumes),
-                             limits=Limits(connections=config.max_connections))
+                             limits=Limits(connections=config.max_connections), tls=config.tls)
         self.listeners = NBDListeners(self.nbd)
         self.listening = self.listeners.addresses
         self.metrics_address: str | None = None  # http://HOST:PORT/metrics once listening

@@ -49,6 +49,10 @@ class EventRing:
         return [asdict(e) for e in self._ring if volumes is None or e.volume in volumes]
 
 
+# Words of a link refused for its security (mirror/secure.py): shown whole, they say what to do.
+TLS_REFUSALS = ("certificate", "requires tls", "not use tls", "speak tls")
+
+
 def link_reason(state: str | None, last_error: str | None) -> str | None:
     """Why a mirror has no link, in the words of `vdisk status`; None while it has one."""
     if state not in DOWN_STATES:
@@ -58,6 +62,8 @@ def link_reason(state: str | None, last_error: str | None) -> str | None:
         return "split brain"
     if state == "stopped":
         return "stopped"
+    if any(w in err for w in TLS_REFUSALS):
+        return f"refused: {last_error}"  # a TLS refusal: the whole reason (which fingerprint, what to do)
     for word in ("not served", "authentication failed", "version mismatch", "size mismatch"):
         if word in err:
             return word

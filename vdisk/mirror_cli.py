@@ -29,7 +29,19 @@ from .mirroring import (
 from .units import format_rate, format_size
 
 CONFIG_KEYS = ("to", "mode", "on_link_loss", "psk_file", "block_timeout", "timeout",
-               "rate", "schedule", "ship_at", "buffer_size", "checkpoint_interval", "rpo", "stall")
+               "rate", "schedule", "ship_at", "buffer_size", "checkpoint_interval", "rpo", "stall",
+               "tls", "insecure", "target_fingerprint", "trust_on_first_use")
+
+
+def fingerprint_arg(text: str) -> str:
+    if text.strip().lower() == "none":
+        return ""
+    from mirror.keys import parse_fingerprint
+
+    try:
+        return parse_fingerprint(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _daemon(store: VolumeStore, name: str) -> str | None:
@@ -52,8 +64,11 @@ def cmd_target(args: argparse.Namespace) -> int:
     host, port = parse_hostport(args.listen, listen=True)
     # TargetServer.serve refuses a keyless listener beyond loopback (unless --insecure) and a second
     # target on this data directory, before it listens.
-    server = TargetServer(store, TargetConfig(psk=read_psk(args.psk_file), timeout=args.timeout,
-                                              insecure=args.insecure))
+    from .tls import target_tls
+
+    psk = read_psk(args.psk_file)
+    tls = target_tls(args, store.root, host, psk is not None)
+    server = TargetServer(store, TargetConfig(psk=psk, timeout=args.timeout, insecure=args.insecure, tls=tls))
     listens = [Listen.parse(s) for s in args.nbd or []]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=LOG_FORMAT.format("target"),
                         datefmt=LOG_DATES)
@@ -69,7 +84,12 @@ def cmd_target(args: argparse.Namespace) -> int:
         return None if backend is None else Export(name, backend, f"vdisk replica {name} (read-only)")
 
     async def main() -> None:
-        listeners = NBDListeners(NBDServer(lookup, server.replica_names))
+        nbd_tls = None
+        if args.nbd_tls:
+            from .tls import nbd_context
+
+            nbd_tls = nbd_context(store.root)
+        listeners = NBDListeners(NBDServer(lookup, server.replica_names, tls=nbd_tls))
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
@@ -83,7 +103,8 @@ def cmd_target(args: argparse.Namespace) -> int:
                     # After serve took the data directory's lock (which names our pid, and so the address).
                     await nursery.start(control.serve, control_address(store.root, os.getpid()))
                     nursery.start_soon(watch.run)
-                    where = [f"tcp:{addr}"] + ["nbd " + a for a in await listeners.start(nursery, listens)] + metrics
+                    tcp = f"tcp:{addr}" + (f" (TLS, {tls.keys.fingerprint})" if tls else "")
+                    where = [tcp] + ["nbd " + a for a in await listeners.start(nursery, listens)] + metrics
                     print(f"target listening on {', '.join(where)}, replicas in {store.root} (pid {os.getpid()})",
                           flush=True)
                     async for _ in signals:
@@ -131,7 +152,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     if not given:
         raise ValueError("nothing to change: give --to HOST:PORT, --mode, --rate... (or --stop)")
     section = merge_section(old, given)  # a new --to keeps the other settings, not the pairing
-    check_section(section)  # fail here, not in the daemon's log
+    check_section(section, store.root)  # fail here, not in the daemon's log (creates keys if TLS needs them)
     if control:
         reply = call(control, "mirror", name=args.name, set=given)
         where = "applied in the running daemon"
@@ -160,6 +181,9 @@ def describe(section: dict[str, Any]) -> str:
     mode = section.get("mode", "sync")
     alerts = "".join(f", {k} {section[k]:g}s" if isinstance(section[k], float) else f", {k} {section[k]}"
                      for k in ("rpo", "stall") if section.get(k) is not None)
+    from .tls import describe_tls
+
+    alerts += describe_tls(section)
     if mode == "sync":
         return f"sync, on link loss: {section.get('on_link_loss', 'degrade')}{alerts}"
     from .units import parse_rate
@@ -499,8 +523,15 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--listen", required=True, metavar="HOST:PORT", help="where sources connect (port 0: any free port)")
     sp.add_argument("--psk-file", help="pre-shared key file (sources must use the same key)")
     sp.add_argument("--insecure", action="store_true",
-                    help="allow listening beyond loopback without --psk-file (any host could write replicas)")
+                    help="a plain link beyond loopback (sources must say --insecure too), allowed without "
+                         "--psk-file (any host could write replicas)")
+    sp.add_argument("--tls", action="store_true",
+                    help="TLS on loopback too (beyond loopback it is the default); keys in DATA_DIR/keys")
+    sp.add_argument("--trust-on-first-use", action="store_true",
+                    help="TLS: while no source is trusted (DATA_DIR/keys/trusted), trust and record the first one")
     sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT", help="read-only NBD export of replicas")
+    sp.add_argument("--nbd-tls", action="store_true",
+                    help="NBD clients of the export must use TLS (STARTTLS), with this site's key")
     sp.add_argument("--timeout", type=duration_arg, default=30.0,
                     help="source silence before dropping it (default 30s; e.g. 2m, 500ms)")
     sp.add_argument("--metrics", type=metrics_arg, metavar="tcp:HOST:PORT",
@@ -537,6 +568,15 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--stall", type=duration_arg,
                     help="no progress while data is pending for this long raises an alert (default 2m)")
     sp.add_argument("--psk-file", help="pre-shared key file (default: the stored one; none at first)")
+    sp.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
+                    help="TLS on loopback too (beyond loopback it is the default)")
+    sp.add_argument("--insecure", action=argparse.BooleanOptionalAction, default=None,
+                    help="a plain link beyond loopback (the target must say --insecure too)")
+    sp.add_argument("--target-fingerprint", type=fingerprint_arg, metavar="SHA256:...",
+                    help="TLS: the target's fingerprint (`vdisk keys show` there); none removes it")
+    sp.add_argument("--trust-on-first-use", action=argparse.BooleanOptionalAction, default=None,
+                    help="TLS: trust and record (DATA_DIR/keys/trusted) the target's fingerprint at the first "
+                         "connection; later a different one is refused")
     sp.add_argument("--stop", action="store_true", help="stop mirroring and forget the pairing")
     sp.add_argument("--discard-replica", action="store_true",
                     help="after a split brain: overwrite what differs on the replica (found by Merkle compare); "

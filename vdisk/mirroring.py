@@ -126,8 +126,9 @@ def merge_section(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return section
 
 
-def check_section(section: dict[str, Any]) -> SyncConfig | AsyncConfig:
-    """The replicator configuration of a ``mirror`` section; ValueError with a user message if bad."""
+def check_section(section: dict[str, Any], data_dir: Path | None = None) -> SyncConfig | AsyncConfig:
+    """The replicator configuration of a ``mirror`` section; ValueError with a user message if bad.
+    With ``data_dir`` (the site's keys) a link that is TLS gets its policy (vdisk/tls.py)."""
     mode = section.get("mode", "sync")
     if mode not in MODES:
         raise ValueError(f"invalid --mode {mode!r}: use sync or async")
@@ -137,10 +138,13 @@ def check_section(section: dict[str, Any]) -> SyncConfig | AsyncConfig:
     alert_thresholds(section)
     psk = read_psk(section.get("psk_file"))
     timeout = parse_duration(section.get("timeout", 10.0), "timeout")
+    from .tls import source_tls
+
+    tls = source_tls(section, data_dir, host, port, psk is not None)
     if mode == "sync":
         return SyncConfig(host, port, on_link_loss=section.get("on_link_loss", "degrade"), psk=psk,
                           block_timeout=parse_duration(section.get("block_timeout", 30.0), "block_timeout"),
-                          timeout=timeout)
+                          timeout=timeout, tls=tls)
     rate = section.get("rate")
     schedule, ship_at = section.get("schedule") or None, section.get("ship_at") or None
     if schedule is not None:
@@ -148,7 +152,7 @@ def check_section(section: dict[str, Any]) -> SyncConfig | AsyncConfig:
     if ship_at is not None:
         ShipAt.parse(str(ship_at))
     buffer = section.get("buffer_size", DEFAULT_BUFFER)
-    return AsyncConfig(host, port, psk=psk, timeout=timeout,
+    return AsyncConfig(host, port, psk=psk, timeout=timeout, tls=tls,
                        rate=None if rate in (None, "") else parse_rate(str(rate)),
                        schedule=None if schedule is None else str(schedule),
                        ship_at=None if ship_at is None else str(ship_at),
@@ -345,7 +349,7 @@ class MirrorManager:
         writes dirty (the async catch-up sends them); async -> sync folds what the replica has not
         committed into the dirty map, which the sync resync sends. An async mirror whose target
         and keys stay the same is reconfigured in place (rate, schedule...: no reconnect)."""
-        config = check_section(section)
+        config = check_section(section, self.daemon.store.root)
         m = self._open(vol)
         m.rpo, m.stall = alert_thresholds(section)
         if isinstance(config, AsyncConfig) and isinstance(m.rep, AsyncReplicator) and \
@@ -502,6 +506,10 @@ class MirrorManager:
         """The replicator's snapshot with its watch's link, alerts and resync progress."""
         st = self._raw_status(name)
         m = self.mirrors.get(name)
+        if st is not None and m is not None and m.rep is not None:
+            from .tls import tls_status
+
+            st["tls"] = tls_status(m.rep.config)
         if st is not None and name in self.verifying:
             st["verify"] = dict(self.verifying[name])
         if st is None or m is None or m.watch is None:
@@ -561,7 +569,7 @@ class MirrorManager:
         old = store.meta(vol.name).extra.get("mirror") or {}
         section = merge_section(old, new)
         try:
-            check_section(section)
+            check_section(section, store.root)
         except ValueError as e:
             raise ControlError(str(e)) from None
         store.update(vol.name, mirror=section)

@@ -88,10 +88,17 @@ Lookup = Callable[[str], "ExportInfo | None"]
 class ServerHandshake:
     """The option-haggling state machine of one connection."""
 
-    def __init__(self, lookup: Lookup, list_names: Callable[[], list[str]], refuse: str | None = None) -> None:
+    def __init__(self, lookup: Lookup, list_names: Callable[[], list[str]], refuse: str | None = None,
+                 tls: bool = False) -> None:
         """``refuse``: the server will not serve this client (e.g. too many connections): every option
-        is answered NBD_REP_ERR_POLICY with this message, as the spec asks of an unwilling server."""
+        is answered NBD_REP_ERR_POLICY with this message, as the spec asks of an unwilling server.
+        ``tls``: TLS is required (NBD_OPT_STARTTLS first; any other option before it gets
+        NBD_REP_ERR_TLS_REQD). After STARTTLS is acknowledged the handshake pauses: the I/O loop
+        runs the TLS handshake over ``take_leftover()`` + the socket, then calls ``tls_started``."""
         self._refuse = refuse
+        self._tls_required = tls
+        self.tls_active = False
+        self.tls_requested = False  # STARTTLS acknowledged, TLS handshake not done yet
         self._lookup = lookup
         self._list_names = list_names
         self._in = bytearray()
@@ -108,10 +115,21 @@ class ServerHandshake:
         out, self._out = bytes(self._out), bytearray()
         return out
 
+    def take_leftover(self) -> bytes:
+        """After STARTTLS: the bytes the client sent behind it (the start of its TLS handshake)."""
+        out, self._in = bytes(self._in), bytearray()
+        return out
+
+    def tls_started(self) -> None:
+        """The TLS handshake is done: options continue, now over TLS."""
+        self.tls_requested, self.tls_active = False, True
+
     def receive_data(self, data: bytes) -> Negotiated | Closed | None:
         """Feed bytes from the client; returns the result once the handshake is over."""
         if self.result is not None:
             raise HandshakeError("handshake already finished")
+        if self.tls_requested:
+            raise HandshakeError("bytes fed between STARTTLS and the TLS handshake")
         self._in += data
         try:
             while self.result is None and self._step():
@@ -124,6 +142,8 @@ class ServerHandshake:
 
     # -- internals ----------------------------------------------------------------------------
     def _step(self) -> bool:
+        if self.tls_requested:  # what follows is TLS: the I/O loop takes it
+            return False
         if self._state == "flags":
             if len(self._in) < 4:
                 return False
@@ -171,6 +191,20 @@ class ServerHandshake:
             if opt == P.OPT_EXPORT_NAME:  # this option cannot be answered with an error
                 raise HandshakeError(f"refused ({self._refuse})")
             return self._error(opt, P.REP_ERR_POLICY, self._refuse)
+        if opt == P.OPT_STARTTLS:
+            if not self._tls_required:
+                return self._error(opt, P.REP_ERR_POLICY, "TLS is not enabled on this server (vdisk serve --tls)")
+            if self.tls_active:
+                return self._error(opt, P.REP_ERR_INVALID, "TLS is already active")
+            if data:
+                return self._error(opt, P.REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            self._reply(opt, P.REP_ACK)
+            self.tls_requested = True
+            return None
+        if self._tls_required and not self.tls_active and opt != P.OPT_ABORT:
+            if opt == P.OPT_EXPORT_NAME:  # cannot be answered with an error: hang up (as the spec says)
+                raise HandshakeError("NBD_OPT_EXPORT_NAME before STARTTLS: this server requires TLS")
+            return self._error(opt, P.REP_ERR_TLS_REQD, "this server requires TLS: use NBD_OPT_STARTTLS first")
         if opt == P.OPT_EXPORT_NAME:
             info = self._find(_decode(data))
             if info is None:
@@ -189,8 +223,6 @@ class ServerHandshake:
                 raw = name.encode()
                 self._reply(opt, P.REP_SERVER, struct.pack(">I", len(raw)) + raw)
             self._reply(opt, P.REP_ACK)
-        elif opt == P.OPT_STARTTLS:
-            self._error(opt, P.REP_ERR_POLICY, "TLS is not supported by this server")
         elif opt in (P.OPT_INFO, P.OPT_GO):
             self._info_or_go(opt, data)
         elif opt == P.OPT_STRUCTURED_REPLY:

@@ -6,18 +6,23 @@ client, a volume and a listener in limits.py. Here: each listener accepts until 
 options, for a few at once, within a short timeout) or simply closed, and one log line says so at
 most every ``LOG_EVERY`` seconds. Accept errors (EMFILE when descriptors run out) back off instead
 of spinning, and are logged at the same rate. The soft descriptor limit is raised at the first listen.
+With a TLS context the server requires NBD_OPT_STARTTLS (fixed newstyle: ACK, then the TLS
+handshake, then options again); transmission then reads and writes through the TLS channel, which
+has the socket's recv_into/sendmsg (blockdev/tls.py): session.py's loop is the same either way.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from ..backend import Backend
+from ..tls import TlsChannel, TlsError, describe_ssl_error, start_tls
 from .handshake import Closed, ExportInfo, Negotiated, ServerHandshake
 from .limits import Backoff, Limits, RateLimited, WriteBudget, raise_fd_limit
 from .pool import WorkerPool  # WorkerPool is also the FUSE export's (imported from here)
@@ -67,8 +72,10 @@ class NBDServer:
     """Serves exports looked up by name; ``serve`` runs one listener."""
 
     def __init__(self, lookup: Callable[[str], Export | None], names: Callable[[], list[str]], workers: int = 4,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: require NBD_OPT_STARTTLS (clients verify the certificate themselves)."""
         self.lookup = lookup
+        self.tls = tls
         self.names = names
         self.limits = limits or Limits()
         self.pool = WorkerPool(workers)
@@ -221,12 +228,13 @@ class NBDServer:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             neg = None
+            io: socket.socket | TlsChannel = sock
             with trio.CancelScope() as scope:  # drain() ends handshakes still in progress
                 self._handshakes.add(scope)
                 if self.draining:
                     scope.cancel()
                 try:
-                    neg = await self._handshake(sock)
+                    neg, io = await self._handshake(sock)
                 finally:
                     self._handshakes.discard(scope)
             if neg is None or self.draining:
@@ -234,7 +242,7 @@ class NBDServer:
             export = self.lookup(neg.export.name)
             if export is None:
                 return
-            conn = Connection(self, sock, export, neg, self.budget(export.name), self.limits)
+            conn = Connection(self, io, export, neg, self.budget(export.name), self.limits)
             self.connections.add(conn)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.writer)
@@ -259,28 +267,42 @@ class NBDServer:
             if self._active == 0:
                 self._none_active.set()
 
-    async def _handshake(self, sock: socket.socket, refuse: str | None = None,
-                         timeout: float = HANDSHAKE_TIMEOUT) -> Negotiated | None:
-        hs = ServerHandshake(self._info, self.names, refuse=refuse)
+    async def _handshake(self, sock: socket.socket, refuse: str | None = None, timeout: float = HANDSHAKE_TIMEOUT
+                         ) -> tuple[Negotiated | None, socket.socket | TlsChannel]:
+        """The option haggling; (the result, what transmission reads and writes: the socket or TLS)."""
+        hs = ServerHandshake(self._info, self.names, refuse=refuse, tls=self.tls is not None)
+        io: socket.socket | TlsChannel = sock
+        buf = bytearray(65536)
         with trio.move_on_after(timeout):
-            await _send_all(sock, hs.data_to_send())
+            await _send_all(io, hs.data_to_send())
             while True:
                 try:
-                    data = sock.recv(65536)
+                    n = io.recv_into(memoryview(buf))
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(sock)
                     continue
-                if not data:
-                    return None
-                result = hs.receive_data(data)
-                await _send_all(sock, hs.data_to_send())
+                except ssl.SSLError as e:
+                    log.info("NBD client's TLS failed: %s", describe_ssl_error(e))
+                    return None, io
+                if not n:
+                    return None, io
+                result = hs.receive_data(bytes(buf[:n]))
+                await _send_all(io, hs.data_to_send())
+                if hs.tls_requested and self.tls is not None:
+                    try:
+                        io = await start_tls(sock, self.tls, True, timeout, hs.take_leftover())
+                    except TlsError as e:
+                        log.info("NBD client's TLS handshake failed: %s", e)
+                        return None, io
+                    hs.tls_started()
+                    continue
                 if isinstance(result, Negotiated):
-                    return result
+                    return result, io
                 if isinstance(result, Closed):
                     log.info("NBD handshake closed: %s", result.reason)
-                    return None
+                    return None, io
         log.info("NBD handshake timed out")
-        return None
+        return None, io
 
     def statistics(self) -> dict[str, int]:
         return {"connections": len(self.connections), "total_connections": self.total_connections,
@@ -295,15 +317,18 @@ class NBDServer:
         self.pool.close()
 
 
-async def _send_all(sock: socket.socket, data: bytes) -> None:
+async def _send_all(io: socket.socket | TlsChannel, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
-            n = sock.send(view)
+            n = io.sendmsg([view])
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
+            await trio.lowlevel.wait_writable(io)
             continue
         view = view[n:]
+    if isinstance(io, TlsChannel):
+        while not io.flush():
+            await trio.lowlevel.wait_writable(io)
 
 
 __all__ = ["Export", "NBDServer"]

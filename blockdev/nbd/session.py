@@ -27,6 +27,7 @@ import trio
 
 from ..backend import Backend, Completion
 from ..errors import FastZeroUnsupported, to_errno
+from ..tls import TlsChannel
 from . import proto as P
 from .handshake import Negotiated
 from .limits import Limits, WriteBudget
@@ -69,13 +70,14 @@ class ConnectionStats:
 class Connection:
     """One client in the transmission phase."""
 
-    def __init__(self, server: NBDServer, sock: socket.socket, export: Export, neg: Negotiated,
+    def __init__(self, server: NBDServer, sock: socket.socket | TlsChannel, export: Export, neg: Negotiated,
                  budget: WriteBudget, limits: Limits) -> None:
         self.server = server
         self.budget = budget
         self.limits = limits
         self._reply_bytes = limits.reply_bytes
-        self.sock = sock
+        self.sock = sock  # or a TLS channel: the same recv_into/sendmsg/fileno
+        self._tls = sock if isinstance(sock, TlsChannel) else None
         self.export = export
         self.backend = export.backend
         self._error_log = server.op_error_log(export.name)
@@ -141,6 +143,14 @@ class Connection:
                     self.outbox[i] = memoryview(first)[n:]
                     n = 0
             del self.outbox[:i]
+        if self._tls is not None and not self.outbox and not self._blocked and not self.broken:
+            try:  # the last records may wait for the socket: the writer finishes them
+                if not self._tls.flush():
+                    self._blocked = True
+                    self._writer_wake.set()
+                    return
+            except OSError:
+                self.broken = True
         if self.broken:
             self.outbox.clear()
             self.out_bytes = 0

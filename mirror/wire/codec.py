@@ -46,6 +46,7 @@ MAX_JSON = 1 << 20
 PRE_AUTH_PAYLOAD = 64 << 10
 MAX_QUERY_INDICES = 16384  # digests per HashQuery (the source asks for at most verify.QUERY_BATCH)
 MAX_INT = (1 << 63) - 1  # every integer field of a control frame is in [0, MAX_INT] unless narrower
+MAX_CERT = 16 << 10  # a source's certificate in its Auth (a self-signed P-256 one is about 600 bytes)
 MAX_NAME = 255  # volume names, modes, caps and error codes are short strings
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -124,7 +125,10 @@ def encode(event: Event) -> bytes:
             return _json_frame(T_CHALLENGE, {"version": event.version, "nonce": event.nonce.hex(),
                                              "proof": event.proof.hex(), "auth": event.auth})
         case Auth():
-            return _json_frame(T_AUTH, {"proof": event.proof.hex()})
+            auth: dict[str, Any] = {"proof": event.proof.hex()}
+            if event.cert:  # optional: only a source on a TLS link sends them
+                auth.update(cert=event.cert.hex(), sig=event.sig.hex())
+            return _json_frame(T_AUTH, auth)
         case Welcome():
             return _json_frame(T_WELCOME, {"replica_id": event.replica_id, "replica_name": event.replica_name,
                                            "created": event.created, "generation": event.generation,
@@ -201,6 +205,8 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
         return Challenge(_field(d, "version", int), _hexfield(d, "nonce"), _hexfield(d, "proof"),
                          _field(d, "auth", bool))
     if ftype == T_AUTH:
+        if "cert" in d:
+            return Auth(_hexfield(d, "proof"), _hexfield(d, "cert", MAX_CERT), _hexfield(d, "sig", 256))
         return Auth(_hexfield(d, "proof"))
     if ftype == T_WELCOME:
         verify = d.get("verify", False)  # optional: a target from before split-brain checks omits it

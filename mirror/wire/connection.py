@@ -16,7 +16,12 @@ Checkpoint there would promise an atomicity the target does not provide: a proto
 
 Both sides prove they know the pre-shared key (mutual HMAC-SHA256 challenge-response over both
 nonces and the volume uuid). If only one side has a key the link is refused: a key that is silently
-ignored would be worse than none. Any protocol violation found here raises and queues an ErrorMsg
+ignored would be worse than none. On a TLS link (blockdev/tls.py, mirror/wire/secure.py) both MACs
+also cover the channel binding, the SHA-256 of the target's certificate as the source saw it
+(tls-server-end-point, RFC 5929: Python's ssl has no RFC 9266 exporter): a relay that terminates TLS
+with its own certificate cannot forward a valid proof, so a PSK alone authenticates both sides.
+There the source also signs the binding and both nonces with its site key and sends its certificate
+in Auth; the target's ``check_source`` decides whether it trusts that certificate. Any protocol violation found here raises and queues an ErrorMsg
 for the peer, so both ends log the same reason.
 """
 from __future__ import annotations
@@ -89,16 +94,26 @@ _TRANSITIONS: dict[tuple[Role, State, type], State] = {
 _TARGET_READY = frozenset(t for (role, state, t) in _TRANSITIONS if role is Role.TARGET and state is State.READY)
 
 
-def _mac(key: bytes, label: bytes, first: bytes, second: bytes, volume_uuid: str) -> bytes:
-    return hmac.new(key, label + first + second + volume_uuid.encode(), hashlib.sha256).digest()
+def _mac(key: bytes, label: bytes, first: bytes, second: bytes, volume_uuid: str, binding: bytes = b"") -> bytes:
+    return hmac.new(key, label + first + second + volume_uuid.encode() + binding, hashlib.sha256).digest()
+
+
+# A source's signature covers this, the binding, the target's nonce, its own, and the volume uuid.
+SIGN_LABEL = b"vdisk-mirror source key"
+Signer = Callable[[bytes], tuple[bytes, bytes]]  # message -> (certificate DER, signature)
+SourceCheck = Callable[[bytes, bytes, bytes], None]  # (certificate, signature, message); raises AuthError
 
 
 class Connection:
     """One end of a replication link. Feed received bytes, take events, send what ``data_to_send`` gives."""
 
     def __init__(self, role: Role, psk: bytes | None = None, *, randbytes: Callable[[int], bytes] = os.urandom,
-                 reader: FrameReader | None = None) -> None:
+                 reader: FrameReader | None = None, binding: bytes = b"", signer: Signer | None = None,
+                 check_source: SourceCheck | None = None) -> None:
         self.role = role
+        self.binding = binding  # set by the TLS layer before the handshake frames (b"" on a plain link)
+        self.signer = signer  # source on a TLS link
+        self.check_source = check_source  # target on a TLS link
         self.state = State.START
         self._psk = psk or None
         self._rand = randbytes
@@ -221,7 +236,8 @@ class Connection:
             raise RemoteProtocolError(f"bad hello: unknown mirror mode {hello.mode!r} (sync or async)")
         self.hello, self._peer_nonce = hello, hello.nonce
         self._nonce = self._rand(NONCE_SIZE)
-        proof = _mac(self._psk, b"vdisk-mirror target", hello.nonce, self._nonce, hello.volume_uuid) if self._psk else b""
+        proof = _mac(self._psk, b"vdisk-mirror target", hello.nonce, self._nonce, hello.volume_uuid,
+                     self.binding) if self._psk else b""
         self._out.append(encode(Challenge(PROTOCOL_VERSION, self._nonce, proof, self._psk is not None)))
         # the application sees the Hello once the source has authenticated
 
@@ -238,17 +254,27 @@ class Connection:
             raise AuthError("authentication failed: a pre-shared key is configured but the target has none")
         proof = b""
         if self._psk:
-            want = _mac(self._psk, b"vdisk-mirror target", self._nonce, ch.nonce, self.hello.volume_uuid)
+            want = _mac(self._psk, b"vdisk-mirror target", self._nonce, ch.nonce, self.hello.volume_uuid,
+                        self.binding)
             if not hmac.compare_digest(want, ch.proof):
-                raise AuthError("authentication failed: wrong pre-shared key (the target's proof does not match)")
-            proof = _mac(self._psk, b"vdisk-mirror source", ch.nonce, self._nonce, self.hello.volume_uuid)
-        self._out.append(encode(Auth(proof)))
+                raise AuthError("authentication failed: wrong pre-shared key (the target's proof does not match"
+                                + (", or a relay holds another certificate)" if self.binding else ")"))
+            proof = _mac(self._psk, b"vdisk-mirror source", ch.nonce, self._nonce, self.hello.volume_uuid,
+                         self.binding)
+        cert = sig = b""
+        if self.signer is not None:
+            cert, sig = self.signer(SIGN_LABEL + self.binding + ch.nonce + self._nonce + self.hello.volume_uuid.encode())
+        self._out.append(encode(Auth(proof, cert, sig)))
 
     def _on_auth(self, auth: Auth) -> None:
         assert self.hello is not None
         if self._psk:
-            want = _mac(self._psk, b"vdisk-mirror source", self._nonce, self._peer_nonce, self.hello.volume_uuid)
+            want = _mac(self._psk, b"vdisk-mirror source", self._nonce, self._peer_nonce, self.hello.volume_uuid,
+                        self.binding)
             if not hmac.compare_digest(want, auth.proof):
                 raise AuthError("authentication failed: wrong pre-shared key (the source's proof does not match)")
         elif auth.proof:
             raise AuthError("authentication failed: the source uses a pre-shared key but this target has none")
+        if self.check_source is not None:
+            self.check_source(auth.cert, auth.sig,
+                              SIGN_LABEL + self.binding + self._nonce + self._peer_nonce + self.hello.volume_uuid.encode())

@@ -40,9 +40,12 @@ class Challenge:
 
 @dataclass(frozen=True)
 class Auth:
-    """Source -> target: the source's proof of the key (empty without a key)."""
+    """Source -> target: the source's proof of the key (empty without a key). Over TLS also its
+    certificate (DER) and its signature over the channel binding and both nonces (connection.py)."""
 
     proof: bytes
+    cert: bytes = b""
+    sig: bytes = b""
 
 
 @dataclass(frozen=True)

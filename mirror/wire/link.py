@@ -6,10 +6,13 @@ The hot loop calls ``recv_into``/``sendmsg`` directly and awaits readiness only 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections import deque
 
 import trio
+
+from blockdev.tls import TlsChannel, describe_ssl_error
 
 from .connection import Connection
 from .errors import PeerClosed, RemoteProtocolError, WireError
@@ -47,7 +50,7 @@ class Outbox:
         self._bufs.clear()
         self.bytes = 0
 
-    def send_some(self, sock: socket.socket) -> bool:
+    def send_some(self, sock: socket.socket | TlsChannel) -> bool:
         """Send what the socket takes now; True when the outbox is empty. Raises OSError."""
         while True:
             with self.lock:
@@ -72,7 +75,10 @@ class Outbox:
 
 
 class Link:
-    """A connected socket and its protocol state. Not thread-safe: trio thread only."""
+    """A connected socket and its protocol state. Not thread-safe: trio thread only.
+
+    After ``use_tls`` the same loops run over a TLS channel (blockdev/tls.py): it has the socket's
+    ``recv_into``/``sendmsg`` with plaintext on this side, so nothing above changes."""
 
     def __init__(self, sock: trio.socket.SocketType, conn: Connection) -> None:
         self.sock = sock
@@ -80,6 +86,8 @@ class Link:
         self.raw.setblocking(False)
         self.conn = conn
         self.outbox = Outbox()
+        self.tls: TlsChannel | None = None
+        self._io: socket.socket | TlsChannel = self.raw  # recv_into / sendmsg: plaintext either way
         self.peer = ""
         try:
             host, port = sock.getpeername()[:2]
@@ -97,16 +105,29 @@ class Link:
                 if events:
                     return events
             try:
-                n = self.raw.recv_into(reader.buffer())
+                n = self._io.recv_into(reader.buffer())
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.raw)
                 continue
+            except ssl.SSLError as e:  # before OSError, its base class
+                raise RemoteProtocolError(f"link to {self.peer} failed: TLS: {describe_ssl_error(e)} "
+                                          "(a record was altered on the way, or the peer broke TLS)") from None
             except OSError as e:
                 raise RemoteProtocolError(f"link to {self.peer} failed: {e.strerror or e}") from None
             if n == 0:
                 # The caller's log line names the peer ("source ADDR: ...", "mirror N -> ADDR: ...").
                 raise PeerClosed("the peer closed the connection")
             reader.commit(n)
+
+    def use_tls(self, chan: TlsChannel) -> None:
+        """From now on every byte crosses ``chan`` (its handshake is done)."""
+        self.tls = self._io = chan
+
+    def send_some(self) -> bool:
+        """Send what the socket takes now; True when nothing is left (TLS: no ciphertext either). OSError."""
+        done = self.outbox.send_some(self._io)
+        tls = self.tls
+        return done if tls is None else tls.flush() and done
 
     async def send_control(self) -> None:
         data = self.conn.data_to_send()
@@ -118,7 +139,7 @@ class Link:
     async def drain(self) -> None:
         """Send everything queued, waiting for the socket as needed."""
         try:
-            while not self.outbox.send_some(self.raw):
+            while not self.send_some():
                 await trio.lowlevel.wait_writable(self.raw)
         except OSError as e:
             raise RemoteProtocolError(f"link to {self.peer} failed: {e.strerror or e}") from None
