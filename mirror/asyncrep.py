@@ -1080,6 +1080,10 @@ class AsyncReplicator(Marking):
             "reduction": self.reduction_status(),
         }
 
+    def reduction_snapshot(self) -> Reduction:
+        with self._lock:
+            return replace(self.reduction)
+
     def reduction_status(self) -> dict[str, Any]:
         """Bytes by fate since the daemon started (reduce.Reduction), what is negotiated, zstd's level."""
         with self._lock:
