@@ -405,7 +405,7 @@ class Reducer:
         segs: list[list[Any]] = []  # [kind, length, start in data, ref (vol, src offset) | None]
         known, stream, vol = self.known, self.stream, self.stream.uuid
         view = memoryview(data)
-        pos = 0
+        pos, end = 0, offset + len(view)
         for b, blk in _blocks(offset, data, partial=True):
             n = len(blk)
             kind, ref = S_DATA, None
@@ -417,7 +417,8 @@ class Reducer:
             elif full and plan:
                 h = digest(blk)
                 how, where = known.lookup(h, stream)
-                if how == "ref" and where != (vol, offset + pos):
+                # Not into this write's own range: the target reads references before it writes.
+                if how == "ref" and not (where[0] == vol and offset <= where[1] < end):
                     kind, ref = S_REF, where
                 known.put(h, vol, offset + pos, stream, seq)  # it holds this block once applied
             last = segs[-1] if segs else None

@@ -336,7 +336,7 @@ def test_dedup_across_volumes_a_forged_reference_and_restarts_of_both_daemons(pr
     assert ra["caps"] == ["zstd", "dedup"] and ra["zero"] >= MiB + MiB // 2 and ra["compression"] > MiB // 2
     write(sock, "b", data)
     rb = synced("b")
-    assert rb["dedup"] >= 4 * MiB and rb["wire"] < 64 * 1024, rb  # the clone costs almost nothing
+    assert rb["dedup"] >= 3 * MiB + MiB // 2 and rb["wire"] < 64 * 1024, rb  # the clone costs almost nothing
     assert "reduction" in vd("status", "b")
     per_target = rb["per_target"]
     assert per_target["volumes"] == 4 and per_target["logical"] >= ra["logical"] + rb["logical"]
@@ -356,4 +356,4 @@ def test_dedup_across_volumes_a_forged_reference_and_restarts_of_both_daemons(pr
         procs.wait_state("src", n, "in_sync", timeout=60)
     write(sock, "d", data)
     rd = synced("d")
-    assert rd["dedup"] >= 4 * MiB and rd["wire"] < 64 * 1024, rd
+    assert rd["dedup"] >= 3 * MiB + MiB // 2 and rd["wire"] < 64 * 1024, rd
