@@ -744,6 +744,8 @@ class AsyncReplicator(Marking):
                     continue
             if await self._ship_records(link):
                 continue
+            if self._reducer is not None:
+                self._reducer.stream.idle = True  # another stream's bulk transfer may go (reduce.py)
             self._update_state()
             # Nothing to send now: cut a checkpoint so what was shipped can commit, then wait.
             if self._want_cut():
@@ -908,6 +910,8 @@ class AsyncReplicator(Marking):
         """Send one step's frames (reduced if negotiated); the wire bytes they took. Reduced, the
         throttle waits here, before they go, what they cost (known only once packed)."""
         red = self._reducer
+        if red is not None:
+            red.stream.idle = False
         acct = Reduction()
         bufs = frames.plain(acct) if red is None else await red.encode(frames, acct)
         if self._link is not link:

@@ -61,6 +61,8 @@ MAX_WINDOW = 1 << 27  # a target refuses a stream that needs more decompression 
 LEVEL_MIN, LEVEL_MAX, LEVEL_START = 1, 19, 9
 LEVEL_EVERY = 2.0  # seconds between level changes (each one starts a new zstd frame)
 WAIT_PENDING = 120.0  # seconds a stream waits for another stream's copy of its blocks to be acknowledged
+GATE_BYTES = 1 << 20  # a step with this much data the target lacks takes the target's bulk turn
+GATE_WAIT = 600.0  # seconds a bulk step waits for another stream's bulk transfer before it goes anyway
 KNOWN_ENTRIES = 1 << 18  # cached block locations (1 GiB of 4 KiB blocks)
 
 S_DATA, S_ZERO, S_SKIP, S_REF = 0, 1, 2, 3
@@ -159,13 +161,14 @@ class Frames:
 class Stream:
     """One session of one volume: blocks it sent are usable by others once acknowledged."""
 
-    __slots__ = ("acked", "alive", "committed", "uuid")
+    __slots__ = ("acked", "alive", "committed", "idle", "uuid")
 
     def __init__(self, volume_uuid: str) -> None:
         self.uuid = uuidlib.UUID(volume_uuid).bytes
         self.alive = True
         self.acked = 0  # wire seqs the target applied
         self.committed = 0  # ...and committed (a lost link rolls back the rest)
+        self.idle = False  # its shipper has nothing to send (the replicator says)
 
 
 class KnownBlocks:
@@ -174,6 +177,10 @@ class KnownBlocks:
 
     def __init__(self, capacity: int = KNOWN_ENTRIES) -> None:
         self.capacity = capacity
+        # The bulk turn: streams whose steps carry much data the target lacks ship one at a time, so
+        # clones written at once cross once (the later ones find the earlier one's blocks). Steps
+        # with little new data (a host's steady writes, references, zeroes) never wait for it.
+        self.turn: Stream | None = None
         # digest -> (volume uuid bytes, offset, stream or None (the target said so), wire seq)
         self._map: OrderedDict[bytes, tuple[bytes, int, Stream | None, int]] = OrderedDict()
         self._at: dict[tuple[bytes, int], bytes] = {}  # (volume uuid, block number) -> digest
@@ -213,6 +220,10 @@ class KnownBlocks:
             h = at.pop((vol, b), None)
             if h is not None:
                 self._map.pop(h, None)
+
+    def turn_free(self, stream: Stream) -> bool:
+        t = self.turn
+        return t is None or t is stream or not t.alive or t.idle
 
     def lookup(self, h: bytes, stream: Stream) -> tuple[str, Any]:
         """("ref", (vol, offset)) usable by ``stream`` now; ("wait", (stream, seq)); or ("ask", None)."""
@@ -281,6 +292,7 @@ class Reducer:
         plan = self._classify(ops, skips)
         if self.dedup and plan:
             await self._resolve(plan, acct)
+            await self._take_turn(plan, acct)
         inner, step = self._build(ops, skips, plan)
         out: list[Any] = []
         for chunk, d_bytes in inner:
@@ -345,6 +357,23 @@ class Reducer:
                 found, vol, off = _ENTRY.unpack_from(reply, j * DEDUP_ENTRY)
                 if found == 1 and off % BLOCK == 0:
                     known.put(h, vol, off, None, 0)
+
+    async def _take_turn(self, plan: dict[bytes, str], acct: Reduction) -> None:
+        """A step with much data the target lacks waits its turn behind another stream's bulk
+        transfer (then asks again: most of its blocks may have crossed meanwhile)."""
+        known, stream = self.known, self.stream
+        novel = sum(1 for h in plan if known.lookup(h, stream)[0] != "ref") * BLOCK
+        if novel < GATE_BYTES:
+            if known.turn is stream:
+                known.turn = None
+            return
+        if not known.turn_free(stream):
+            self.waits += 1
+            deadline = time.monotonic() + GATE_WAIT
+            while not known.turn_free(stream) and stream.alive and time.monotonic() < deadline:
+                await trio.sleep(0.1)
+            await self._resolve(plan, acct)
+        known.turn = stream
 
     def _build(self, ops: list[Any], skips: dict[int, set[int]],
                plan: dict[bytes, str]) -> tuple[list[tuple[bytes, int]], Reduction]:
