@@ -60,7 +60,7 @@ from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
 from .wire.codec import MAX_PAYLOAD, encode, encode_dedup_query, encode_ping
 from .wire.events import PROTOCOL_VERSION, Ack, Bye, DedupReply, HashQuery, HashReply, Hello, Welcome
-from .wire.link import Link, connect
+from .wire.link import Link, connect, tune_for_wan
 
 log = logging.getLogger("vdisk.mirror")
 RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log line
@@ -470,8 +470,10 @@ class AsyncReplicator(Marking):
                 raise RemoteProtocolError(f"expected Welcome, got {type(welcome).__name__}")
             self._pair(welcome)
             self._resume(welcome)
-            self._reducer = Reducer(self.ident.uuid, welcome.caps, self._known, self._dedup_query,
-                                    self._link_rate) if CAP_ZSTD in welcome.caps else None
+            self._reducer = Reducer(self.ident.uuid, welcome.caps, self._known,
+                                    self._dedup_query) if CAP_ZSTD in welcome.caps else None
+            if self._reducer is not None:
+                tune_for_wan(link)
             self._last_rx = time.monotonic()
             self._link = link
             self.connects += 1
@@ -926,15 +928,11 @@ class AsyncReplicator(Marking):
         with self._lock:
             self.reduction.add(acct)
             self.wire_meter.add(acct.wire, time.monotonic())
+        started = time.monotonic()
         await self._send(link, bufs)
+        if red is not None:
+            red.sent(time.monotonic() - started)
         return acct.wire
-
-    def _link_rate(self) -> float:
-        """Bytes/s the link takes (the throttle's rate, else what was sent lately): reduce.py's level."""
-        with self._lock:
-            measured = self.wire_meter.rate(10, time.monotonic())
-        rate = self._bucket.rate
-        return min(rate, measured) if rate else measured
 
     async def _dedup_query(self, prefixes: bytes) -> bytes:
         """Ask the target which blocks it holds (one round trip per shipper step, not per block)."""

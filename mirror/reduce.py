@@ -58,7 +58,7 @@ BLOCK = 4096
 PACK_INNER = 8 << 20  # inner bytes per pack (a larger write travels in a pack of its own)
 WINDOW_LOG = 25  # 32 MiB of history: long-distance matches across the blocks of a pack and the last ones
 MAX_WINDOW = 1 << 27  # a target refuses a stream that needs more decompression memory
-LEVEL_MIN, LEVEL_MAX, LEVEL_START = 1, 19, 9
+LEVEL_MIN, LEVEL_MAX, LEVEL_START = 1, 19, 12
 LEVEL_EVERY = 2.0  # seconds between level changes (each one starts a new zstd frame)
 WAIT_PENDING = 120.0  # seconds a stream waits for another stream's copy of its blocks to be acknowledged
 GATE_BYTES = 1 << 20  # a step with this much data the target lacks takes the target's bulk turn
@@ -248,12 +248,12 @@ class Reducer:
     """Turns a shipper step's Frames into Packs (trio thread; compression runs in a worker thread)."""
 
     def __init__(self, volume_uuid: str, caps: Iterable[str], known: KnownBlocks,
-                 query: Callable[[bytes], Awaitable[bytes]] | None = None,
-                 link_rate: Callable[[], float] = lambda: 0.0, level: int = LEVEL_START) -> None:
+                 query: Callable[[bytes], Awaitable[bytes]] | None = None, level: int = LEVEL_START) -> None:
         caps = tuple(caps)
         self.stream = Stream(volume_uuid)
         self.dedup = CAP_DEDUP in caps and query is not None
-        self.known, self._query, self._link_rate = known, query, link_rate
+        self.known, self._query = known, query
+        self._compress_s = 0.0  # the last step's compression time
         self.level = max(LEVEL_MIN, min(LEVEL_MAX, level))
         self._cctx: Any = None
         self._last_level_change = 0.0
@@ -269,19 +269,19 @@ class Reducer:
             return self._cctx, True
         return self._cctx, False
 
-    def _adapt(self, seconds: float, wire: int) -> None:
-        """High while compressing costs little next to sending what it produced; lower when the CPU
-        is what holds the shipper back."""
-        rate = self._link_rate()
+    def sent(self, blocked: float) -> None:
+        """The shipper waited ``blocked`` seconds for the socket to take the last step: the level
+        follows the link (waiting for it: compress harder) vs the CPU (the socket took everything
+        at once while compressing took long: compress faster)."""
         now = time.monotonic()
-        if rate <= 0 or now - self._last_level_change < LEVEL_EVERY:
+        c = self._compress_s
+        if now - self._last_level_change < LEVEL_EVERY or c <= 0:
             return
-        send = wire / rate
         new = self.level
-        if seconds < 0.25 * send and self.level < LEVEL_MAX:
-            new = min(LEVEL_MAX, self.level + 3)
-        elif seconds > 0.75 * send and self.level > LEVEL_MIN:
-            new = max(LEVEL_MIN, self.level - 3)
+        if blocked >= c and self.level < LEVEL_MAX:
+            new = min(LEVEL_MAX, self.level + 2)
+        elif blocked < 0.001 and c > 0.5 and self.level > LEVEL_MIN:
+            new = max(LEVEL_MIN, self.level - 2)
         if new != self.level:
             self.level, self._cctx, self._last_level_change = new, None, now
 
@@ -295,11 +295,12 @@ class Reducer:
             await self._take_turn(plan, acct)
         inner, step = self._build(ops, skips, plan)
         out: list[Any] = []
+        compress_s = 0.0
         for chunk, d_bytes in inner:
             cctx, reset = self._compressor()
             started = time.monotonic()
             data = await trio.to_thread.run_sync(_compress, cctx, chunk)
-            self._adapt(time.monotonic() - started, len(data))
+            compress_s += time.monotonic() - started
             out.extend(encode_pack(len(chunk), data, reset))
             saved = max(0, min(d_bytes, len(chunk) - len(data)))
             step.compression += saved
@@ -307,6 +308,7 @@ class Reducer:
             step.wire += 32 + len(data)
         step.check()
         acct.add(step)
+        self._compress_s = compress_s
         return out
 
     def _classify(self, ops: list[Any], skips: dict[int, set[int]]) -> dict[bytes, str]:

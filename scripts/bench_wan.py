@@ -85,7 +85,8 @@ def tx_bytes() -> int:
 
 
 PROXY_CODE = r"""
-import select, socket, sys, threading, time
+import socket, sys, threading, time
+from collections import deque
 listen_port, host, port, delay = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 def pump(a, b):
     q, cond, done = deque(), threading.Condition(), [False]
@@ -238,17 +239,14 @@ def information_limit(clones: list[Path], scratch: Path) -> dict[str, int]:
 
 # -- the runs ---------------------------------------------------------------------------------------
 class NsProcs(Procs):
-    """Procs whose daemons start inside a namespace (``ns``); CLI calls stay in ours (unix sockets)."""
+    """Procs whose commands run inside a namespace (``ns``): the daemons, and the CLI calls too (the
+    control socket is in the abstract namespace, which belongs to the network namespace)."""
 
     ns: str | None = None
 
-    def start(self, *args: str, **kw):  # type: ignore[override]
-        saved = self.cmd
-        self.cmd = lambda *a: in_ns(self.ns, *saved(*a)) if self.ns else saved(*a)  # type: ignore[method-assign]
-        try:
-            return super().start(*args, **kw)
-        finally:
-            self.cmd = saved  # type: ignore[method-assign]
+    def cmd(self, *args: str) -> list[str]:
+        base = super().cmd(*args)
+        return in_ns(self.ns, *base) if self.ns else base
 
 
 def run_vdisk(tmp: Path, clones: list[Path], image: int, args: argparse.Namespace, rate: float) -> dict:
@@ -256,6 +254,7 @@ def run_vdisk(tmp: Path, clones: list[Path], image: int, args: argparse.Namespac
     extra: list[subprocess.Popen] = []
     try:
         names = [f"vm{i + 1}" for i in range(len(clones))]
+        procs.ns = NS_SRC
         for n in names:
             procs.run("--data-dir", str(tmp / "src"), "create", n, "--size", str(image))
         procs.ns = NS_DST
@@ -266,7 +265,6 @@ def run_vdisk(tmp: Path, clones: list[Path], image: int, args: argparse.Namespac
         procs.ns = NS_SRC
         _srv, _ = procs.start("--data-dir", str(tmp / "src"), "serve", *names, "--nbd", f"unix:{sock}", "-v",
                              log="serve.log", ready=r"serving ")
-        procs.ns = None
         for n in names:
             procs.run("--data-dir", str(tmp / "src"), "mirror", n, "--to", f"127.0.0.1:{PROXY_PORT}", "--mode", "async",
                       "--buffer-size", args.buffer_size)

@@ -163,6 +163,18 @@ class Link:
             pass
 
 
+WAN_SNDBUF = 4 << 20
+
+
+def tune_for_wan(link: Link) -> None:
+    """A long fat pipe: a send buffer that holds seconds of a slow link (the shipper compresses the
+    next step while the kernel sends this one) and a bandwidth-delay product of a fast one."""
+    try:
+        link.raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WAN_SNDBUF)
+    except OSError:
+        pass
+
+
 async def connect(host: str, port: int, conn: Connection, timeout: float = 10.0) -> Link:
     """Open a TCP link with TCP_NODELAY (the sync path is latency-bound)."""
     try:
