@@ -78,6 +78,9 @@ def digest(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
+SAVED = ("zero", "dedup", "compression", "coalesced")  # the causes of bytes that did not cross
+
+
 # -- accounting ------------------------------------------------------------------------------------
 @dataclass
 class Reduction:

@@ -28,7 +28,7 @@ from mirror.base import Marking, MirrorState
 from mirror.dirty import ActivityLog, DirtyMap
 from mirror.hold import HeldWrites
 from mirror.journal import Journal
-from mirror.reduce import KnownBlocks, Reduction
+from mirror.reduce import SAVED, KnownBlocks, Reduction
 from mirror.schedule import Schedule, ShipAt
 from mirror.sync import Pairing, SyncConfig, SyncReplicator, VolumeIdentity
 from mirror.verify import compare
@@ -161,10 +161,12 @@ def check_section(section: dict[str, Any]) -> SyncConfig | AsyncConfig:
 def shipped_counts(rep: SyncReplicator | AsyncReplicator) -> dict[str, int]:
     """A replicator's own running counts (they start at zero with it); see MirrorManager.counters."""
     if isinstance(rep, AsyncReplicator):
+        red = rep.reduction_snapshot()
         return {"logical_bytes": rep.out_meter.total + rep.chunk_bytes_sent, "wire_bytes": rep.wire_meter.total,
-                "connects": rep.connects, "overflows": rep.overflows, "overflow_bytes": rep.overflow_bytes}
+                "connects": rep.connects, "overflows": rep.overflows, "overflow_bytes": rep.overflow_bytes,
+                **{f"saved_{k}": getattr(red, k) for k in SAVED}}
     return {"logical_bytes": rep.acked_bytes, "wire_bytes": rep.outbox.sent, "connects": rep.connects,
-            "overflows": 0, "overflow_bytes": 0}
+            "overflows": 0, "overflow_bytes": 0, **{f"saved_{k}": 0 for k in SAVED}}
 
 
 def alert_thresholds(section: dict[str, Any]) -> tuple[float | None, float]:
@@ -418,7 +420,8 @@ class MirrorManager:
     def counters(self, name: str) -> dict[str, int]:
         """Running totals of the volume's mirror since the daemon started, over every replicator it
         had: bytes shipped (logical and on the wire), connects, overflows. Never decrease."""
-        out = dict.fromkeys(("logical_bytes", "wire_bytes", "connects", "overflows", "overflow_bytes"), 0)
+        out = dict.fromkeys(("logical_bytes", "wire_bytes", "connects", "overflows", "overflow_bytes",
+                             *(f"saved_{k}" for k in SAVED)), 0)
         out.update(self.banked.get(name, {}))
         m = self.mirrors.get(name)
         if m is not None and m.rep is not None:
