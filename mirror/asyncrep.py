@@ -588,11 +588,19 @@ class AsyncReplicator(Marking):
 
     # -- receiving (trio thread) -----------------------------------------------------------------
     async def _receiver(self, link: Link) -> None:
+        sent = link.outbox.sent
         while True:
             with trio.move_on_after(self.config.timeout) as scope:
                 events = await link.receive()
             if scope.cancelled_caught:
+                # On a slow line a large frame takes longer than the timeout to cross, and the target
+                # acknowledges it only once it is whole: the socket taking our bytes means the target
+                # reads them (TCP acknowledges them), so that is life too.
+                if link.outbox.sent != sent:
+                    sent = link.outbox.sent
+                    continue
                 raise PeerSilent(f"target {link.peer} went silent for {self.config.timeout:g}s")
+            sent = link.outbox.sent
             self._last_rx = time.monotonic()
             if self._ping_sent is not None:  # a Ping goes out only after a silent second: this is its Ack
                 self.rtt = self._last_rx - self._ping_sent

@@ -55,13 +55,15 @@ from .wire.events import Event, Pack, RWrite, Write, Zero
 CAP_ZSTD, CAP_DEDUP = "zstd", "dedup-blake3"
 OFFERED = (CAP_ZSTD, CAP_DEDUP)
 BLOCK = 4096
-PACK_INNER = 8 << 20  # inner bytes per pack (a larger write travels in a pack of its own)
+PACK_INNER = 128 << 10  # inner bytes per pack: a pack crosses a slow line in about a second, and an
+# inner frame may span packs (the zstd context spans them all)
 WINDOW_LOG = 25  # 32 MiB of history: long-distance matches across the blocks of a pack and the last ones
 MAX_WINDOW = 1 << 27  # a target refuses a stream that needs more decompression memory
 LEVEL_MIN, LEVEL_MAX, LEVEL_START = 1, 19, 12
 LEVEL_EVERY = 2.0  # seconds between level changes (each one starts a new zstd frame)
 WAIT_PENDING = 120.0  # seconds a stream waits for another stream's copy of its blocks to be acknowledged
 GATE_BYTES = 1 << 20  # a step with this much data the target lacks takes the target's bulk turn
+GATE_SMALL = 64 << 10  # ...and one with less than this never waits for another stream's turn
 GATE_WAIT = 600.0  # seconds a bulk step waits for another stream's bulk transfer before it goes anyway
 KNOWN_ENTRIES = 1 << 18  # cached block locations (1 GiB of 4 KiB blocks)
 
@@ -296,22 +298,22 @@ class Reducer:
         if self.dedup and plan:
             await self._resolve(plan, acct)
             await self._take_turn(plan, acct)
-        inner, step = self._build(ops, skips, plan)
+        inner, d_bytes, step = self._build(ops, skips, plan)
         out: list[Any] = []
-        compress_s = 0.0
-        for chunk, d_bytes in inner:
-            cctx, reset = self._compressor()
-            started = time.monotonic()
-            data = await trio.to_thread.run_sync(_compress, cctx, chunk)
-            compress_s += time.monotonic() - started
-            out.extend(encode_pack(len(chunk), data, reset))
-            saved = max(0, min(d_bytes, len(chunk) - len(data)))
-            step.compression += saved
-            step.data += d_bytes - saved
+        cctx, reset = self._compressor()
+        started = time.monotonic()
+        packs = await trio.to_thread.run_sync(_compress, cctx, inner)
+        self._compress_s = time.monotonic() - started
+        for n, data in packs:
+            out.extend(encode_pack(n, data, reset))
+            reset = False
             step.wire += 32 + len(data)
+        # Compression's share: what the inner stream lost, up to the data in it (framing compresses too).
+        saved = max(0, min(d_bytes, len(inner) - sum(len(d) for _n, d in packs)))
+        step.compression += saved
+        step.data += d_bytes - saved
         step.check()
         acct.add(step)
-        self._compress_s = compress_s
         return out
 
     def _classify(self, ops: list[Any], skips: dict[int, set[int]]) -> dict[bytes, str]:
@@ -334,22 +336,23 @@ class Reducer:
     async def _resolve(self, plan: dict[bytes, str], acct: Reduction) -> None:
         """Wait for another stream's copy of a block to be acknowledged; ask the target for the rest."""
         known, stream = self.known, self.stream
-        waits: dict[Stream, int] = {}
-        ask: list[bytes] = []
-        for h in plan:
-            how, where = known.lookup(h, stream)
-            if how == "wait":
-                owner, seq = where
-                waits[owner] = max(waits.get(owner, 0), seq)
-            elif how == "ask":
-                ask.append(h)
-        if waits:
+        deadline = time.monotonic() + WAIT_PENDING
+        while True:  # until no block is on its way in another stream (others may send meanwhile)
+            waits: dict[Stream, int] = {}
+            ask: list[bytes] = []
+            for h in plan:
+                how, where = known.lookup(h, stream)
+                if how == "wait":
+                    owner, seq = where
+                    waits[owner] = max(waits.get(owner, 0), seq)
+                elif how == "ask":
+                    ask.append(h)
+            if not waits or time.monotonic() >= deadline or not stream.alive:
+                break
             self.waits += 1
-            deadline = time.monotonic() + WAIT_PENDING
             for owner, seq in waits.items():
                 while owner.alive and owner.acked < seq and stream.alive and time.monotonic() < deadline:
                     await trio.sleep(0.05)
-            ask.extend(h for h in plan if known.lookup(h, stream)[0] != "ref" and h not in ask)
         for i in range(0, len(ask), MAX_DEDUP_QUERY):
             part = ask[i:i + MAX_DEDUP_QUERY]
             assert self._query is not None
@@ -368,11 +371,15 @@ class Reducer:
         transfer (then asks again: most of its blocks may have crossed meanwhile)."""
         known, stream = self.known, self.stream
         novel = sum(1 for h in plan if known.lookup(h, stream)[0] != "ref") * BLOCK
-        if novel < GATE_BYTES:
+        free = known.turn_free(stream)
+        if novel < GATE_BYTES and (free or novel < GATE_SMALL):
+            # Little new data: it goes now (a host's steady writes are not held up). A step of a
+            # bulk transfer that starts while another is under way waits even when it is small:
+            # its host is still writing (the first steps are small), and its blocks may be crossing.
             if known.turn is stream:
                 known.turn = None
             return
-        if not known.turn_free(stream):
+        if not free:
             self.waits += 1
             deadline = time.monotonic() + GATE_WAIT
             while not known.turn_free(stream) and stream.alive and time.monotonic() < deadline:
@@ -381,13 +388,12 @@ class Reducer:
         known.turn = stream
 
     def _build(self, ops: list[Any], skips: dict[int, set[int]],
-               plan: dict[bytes, str]) -> tuple[list[tuple[bytes, int]], Reduction]:
-        """The inner frames, cut into packs: [(inner bytes, data payload bytes in them)]."""
+               plan: dict[bytes, str]) -> tuple[bytes, int, Reduction]:
+        """The inner frames, the data payload bytes among them, and the step's accounting so far."""
         step = Reduction()
         known, vol = self.known, self.stream.uuid
-        packs: list[tuple[bytes, int]] = []
         cur: list[bytes | memoryview] = []
-        cur_len = cur_data = 0
+        cur_data = 0
         for i, (op, seq, offset, x, flags, t) in enumerate(ops):
             d_bytes = 0
             if op == OP_CP:
@@ -422,16 +428,9 @@ class Reducer:
                         else:
                             step.coalesced += length
                     frame = [encode_rwrite(seq, offset, b"".join(table + body), bool(flags & 1))]
-            size = sum(len(f) for f in frame)
-            if cur and cur_len + size > PACK_INNER:
-                packs.append((b"".join(cur), cur_data))
-                cur, cur_len, cur_data = [], 0, 0
             cur.extend(frame)
-            cur_len += size
             cur_data += d_bytes
-        if cur:
-            packs.append((b"".join(cur), cur_data))
-        return packs, step
+        return b"".join(cur), cur_data, step
 
     def _segments(self, seq: int, offset: int, data: memoryview | bytes, skip: set[int] | tuple[()],
                   plan: dict[bytes, str]) -> list[tuple[int, int, Any]]:
@@ -454,7 +453,8 @@ class Reducer:
                 # Not into this write's own range: the target reads references before it writes.
                 if how == "ref" and not (where[0] == vol and offset <= where[1] < end):
                     kind, ref = S_REF, where
-                known.put(h, vol, offset + pos, stream, seq)  # it holds this block once applied
+                if kind != S_REF:  # a usable location stays (a new pending one would make others wait)
+                    known.put(h, vol, offset + pos, stream, seq)  # it holds this block once applied
             last = segs[-1] if segs else None
             if last is not None and last[0] == kind and (
                     kind != S_REF or (last[3][0] == ref[0] and last[3][1] + last[1] == ref[1])):  # type: ignore[index]
@@ -473,8 +473,14 @@ class Reducer:
         return out
 
 
-def _compress(cctx: Any, data: bytes) -> bytes:
-    return cctx.compress(data) + cctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+def _compress(cctx: Any, inner: bytes) -> list[tuple[int, bytes]]:
+    """(inner bytes, compressed chunk) per PACK_INNER slice, each flushed (a worker thread)."""
+    view = memoryview(inner)
+    out = []
+    for i in range(0, len(view), PACK_INNER):
+        part = view[i:i + PACK_INNER]
+        out.append((len(part), cctx.compress(part) + cctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)))
+    return out
 
 
 def _blocks(offset: int, data: memoryview | bytes, partial: bool = False) -> Iterable[tuple[int, memoryview]]:
@@ -536,12 +542,17 @@ class Unpacker:
 
     def __init__(self) -> None:
         self._dctx: Any = None
+        self._tail = bytearray()  # an inner frame's beginning (frames may span packs)
+        self._need = 32
 
     def unpack(self, pack: Pack) -> list[Event]:
         if pack.reset or self._dctx is None:
+            if self._tail:
+                raise RemoteProtocolError("bad frame: a new zstd frame starts inside an inner frame")
             self._dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
         dctx, cap = self._dctx, pack.inner_size
-        out = bytearray()
+        out = self._tail
+        cap += len(out)
         data = pack.data
         try:
             for i in range(0, len(data), SLICE):
@@ -552,13 +563,16 @@ class Unpacker:
         except zstandard.ZstdError as e:
             raise RemoteProtocolError(f"bad frame: pack does not decompress: {e}") from None
         if len(out) != cap:
-            raise RemoteProtocolError(f"bad frame: pack decompressed to {len(out)} bytes, announced {cap}")
+            raise RemoteProtocolError(f"bad frame: pack decompressed to {len(out) - cap + pack.inner_size} "
+                                      f"bytes, announced {pack.inner_size}")
+        if len(out) < self._need:  # a large frame still arriving: parse it once, when whole
+            self._tail = out
+            return []
         reader = FrameReader(len(out), MAX_PAYLOAD, INNER_TYPES)
         reader.feed(out)
-        del out
-        events = reader.frames()
-        if reader.buffered:
-            raise RemoteProtocolError("bad frame: pack ends inside an inner frame")
+        events = reader.frames()  # views into the reader's buffer: valid while the events live
+        rest, self._need = reader.rest()
+        self._tail = bytearray(rest)
         return events
 
 

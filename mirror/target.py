@@ -547,11 +547,17 @@ class TargetServer:
         async def commit(batch: Batch, before_ack: Callable[[], Awaitable[None]] | None = None) -> int:
             return await self._commit(image, size, batch, applied, send, undo, before_ack, dedup)
 
+        buffered = 0
         while True:
             with trio.move_on_after(self.config.timeout) as scope:
                 events = await link.receive()
             if scope.cancelled_caught:
+                # A large frame crossing a slow line for longer than the timeout is not silence.
+                if link.conn.reader.buffered > buffered:
+                    buffered = link.conn.reader.buffered
+                    continue
                 raise PeerSilent(f"went silent for {self.config.timeout:g}s")
+            buffered = 0
             batch: Batch = []
             reply = False
             i = 0

@@ -88,8 +88,9 @@ PROXY_CODE = r"""
 import socket, sys, threading, time
 from collections import deque
 listen_port, host, port, delay = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+LIMIT = 64 << 10
 def pump(a, b):
-    q, cond, done = deque(), threading.Condition(), [False]
+    q, cond, done, queued = deque(), threading.Condition(), [False], [0]
     def writer():
         while True:
             with cond:
@@ -98,6 +99,8 @@ def pump(a, b):
                 if not q:
                     break
                 t, data = q.popleft()
+                queued[0] -= len(data)
+                cond.notify_all()
             wait = t + delay - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
@@ -122,15 +125,31 @@ def pump(a, b):
                 cond.notify()
                 break
             q.append((time.monotonic(), data))
+            queued[0] += len(data)
             cond.notify()
+            # A real path buffers little: the sender's TCP feels the link, not this proxy.
+            while queued[0] > LIMIT and not done[0]:
+                cond.wait()
     w.join()
-lst = socket.create_server(("127.0.0.1", listen_port))
+# Small buffers everywhere: a real path holds little, so the sender's TCP feels the link (its acks
+# pace it), not a proxy that would swallow megabytes and delay a keep-alive behind them.
+def small(sock):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, 25, 16 << 10)  # TCP_NOTSENT_LOWAT
+lst = socket.socket()
+lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+small(lst)
+lst.bind(("127.0.0.1", listen_port))
+lst.listen(16)
 print("ready", flush=True)
 while True:
     c, _ = lst.accept()
-    s = socket.create_connection((host, port))
-    for x in (c, s):
-        x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    small(c)
+    s = socket.socket()
+    small(s)
+    s.connect((host, port))
     threading.Thread(target=pump, args=(c, s), daemon=True).start()
     threading.Thread(target=pump, args=(s, c), daemon=True).start()
 """
@@ -308,7 +327,9 @@ def run_vdisk(tmp: Path, clones: list[Path], image: int, args: argparse.Namespac
         return {"seconds": round(elapsed, 1), "nbd_write_seconds": writes, "identical": identical,
                 "veth_tx_bytes": tx, "reduction": total, "per_volume": reds,
                 "first_10s_link_use": None if first10 is None else round(first10 / (rate * 10), 2),
-                "levels": [r.get("level") for r in reds]}
+                "levels": [r.get("level") for r in reds], "connects": [s.get("connects") for s in sts],
+                "warnings": [line[25:200] for line in (tmp / "serve.log").read_text().splitlines()
+                             if "WARNING" in line or "ERROR" in line][:20]}
     finally:
         procs.kill_all()
         for p in extra:

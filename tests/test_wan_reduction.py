@@ -340,12 +340,13 @@ def test_dedup_across_volumes_a_forged_reference_and_restarts_of_both_daemons(pr
     assert "reduction" in vd("status", "b")
     per_target = rb["per_target"]
     assert per_target["volumes"] == 4 and per_target["logical"] >= ra["logical"] + rb["logical"]
-    # Forge: b's replica changes behind the target's back; c's references to it are caught.
-    corrupt_silently(procs.tmp / "dst" / "b.img", [(0, os.urandom(BLOCK))])
+    # Forge: a's replica changes behind the target's back; c's references to it (the cache names a's
+    # blocks, the first copy) are caught, the source forgets and asks again, and c is still exact.
+    corrupt_silently(procs.tmp / "dst" / "a.img", [(0, os.urandom(BLOCK))])
     write(sock, "c", data)
     rc = synced("c")
     assert "does not match its content" in (procs.tmp / "target.log").read_text()
-    assert rc["data"] > 0
+    assert procs.status("src", "c")["connects"] >= 2 and rc["logical"] >= len(data)
     # Both daemons restart: the source's cache is gone, the target's index is not.
     procs.kill9(srv)
     procs.kill9(tgt)

@@ -320,6 +320,10 @@ class FrameReader:
             self._start, self._end = 0, pending
         return self._view[self._end:]
 
+    def rest(self) -> tuple[bytes, int]:
+        """The bytes not parsed yet (a frame's beginning) and how many the frame needs in all."""
+        return bytes(self._view[self._start:self._end]), self._need
+
     def commit(self, n: int) -> None:
         self._end += n
 

@@ -163,14 +163,15 @@ class Link:
             pass
 
 
-WAN_SNDBUF = 4 << 20
+WAN_NOTSENT_LOWAT = 256 << 10
 
 
 def tune_for_wan(link: Link) -> None:
-    """A long fat pipe: a send buffer that holds seconds of a slow link (the shipper compresses the
-    next step while the kernel sends this one) and a bandwidth-delay product of a fast one."""
+    """A long fat pipe without bufferbloat: the kernel may keep a window of a fast link in flight
+    (send buffer autotuning), but holds at most 256 KiB not yet sent, so a keep-alive or a dedup
+    query is not queued behind many seconds of a slow link (the shipper packs the next step meanwhile)."""
     try:
-        link.raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WAN_SNDBUF)
+        link.raw.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), WAN_NOTSENT_LOWAT)
     except OSError:
         pass
 
