@@ -159,6 +159,8 @@ class AsyncReplicator(Marking):
         self._applied_uncommitted = 0  # journal bytes the replica applied, not yet committed
         self._link: Link | None = None
         self._send_lock = trio.StrictFIFOLock()
+        self._steps: Any = None  # a session's packed steps, to _sender
+        self._steps_out: Any = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._trio_thread = -1
         self._poked = False
@@ -485,7 +487,9 @@ class AsyncReplicator(Marking):
                      welcome.replica_name, welcome.checkpoint)
             errors: list[BaseException] = []
             async with trio.open_nursery() as nursery:
-                for fn in (self._receiver, self._ship, self._keepalive):
+                # Reduced, a step is packed while the one before it drains (one step queued at most).
+                self._steps, self._steps_out = trio.open_memory_channel[list[Any]](1)
+                for fn in (self._receiver, self._ship, self._keepalive, self._sender):
                     nursery.start_soon(self._guard, fn, link, nursery.cancel_scope, errors)
             if errors:
                 raise errors[0]
@@ -936,11 +940,17 @@ class AsyncReplicator(Marking):
         with self._lock:
             self.reduction.add(acct)
             self.wire_meter.add(acct.wire, time.monotonic())
-        started = time.monotonic()
-        await self._send(link, bufs)
-        if red is not None:
-            red.sent(time.monotonic() - started)
+        if red is None:
+            await self._send(link, bufs)
+        else:
+            started = time.monotonic()
+            await self._steps.send(bufs)
+            red.sent(time.monotonic() - started)  # how long the link kept us waiting
         return acct.wire
+
+    async def _sender(self, link: Link) -> None:
+        async for bufs in self._steps_out:
+            await self._send(link, bufs)
 
     async def _dedup_query(self, prefixes: bytes) -> bytes:
         """Ask the target which blocks it holds (one round trip per shipper step, not per block)."""
