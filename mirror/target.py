@@ -686,6 +686,9 @@ class TargetServer:
         self._ro.clear()
         for undo in self._undo.values():
             undo.close()
+        if self.index is not None:
+            self.index.close()
+            self.index = None
 
 
 def _vol(volume_uuid: str) -> bytes:

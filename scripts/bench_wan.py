@@ -14,7 +14,7 @@ the three image files to an empty directory across the same link, and the inform
 (``zstd -19 --long`` of clone 1 + ``zstd -19`` of the 4 KiB blocks of clones 2 and 3 found in no
 earlier clone).
 
-    .venv/bin/python scripts/bench_wan.py [--image 1G] [--data 48M] [--unique 4M] [--rate 2mbit]
+    .venv/bin/python scripts/bench_wan.py [--image 1G] [--data 32M] [--unique 4M] [--rate 2mbit]
                                           [--rtt 40] [--buffer-size 10G] [--no-rsync] [--json]
 
 Needs root (namespaces, tc), nbdcopy, mkfs.ext4/debugfs, zstd and rsync. Everything it starts and
@@ -365,7 +365,7 @@ def run_rsync(tmp: Path, clones: list[Path], args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", default="1G", help="template image size (default 1G)")
-    ap.add_argument("--data", default="48M", help="files copied into the template (default 48M)")
+    ap.add_argument("--data", default="32M", help="files copied into the template (default 32M)")
     ap.add_argument("--unique", default="4M", help="unique data per clone (default 4M)")
     ap.add_argument("--rate", default="2mbit", help="link rate, tc syntax (default 2mbit)")
     ap.add_argument("--rtt", type=float, default=40.0, help="round trip added by the proxy, ms (default 40)")
