@@ -67,6 +67,7 @@ RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log li
 RECORD_OVERHEAD = 64  # journal header bytes counted against the buffer (an estimate for the check)
 READ_BYTES = 4 << 20  # journal bytes read per shipper step
 F_WRITE, F_ZERO, F_CP, F_CHUNK = 0, 1, 2, 3
+PROGRESS_BYTES = 64 << 10  # sent during a timeout with no frame back: the link is slow, not dead
 
 
 @dataclass(frozen=True)
@@ -598,9 +599,9 @@ class AsyncReplicator(Marking):
                 events = await link.receive()
             if scope.cancelled_caught:
                 # On a slow line a large frame takes longer than the timeout to cross, and the target
-                # acknowledges it only once it is whole: the socket taking our bytes means the target
-                # reads them (TCP acknowledges them), so that is life too.
-                if link.outbox.sent != sent:
+                # acknowledges it only once it is whole: the socket taking our data (more than the
+                # keep-alives) means the target reads it (TCP acknowledges it), so that is life too.
+                if link.outbox.sent - sent >= PROGRESS_BYTES:
                     sent = link.outbox.sent
                     continue
                 raise PeerSilent(f"target {link.peer} went silent for {self.config.timeout:g}s")

@@ -553,7 +553,7 @@ class TargetServer:
                 events = await link.receive()
             if scope.cancelled_caught:
                 # A large frame crossing a slow line for longer than the timeout is not silence.
-                if link.conn.reader.buffered > buffered:
+                if link.conn.reader.buffered >= buffered + (64 << 10):
                     buffered = link.conn.reader.buffered
                     continue
                 raise PeerSilent(f"went silent for {self.config.timeout:g}s")
