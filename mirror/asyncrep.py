@@ -955,6 +955,10 @@ class AsyncReplicator(Marking):
 
     async def _dedup_query(self, prefixes: bytes) -> bytes:
         """Ask the target which blocks it holds (one round trip per shipper step, not per block)."""
+        return await self._ask(lambda req: encode_dedup_query(req, prefixes), self.config.timeout, "dedup", -1)
+
+    async def _ask(self, frame: Callable[[int], bytes], timeout: float, what: str, size: int) -> bytes:
+        """Send a query numbered ``req`` and wait for its reply (of ``size`` bytes unless -1)."""
         link = self._link
         if link is None:
             raise RemoteProtocolError("the mirror is not connected")
@@ -962,12 +966,12 @@ class AsyncReplicator(Marking):
         req = self._next_req
         event, box = trio.Event(), []
         self._hash_waiters[req] = (event, box)
-        await self._send(link, [encode_dedup_query(req, prefixes)])
-        with trio.move_on_after(self.config.timeout) as scope:
+        await self._send(link, [frame(req)])
+        with trio.move_on_after(timeout) as scope:
             await event.wait()
-        if scope.cancelled_caught or not box:
+        if scope.cancelled_caught or not box or (size >= 0 and len(box[0]) != size):
             self._hash_waiters.pop(req, None)
-            raise PeerSilent("the target did not answer a dedup query")
+            raise PeerSilent(f"the target did not answer a {what} query")
         return box[0]
 
     def _update_state(self) -> None:
@@ -1006,20 +1010,8 @@ class AsyncReplicator(Marking):
 
     # -- verify ----------------------------------------------------------------------------------
     async def query_hashes(self, leaf_size: int, level: int, indices: list[int]) -> bytes:
-        link = self._link
-        if link is None:
-            raise RemoteProtocolError("the mirror is not connected")
-        self._next_req += 1
-        req = self._next_req
-        event, box = trio.Event(), []
-        self._hash_waiters[req] = (event, box)
-        await self._send(link, [encode(HashQuery(req, leaf_size, level, tuple(indices)))])
-        with trio.move_on_after(max(60.0, self.config.timeout)) as scope:
-            await event.wait()
-        if scope.cancelled_caught or not box or len(box[0]) != 16 * len(indices):
-            self._hash_waiters.pop(req, None)
-            raise PeerSilent("the target did not answer a verify query")
-        return box[0]
+        return await self._ask(lambda req: encode(HashQuery(req, leaf_size, level, tuple(indices))),
+                               max(60.0, self.config.timeout), "verify", 16 * len(indices))
 
     async def drain(self, timeout: float) -> bool:
         """Cut a checkpoint and wait until the replica has committed it (verify, a mode switch)."""
