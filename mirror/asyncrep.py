@@ -51,6 +51,7 @@ from blockdev.nbd.limits import RateLimited
 from .base import Marking, MirrorState, ping_period
 from .journal import CHECKPOINT, WRITE, ZERO, Journal, JournalClosed
 from .records import Pairing, VolumeIdentity
+from .reduce import CAP_ZSTD, OFFERED, Frames, KnownBlocks, Reducer, Reduction, StaleReference
 from .resync import chunk, mark_allocated, read_frames
 from .schedule import Schedule, ShipAt
 from .seal import DISCARD_REPLICA, SPLIT_BRAIN
@@ -58,15 +59,21 @@ from .secure import open_link
 from .throttle import TokenBucket
 from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
-from .wire.codec import MAX_PAYLOAD, encode, encode_checkpoint, encode_ping, encode_write, encode_zero
-from .wire.events import PROTOCOL_VERSION, Ack, Bye, HashQuery, HashReply, Hello, Welcome
-from .wire.link import Link
+from .wire.codec import (
+    MAX_PAYLOAD,
+    encode,
+    encode_dedup_query,
+    encode_ping,
+)
+from .wire.events import PROTOCOL_VERSION, Ack, Bye, DedupReply, HashQuery, HashReply, Hello, Welcome
+from .wire.link import Link, tune_for_wan
 
 log = logging.getLogger("vdisk.mirror")
 RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log line
 RECORD_OVERHEAD = 64  # journal header bytes counted against the buffer (an estimate for the check)
 READ_BYTES = 4 << 20  # journal bytes read per shipper step
 F_WRITE, F_ZERO, F_CP, F_CHUNK = 0, 1, 2, 3
+PROGRESS_BYTES = 64 << 10  # sent during a timeout with no frame back: the link is slow, not dead
 
 
 @dataclass(frozen=True)
@@ -125,8 +132,13 @@ class AsyncReplicator(Marking):
 
     def __init__(self, config: AsyncConfig, ident: VolumeIdentity, image: Backend, state: MirrorState,
                  journal: Journal, pairing: Pairing, save_pairing: Callable[[Pairing], None] = lambda p: None,
-                 inherited: bool = False) -> None:
+                 inherited: bool = False, known: KnownBlocks | None = None) -> None:
         super().__init__(state)
+        # WAN reduction (reduce.py): the blocks the target holds, shared with the other volumes of
+        # this daemon mirrored to it; a session's reducer once the target took zstd; bytes by fate.
+        self._known = known if known is not None else KnownBlocks()
+        self._reducer: Reducer | None = None
+        self.reduction = Reduction()
         self.config, self.ident, self.image, self.journal, self.pairing = config, ident, image, journal, pairing
         self._save_pairing = save_pairing
         self.on_link_loss = "degrade"
@@ -155,6 +167,8 @@ class AsyncReplicator(Marking):
         self._applied_uncommitted = 0  # journal bytes the replica applied, not yet committed
         self._link: Link | None = None
         self._send_lock = trio.StrictFIFOLock()
+        self._steps: Any = None  # a session's packed steps, to _sender
+        self._steps_out: Any = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._trio_thread = -1
         self._poked = False
@@ -405,6 +419,8 @@ class AsyncReplicator(Marking):
                         await self._session()
                     except (WireError, OSError) as e:
                         self.last_error = str(e)
+                        if getattr(e, "code", None) == StaleReference.code:
+                            self._known.clear()  # the target no longer holds what we thought: ask again
                         if getattr(e, "code", None) == SPLIT_BRAIN:
                             await self._split_brain(str(e).removeprefix("peer: "))
                         # Once, then every few minutes with a count (a target down for hours is one line
@@ -451,7 +467,7 @@ class AsyncReplicator(Marking):
         conn = Connection(Role.SOURCE, self.config.psk)
         link = await open_link(self.config, conn)
         try:
-            caps = (DISCARD_REPLICA,) if self.pairing.discard_replica else ()
+            caps = ((DISCARD_REPLICA,) if self.pairing.discard_replica else ()) + OFFERED
             conn.start(Hello(PROTOCOL_VERSION, self.ident.uuid, self.ident.name, self.ident.size,
                              self.ident.block_size, self.ident.generation, b"", "async", caps))
             await link.send_control()
@@ -464,6 +480,10 @@ class AsyncReplicator(Marking):
                 raise RemoteProtocolError(f"expected Welcome, got {type(welcome).__name__}")
             self._pair(welcome)
             self._resume(welcome)
+            self._reducer = Reducer(self.ident.uuid, welcome.caps, self._known,
+                                    self._dedup_query) if CAP_ZSTD in welcome.caps else None
+            if self._reducer is not None:
+                tune_for_wan(link)
             self._last_rx = time.monotonic()
             self._link = link
             self.connects += 1
@@ -475,7 +495,9 @@ class AsyncReplicator(Marking):
                      welcome.replica_name, welcome.checkpoint)
             errors: list[BaseException] = []
             async with trio.open_nursery() as nursery:
-                for fn in (self._receiver, self._ship, self._keepalive):
+                # Reduced, a step is packed while the one before it drains (one step queued at most).
+                self._steps, self._steps_out = trio.open_memory_channel[list[Any]](1)
+                for fn in (self._receiver, self._ship, self._keepalive, self._sender):
                     nursery.start_soon(self._guard, fn, link, nursery.cancel_scope, errors)
             if errors:
                 raise errors[0]
@@ -556,6 +578,8 @@ class AsyncReplicator(Marking):
     def _link_down(self) -> None:
         """The target rolls back to its last committed checkpoint: chunks shipped since then are
         dirty again, and every retained checkpoint that relied on them is no commit point any more."""
+        if self._reducer is not None:
+            self._reducer.stream.alive = False  # what it sent and the target did not commit is gone
         with self._lock:
             self._link = None
             pins = self._pins_open + [p for _cp, ps in self._pins_cut for p in ps]
@@ -576,11 +600,19 @@ class AsyncReplicator(Marking):
 
     # -- receiving (trio thread) -----------------------------------------------------------------
     async def _receiver(self, link: Link) -> None:
+        sent = link.outbox.sent
         while True:
             with trio.move_on_after(self.config.timeout) as scope:
                 events = await link.receive()
             if scope.cancelled_caught:
+                # On a slow line a large frame takes longer than the timeout to cross, and the target
+                # acknowledges it only once it is whole: the socket taking our data (more than the
+                # keep-alives) means the target reads it (TCP acknowledges it), so that is life too.
+                if link.outbox.sent - sent >= PROGRESS_BYTES:
+                    sent = link.outbox.sent
+                    continue
                 raise PeerSilent(f"target {link.peer} went silent for {self.config.timeout:g}s")
+            sent = link.outbox.sent
             self._last_rx = time.monotonic()
             if self._ping_sent is not None:  # a Ping goes out only after a silent second: this is its Ack
                 self.rtt = self._last_rx - self._ping_sent
@@ -589,10 +621,10 @@ class AsyncReplicator(Marking):
             for ev in events:
                 if type(ev) is Ack:
                     acked = ev.seq
-                elif isinstance(ev, HashReply):
+                elif isinstance(ev, HashReply | DedupReply):
                     waiter = self._hash_waiters.pop(ev.req, None)
                     if waiter is not None:
-                        waiter[1].append(ev.digests)
+                        waiter[1].append(ev.digests if isinstance(ev, HashReply) else ev.entries)
                         waiter[0].set()
                 elif isinstance(ev, Bye):
                     raise RemoteProtocolError(f"target {link.peer} closed the link")
@@ -602,17 +634,22 @@ class AsyncReplicator(Marking):
     def _on_ack(self, seq: int) -> None:
         if seq > self._wire_seq:
             raise RemoteProtocolError(f"target acknowledged seq {seq}, but only {self._wire_seq} were sent")
-        cp = 0
+        cp = cp_wire = 0
         with self._lock:
             pending = self._pending
             while pending and pending[0][0] <= seq:
-                _w, kind, jseq, nbytes = pending.popleft()
+                w, kind, jseq, nbytes = pending.popleft()
                 self._inflight -= nbytes
                 if kind == F_CP:
-                    cp = jseq
+                    cp, cp_wire = jseq, w
                     self._applied_uncommitted = 0
                 elif kind != F_CHUNK:
                     self._applied_uncommitted += nbytes
+            red = self._reducer
+            if red is not None:
+                red.stream.acked = seq
+                if cp:
+                    red.stream.committed = cp_wire
             if cp:
                 self.committed = (cp, self._cp_time.get(cp, 0))
                 for k in [k for k in self._cp_time if k <= cp]:
@@ -721,14 +758,16 @@ class AsyncReplicator(Marking):
             if step == "chunk":
                 frames = self._read_chunk()
                 if frames:
-                    await self._put(link, frames)
+                    wire = await self._put(link, frames)
                     # The throttle covers catch-up too: wait what these bytes cost before the next.
-                    delay = self._bucket.reserve(sum(len(f) for f in frames), trio.current_time())
+                    delay = 0.0 if self._reducer is not None else self._bucket.reserve(wire, trio.current_time())
                     if delay > 0:
                         await trio.sleep(delay)
                     continue
             if await self._ship_records(link):
                 continue
+            if self._reducer is not None:
+                self._reducer.stream.idle = True  # another stream's bulk transfer may go (reduce.py)
             self._update_state()
             # Nothing to send now: cut a checkpoint so what was shipped can commit, then wait.
             if self._want_cut():
@@ -778,27 +817,29 @@ class AsyncReplicator(Marking):
         self.folds += 1
         log.warning("mirror %s: the full source buffer was folded into the dirty map", self.ident.name)
 
-    def _read_chunk(self) -> list[Any]:
+    def _read_chunk(self) -> Frames:
         """Read the next dirty chunk not being written (rule 3) and frame it; [] if none now."""
         d = self.dirty
-        frames: list[Any] = []
+        frames = Frames()
+        # Reduced: larger chunks (one dedup query and one pack each) amortise the round trip.
+        size = self.config.chunk if self._reducer is None else max(self.config.chunk, 8 << 20)
         with self._lock:
             if self._link is None:
-                return []
+                return frames
             start = self._cursor
             r = d.next_set(start)
             if r is None and start:
                 r = d.next_set(0)
             tried = 0
             while r is not None and tried < 64:
-                first, last, offset, length = chunk(d, r, self.config.chunk, self.ident.size)
+                first, last, offset, length = chunk(d, r, size, self.ident.size)
                 end = offset + length
                 if not any(o < end and offset < o + n for o, n in self._local):
                     break
                 tried += 1
                 r = d.next_set(last + 1)
             else:
-                return []
+                return frames
             self._cursor = last + 1
             parts = read_frames(self.image, offset, length)
             d.pin(first, last)
@@ -807,10 +848,10 @@ class AsyncReplicator(Marking):
             for f_off, f_len, payload in parts:
                 self._wire_seq += 1
                 if payload is None:
-                    frames.append(encode_zero(self._wire_seq, f_off, f_len, False, True))
+                    frames.zero(self._wire_seq, f_off, f_len, False, True)
                     size = 32
                 else:
-                    frames.extend(encode_write(self._wire_seq, f_off, payload))
+                    frames.write(self._wire_seq, f_off, payload)
                     size = 32 + f_len
                     nbytes += f_len
                 self._pending.append((self._wire_seq, F_CHUNK, 0, size))
@@ -838,8 +879,9 @@ class AsyncReplicator(Marking):
             return False
         last_valid = max((r.seq for r in recs if r.kind == CHECKPOINT and self._valid.get(r.seq, self._valid_default)),
                          default=0)
-        frames: list[Any] = []
+        frames = Frames()
         wire = 0
+        reduced = self._reducer is not None
         for r in recs:
             if r.kind == CHECKPOINT and r.seq != last_valid:
                 self._pos = r.seq + 1  # not a commit point, or a later one follows in this batch
@@ -848,18 +890,19 @@ class AsyncReplicator(Marking):
                 size = r.length + 32 * max(1, -(-r.length // MAX_PAYLOAD))
             else:
                 size = 40
-            # The throttle: wait *before* these bytes go (the limiter only says how long).
-            delay = self._bucket.reserve(size, trio.current_time())
+            # The throttle: wait *before* these bytes go (the limiter only says how long). Reduced,
+            # the wire bytes are known only once packed: _put waits what they cost after.
+            delay = 0.0 if reduced else self._bucket.reserve(size, trio.current_time())
             if delay > 0:
                 if frames:
                     await self._put(link, frames)
-                    frames, wire = [], 0
+                    frames, wire = Frames(), 0
                 await trio.sleep(delay)
                 if self._link is not link:
                     return True
             if r.kind == CHECKPOINT:
                 self._wire_seq += 1
-                frames.append(encode_checkpoint(self._wire_seq, r.seq, r.time_ns))
+                frames.checkpoint(self._wire_seq, r.seq, r.time_ns)
                 self._cp_time[r.seq] = r.time_ns
                 self._pending.append((self._wire_seq, F_CP, r.seq, size))
             elif r.kind == WRITE:
@@ -867,29 +910,76 @@ class AsyncReplicator(Marking):
                 for p in range(0, max(r.length, 1), MAX_PAYLOAD):
                     self._wire_seq += 1
                     part = view[p:p + MAX_PAYLOAD]
-                    frames.extend(encode_write(self._wire_seq, r.offset + p, part, bool(r.flags & 1)))
+                    frames.write(self._wire_seq, r.offset + p, part, bool(r.flags & 1))
                     self._pending.append((self._wire_seq, F_WRITE, r.seq, 32 + len(part)))
                 self.out_meter.add(r.length, time.monotonic())
             else:
                 self._wire_seq += 1
-                frames.append(encode_zero(self._wire_seq, r.offset, r.length, False, bool(r.flags & 2)))
+                frames.zero(self._wire_seq, r.offset, r.length, False, bool(r.flags & 2))
                 self._pending.append((self._wire_seq, F_ZERO, r.seq, size))
                 self.out_meter.add(r.length, time.monotonic())
             self._inflight += size
             wire += size
             self._pos = r.seq + 1
-            if wire >= (1 << 20):
+            if wire >= (READ_BYTES if reduced else 1 << 20):
                 await self._put(link, frames)
-                frames, wire = [], 0
+                frames, wire = Frames(), 0
         if frames:
             await self._put(link, frames)
         return True
 
-    async def _put(self, link: Link, frames: list[Any]) -> None:
-        n = sum(len(f) for f in frames)
+    async def _put(self, link: Link, frames: Frames) -> int:
+        """Send one step's frames (reduced if negotiated); the wire bytes they took. Reduced, the
+        throttle waits here, before they go, what they cost (known only once packed)."""
+        red = self._reducer
+        if red is not None:
+            red.stream.idle = False
+        acct = Reduction()
+        bufs = frames.plain(acct) if red is None else await red.encode(frames, acct)
+        if self._link is not link:
+            # The session ended while packing: nothing of this step goes (it is sent again).
+            raise RemoteProtocolError("the link was lost while packing")
+        if red is not None:
+            delay = self._bucket.reserve(acct.wire, trio.current_time())
+            if delay > 0:
+                await trio.sleep(delay)
+            if self._link is not link:
+                raise RemoteProtocolError("the link was lost while throttled")
         with self._lock:
-            self.wire_meter.add(n, time.monotonic())
-        await self._send(link, frames)
+            self.reduction.add(acct)
+            self.wire_meter.add(acct.wire, time.monotonic())
+        if red is None:
+            await self._send(link, bufs)
+        else:
+            started = time.monotonic()
+            await self._steps.send(bufs)
+            red.sent(time.monotonic() - started)  # how long the link kept us waiting
+        return acct.wire
+
+    async def _sender(self, link: Link) -> None:
+        async for bufs in self._steps_out:
+            await self._send(link, bufs)
+
+    async def _dedup_query(self, prefixes: bytes) -> bytes:
+        """Ask the target which blocks it holds (one round trip per shipper step, not per block)."""
+        return await self._ask(lambda req: encode_dedup_query(req, prefixes), self.config.timeout, "dedup", -1)
+
+    async def _ask(self, frame: Callable[[int], bytes], timeout: float, what: str, size: int) -> bytes:
+        """Send a query numbered ``req`` and wait for its reply (of ``size`` bytes unless -1)."""
+        link = self._link
+        if link is None:
+            raise RemoteProtocolError("the mirror is not connected")
+        self._next_req += 1
+        req = self._next_req
+        event, box = trio.Event(), []
+        self._hash_waiters[req] = (event, box)
+        await self._send(link, [frame(req)])
+        with trio.move_on_after(timeout) as scope:
+            await event.wait()
+        if scope.cancelled_caught or not box or (size >= 0 and len(box[0]) != size):
+            self._hash_waiters.pop(req, None)
+            raise PeerSilent(f"the target did not answer a {what} query")
+        return box[0]
 
     def _update_state(self) -> None:
         if self._link is None or self.state in ("split_brain",):
@@ -927,20 +1017,8 @@ class AsyncReplicator(Marking):
 
     # -- verify ----------------------------------------------------------------------------------
     async def query_hashes(self, leaf_size: int, level: int, indices: list[int]) -> bytes:
-        link = self._link
-        if link is None:
-            raise RemoteProtocolError("the mirror is not connected")
-        self._next_req += 1
-        req = self._next_req
-        event, box = trio.Event(), []
-        self._hash_waiters[req] = (event, box)
-        await self._send(link, [encode(HashQuery(req, leaf_size, level, tuple(indices)))])
-        with trio.move_on_after(max(60.0, self.config.timeout)) as scope:
-            await event.wait()
-        if scope.cancelled_caught or not box or len(box[0]) != 16 * len(indices):
-            self._hash_waiters.pop(req, None)
-            raise PeerSilent("the target did not answer a verify query")
-        return box[0]
+        return await self._ask(lambda req: encode(HashQuery(req, leaf_size, level, tuple(indices))),
+                               max(60.0, self.config.timeout), "verify", 16 * len(indices))
 
     async def drain(self, timeout: float) -> bool:
         """Cut a checkpoint and wait until the replica has committed it (verify, a mode switch)."""
@@ -1019,4 +1097,19 @@ class AsyncReplicator(Marking):
             "blocked": 0, "connects": self.connects, "al_hot": self.al.hot, "al_writes": self.al.writes,
             "replica": p.replica_id, "last_error": self.last_error, "save_error": self.dirty.save_error,
             "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 2),
+            "reduction": self.reduction_status(),
         }
+
+    def reduction_snapshot(self) -> Reduction:
+        with self._lock:
+            return replace(self.reduction)
+
+    def reduction_status(self) -> dict[str, Any]:
+        """Bytes by fate since the daemon started (reduce.Reduction), what is negotiated, zstd's level."""
+        with self._lock:
+            d = self.reduction.as_dict()
+        red = self._reducer
+        d["caps"] = [] if red is None else (["zstd"] + (["dedup"] if red.dedup else []))
+        d["level"] = None if red is None else red.level
+        d["known_blocks"] = len(self._known)
+        return d

@@ -21,7 +21,9 @@ import ipaddress
 import logging
 import os
 import socket
+import sqlite3
 import time
+import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +46,27 @@ from blockdev.volume import (
 )
 
 from . import seal as seals
+from .content_index import INDEX_FILE, ContentIndex
+from .reduce import CAP_DEDUP, CAP_ZSTD, S_REF, StaleReference, Unpacker, decode_rwrite, has_refs, resolve
 from .secure import secure_target
 from .target_io import Batch, Hasher, ReplicaImage, apply_batch, batch_ranges, check_batch, check_query
 from .undo import CHECKPOINT_SUFFIX, UNDO_SUFFIX, CommittedView, UndoLog, read_checkpoint
-from .wire import Connection, PeerClosed, PeerError, PeerSilent, Role, WireError
-from .wire.codec import FrameReader, encode_ack
-from .wire.events import Bye, Checkpoint, Flush, HashQuery, Hello, Ping, Welcome, Write, Zero
+from .wire import Connection, PeerClosed, PeerError, PeerSilent, RemoteProtocolError, Role, WireError
+from .wire.codec import FrameReader, encode_ack, encode_dedup_reply
+from .wire.events import (
+    Bye,
+    Checkpoint,
+    DedupQuery,
+    Flush,
+    HashQuery,
+    Hello,
+    Pack,
+    Ping,
+    RWrite,
+    Welcome,
+    Write,
+    Zero,
+)
 from .wire.link import Link
 
 log = logging.getLogger("vdisk.target")
@@ -160,9 +177,20 @@ class TargetServer:
         self._hash_limiter = trio.CapacityLimiter(config.hash_threads)
         self._refusals = RateLimited(log)
         self._accept_errors = RateLimited(log)
+        self.index: ContentIndex | None = None  # the content index (dedup), opened by serve()
+        self.reduction = {"packs": 0, "inner_bytes": 0, "ref_bytes": 0, "stale_refs": 0, "dedup_queries": 0}
 
-    def statistics(self) -> dict[str, int]:
-        return {"handshaking": self.handshaking, "active": len(self.active), "applied_bytes": self.applied_bytes}
+    def statistics(self) -> dict[str, object]:
+        return {"handshaking": self.handshaking, "active": len(self.active), "applied_bytes": self.applied_bytes,
+                "reduction": dict(self.reduction)}
+
+    def open_index(self) -> None:
+        """The content index of this data directory; without it the target offers no dedup."""
+        if self.index is None:
+            try:
+                self.index = ContentIndex(self.store.root / INDEX_FILE)
+            except (OSError, sqlite3.Error) as e:  # dedup is an optimisation
+                log.error("content index unavailable, dedup is off: %s", e)
 
     # -- listening -------------------------------------------------------------------------------
     async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -172,6 +200,7 @@ class TargetServer:
         raise_fd_limit()  # every source link (and handshake) is a descriptor, as for `vdisk serve`
         try:
             self.recover_replicas()  # before anything (the NBD export, a source) reads a replica
+            self.open_index()
             try:
                 listeners = await trio.open_tcp_listeners(port, host=host)
             except OSError as e:
@@ -321,7 +350,11 @@ class TargetServer:
             meta = seals.open_session(self.store, name, {
                 "source_uuid": hello.volume_uuid, "source_name": hello.name, "source_addr": link.peer,
                 "generation": hello.generation, "last_connected": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
-            link.conn.accept(Welcome(meta.uuid, name, created, hello.generation, verdict.verify, cp[0], cp[1]))
+            caps = self._caps(hello)
+            if self.index is not None and CAP_DEDUP not in caps:  # this session will not keep it true
+                await trio.to_thread.run_sync(self.index.drop, _vol(hello.volume_uuid), limiter=self._io_limiter)
+            link.conn.accept(Welcome(meta.uuid, name, created, hello.generation, verdict.verify, cp[0], cp[1],
+                                     caps))
             link.conn.reader.reserve(RECV_BUFFER)
             await link.send_control()
             self.active[name] = link.peer
@@ -329,7 +362,8 @@ class TargetServer:
             log.info("source %s mirrors %r (%s) into replica %s (%s)", link.peer, hello.name, hello.volume_uuid,
                      name, hello.mode if hello.mode == "sync" else f"async, at checkpoint {cp[0]}")
             with session[0]:
-                await self._session(link, image, hello.size, name, undo)
+                await self._session(link, image, hello.size, name, undo,
+                                    _vol(hello.volume_uuid) if CAP_DEDUP in caps else None)
         except (Refused, seals.SplitBrain) as e:
             log.warning("refused source %s: %s", link.peer, e)
             link.conn.fail(str(e), e.code)
@@ -340,7 +374,8 @@ class TargetServer:
             pass
         except WireError as e:
             log.warning("source %s: %s", link.peer, e)
-            link.conn.fail(str(e), "protocol")  # no-op if the connection already queued its reason
+            # no-op if the connection already queued its reason
+            link.conn.fail(str(e), getattr(e, "code", "protocol"))
         except OSError as e:  # the replica's disk failed: tell the source, which degrades
             log.error("replica %s: %s", name, e)
             link.conn.fail(f"target I/O error on replica {name}: {e.strerror or e}", "io")
@@ -405,6 +440,42 @@ class TargetServer:
         if self._sessions.get(uuid) is not session:
             raise Refused("a newer connection of this source replaced this one", "busy")
 
+    def _caps(self, hello: Hello) -> tuple[str, ...]:
+        """What this target takes of the source's offer (dedup references travel inside packs)."""
+        if hello.mode != "async" or CAP_ZSTD not in hello.caps:
+            return ()
+        return (CAP_ZSTD,) + ((CAP_DEDUP,) if self.index is not None and CAP_DEDUP in hello.caps else ())
+
+    def _reader(self) -> Callable[[bytes, int, int], bytes | None]:
+        """Reads ``length`` bytes at ``offset`` of the replica of source volume ``vol`` (any thread;
+        None if there is no such replica or the range is beyond it)."""
+        names: dict[bytes, str | None] = {}
+
+        def read(vol: bytes, offset: int, length: int) -> bytes | None:
+            if vol not in names:
+                names[vol] = None
+                for n in self._recorded_names():
+                    try:
+                        rep = self.store.meta(n).extra.get("replica")
+                    except VolumeError:
+                        continue
+                    if isinstance(rep, dict) and rep.get("source_uuid") == str(_uuid_of(vol)):
+                        names[vol] = n
+                        break
+            name = names[vol]
+            if name is None:
+                return None
+            try:
+                fd = os.open(self.store.image_path(name), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            try:
+                return os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+
+        return read
+
     def _replica_for(self, hello: Hello) -> tuple[str, bool]:
         """(name, created): the replica of this source uuid, created (sparse) if there is none. A
         replica whose image is gone is still that source's (admit says split brain): a new one
@@ -444,7 +515,7 @@ class TargetServer:
         return read_checkpoint(self.store.root, name)
 
     async def _session(self, link: Link, image: ReplicaImage, size: int, name: str = "",
-                       undo: UndoLog | None = None) -> None:
+                       undo: UndoLog | None = None, dedup: bytes | None = None) -> None:
         """The frame loop and this session's hasher; when the loop ends the hasher stops too (a hash
         still running in its thread gives up within one chunk), so nothing outlives the link."""
         send_lock = trio.StrictFIFOLock()  # two tasks send on one socket: one waits for it at a time
@@ -462,7 +533,7 @@ class TargetServer:
                 if isinstance(image, seals.SealedImage):
                     nursery.start_soon(image.keep_sealed, self._io_limiter)
                 try:
-                    await self._apply(link, image, size, hasher, send, name, undo)
+                    await self._apply(link, image, size, hasher, send, name, undo, dedup)
                 finally:
                     hasher.stop.set()
                     nursery.cancel_scope.cancel()
@@ -471,19 +542,36 @@ class TargetServer:
 
     async def _apply(self, link: Link, image: ReplicaImage, size: int, hasher: Hasher,
                      send: Callable[[list[bytes]], Awaitable[None]], name: str = "",
-                     undo: UndoLog | None = None) -> None:
+                     undo: UndoLog | None = None, dedup: bytes | None = None) -> None:
         """Apply every complete frame of each receive (off the trio thread unless the batch is small
         and needs no fdatasync), then ack once; a HashQuery goes to the hasher once the frames before
-        it are applied and acknowledged."""
+        it are applied and acknowledged. A Pack's inner frames are applied like frames off the wire;
+        a reduced write's references are read (and checked) once everything before it is applied."""
         applied = 0
+        unpacker = Unpacker()
+        reader = self._reader() if dedup is not None else None
+        stats = self.reduction
+
+        async def commit(batch: Batch, before_ack: Callable[[], Awaitable[None]] | None = None) -> int:
+            return await self._commit(image, size, batch, applied, send, undo, before_ack, dedup)
+
+        buffered = 0
         while True:
             with trio.move_on_after(self.config.timeout) as scope:
                 events = await link.receive()
             if scope.cancelled_caught:
+                # A large frame crossing a slow line for longer than the timeout is not silence.
+                if link.conn.reader.buffered >= buffered + (64 << 10):
+                    buffered = link.conn.reader.buffered
+                    continue
                 raise PeerSilent(f"went silent for {self.config.timeout:g}s")
+            buffered = 0
             batch: Batch = []
             reply = False
-            for ev in events:
+            i = 0
+            while i < len(events):
+                ev = events[i]
+                i += 1
                 t = type(ev)
                 if t is Write or t is Zero or t is Flush:
                     batch.append(ev)  # type: ignore[arg-type]
@@ -491,20 +579,53 @@ class TargetServer:
                     # Everything before it applied and fdatasync'd (a Flush at its seq), the commit
                     # recorded durably, then the ack that covers it.
                     batch.append(Flush(ev.seq))  # type: ignore[union-attr]
-                    applied = await self._commit(image, size, batch, applied, send, undo,
-                                                 lambda cp=ev: self._commit_checkpoint(name, cp, undo))  # type: ignore[misc]
+                    applied = await commit(batch, lambda cp=ev: self._commit_checkpoint(name, cp, undo))  # type: ignore[misc]
                     batch = []
+                elif t is Pack:
+                    inner = link.conn.check_inner(unpacker.unpack(ev))  # type: ignore[arg-type]
+                    stats["packs"] += 1
+                    stats["inner_bytes"] += ev.inner_size  # type: ignore[union-attr]
+                    events[i:i] = inner
+                elif t is RWrite:
+                    segs = decode_rwrite(ev, size)  # type: ignore[arg-type]
+                    if has_refs(segs):
+                        if reader is None:
+                            raise RemoteProtocolError("bad frame: a dedup reference, but dedup was not negotiated")
+                        applied = await commit(batch)  # what the references may read is applied first
+                        batch = []
+                        try:
+                            batch = await trio.to_thread.run_sync(resolve, ev.seq, ev.fua, segs, reader,  # type: ignore[union-attr]
+                                                                  limiter=self._io_limiter)
+                        except StaleReference:
+                            stats["stale_refs"] += 1
+                            if self.index is not None:
+                                for kind, _off, n, ref in segs:
+                                    if kind == S_REF:
+                                        await trio.to_thread.run_sync(self.index.forget, ref[0], ref[1], n)
+                            raise
+                        stats["ref_bytes"] += sum(s[2] for s in segs if s[0] == S_REF)
+                    else:
+                        out = resolve(ev.seq, ev.fua, segs)  # type: ignore[union-attr]
+                        # Entirely coalesced: nothing to apply, but its seq is acknowledged.
+                        batch.extend(out or [Write(ev.seq, ev.offset, memoryview(b""))])  # type: ignore[union-attr]
+                elif t is DedupQuery:
+                    index = self.index
+                    if dedup is None or index is None:
+                        raise RemoteProtocolError("bad frame: a dedup query, but dedup was not negotiated")
+                    stats["dedup_queries"] += 1
+                    entries = await trio.to_thread.run_sync(index.lookup, ev.prefixes, limiter=self._io_limiter)  # type: ignore[union-attr]
+                    await send([encode_dedup_reply(ev.req, entries)])  # type: ignore[union-attr]
                 elif t is Ping:
                     reply = True
                 elif t is HashQuery:
                     check_query(ev, size)  # type: ignore[arg-type]
-                    applied = await self._commit(image, size, batch, applied, send, undo)
+                    applied = await commit(batch)
                     batch = []
                     hasher.submit(ev)  # type: ignore[arg-type]
                 elif t is Bye:
-                    await self._commit(image, size, batch, applied, send, undo)
+                    await commit(batch)
                     return
-            last = await self._commit(image, size, batch, applied, send, undo)
+            last = await commit(batch)
             if last == applied and reply:
                 await send([encode_ack(applied)])
             applied = last
@@ -525,14 +646,21 @@ class TargetServer:
 
     async def _commit(self, image: ReplicaImage, size: int, batch: Batch, applied: int,
                       send: Callable[[list[bytes]], Awaitable[None]], undo: UndoLog | None = None,
-                      before_ack: Callable[[], Awaitable[None]] | None = None) -> int:
+                      before_ack: Callable[[], Awaitable[None]] | None = None, dedup: bytes | None = None) -> int:
         """Apply a run of data frames (their old content saved first, in an async session), then ack
-        the last; the new applied seq."""
+        the last; the new applied seq. A dedup session indexes what it wrote (same worker thread)."""
         if not batch:
             return applied
         sync, nbytes, threaded = check_batch(batch, size)
         save = undo.uncovered(batch_ranges(batch)) if undo is not None and undo.active else None
-        if threaded or save:
+        index = self.index
+        if dedup is not None and index is not None:
+            def apply_and_index() -> None:
+                apply_batch(image, batch, sync, undo, save)
+                index.update(dedup, batch)
+
+            await trio.to_thread.run_sync(apply_and_index, limiter=self._io_limiter)
+        elif threaded or save:
             # The receive buffer the Writes point into is not touched until this returns: the frame
             # loop receives again only after it.
             await trio.to_thread.run_sync(apply_batch, image, batch, sync, undo, save, limiter=self._io_limiter)
@@ -566,6 +694,17 @@ class TargetServer:
         self._ro.clear()
         for undo in self._undo.values():
             undo.close()
+        if self.index is not None:
+            self.index.close()
+            self.index = None
+
+
+def _vol(volume_uuid: str) -> bytes:
+    return uuid_mod.UUID(volume_uuid).bytes
+
+
+def _uuid_of(vol: bytes) -> uuid_mod.UUID:
+    return uuid_mod.UUID(bytes=vol)
 
 
 def _peer(stream: trio.SocketStream) -> str:

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PKGS=(python3 python3-venv python3-dev python3-libnbd libnbd-bin nbdkit qemu-utils fio fuse3
-          libfuse3-dev pkg-config gcc make e2fsprogs iproute2 util-linux kmod qemu-system-common tmux)
+          libfuse3-dev pkg-config gcc make e2fsprogs iproute2 util-linux kmod qemu-system-common tmux
+          rsync zstd)
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 

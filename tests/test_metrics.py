@@ -226,7 +226,8 @@ def test_counters_are_banked_when_a_replicator_is_replaced():
     mgr.mirrors["v"].rep = new  # the swap and the bank happen in one step on the event loop
     seen = mgr._bank("v", old)
     assert mgr.counters("v") == {"logical_bytes": 100, "wire_bytes": 120, "connects": 2, "overflows": 0,
-                                 "overflow_bytes": 0}
+                                 "overflow_bytes": 0, "saved_zero": 0, "saved_dedup": 0, "saved_compression": 0,
+                                 "saved_coalesced": 0}
     old.acked_bytes, old.outbox.sent = 150, 170  # the retiring one finished a send
     new.acked_bytes, new.connects = 10, 1
     mgr._bank("v", old, seen)

@@ -22,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from mirror.reduce import SAVED
+
 if TYPE_CHECKING:
     from mirror.target import TargetServer
 
@@ -101,6 +103,9 @@ def mirror_families(d: Daemon) -> list[Metric]:
         ("overflows", "overflows", "Times the async source buffer filled up (writes tracked in the dirty map)"),
         ("overflow_bytes", "overflow_bytes", "Bytes written while the source buffer was full"),
     )}
+    saved = CounterMetricFamily("vdisk_mirror_saved_bytes", "Bytes an async mirror did not send, by cause "
+                                "(zero ranges, dedup references, zstd, coalesced overwrites)",
+                                labels=["volume", "cause"])
     for name in sorted(d.volumes):
         st: dict[str, Any] | None = d.mirrors.status(name)
         if st is None:
@@ -128,7 +133,9 @@ def mirror_families(d: Daemon) -> list[Metric]:
         c["reconnects"] = max(0, c.pop("connects") - 1)
         for k, fam in counters.items():
             fam.add_metric([name], c[k])
-    return [info, state, connected, alert, *gauges.values(), *counters.values()]
+        for cause in SAVED:
+            saved.add_metric([name, cause], c[f"saved_{cause}"])
+    return [info, state, connected, alert, *gauges.values(), *counters.values(), saved]
 
 
 class TargetCollector(Collector):

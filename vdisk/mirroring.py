@@ -28,6 +28,7 @@ from mirror.base import Marking, MirrorState
 from mirror.dirty import ActivityLog, DirtyMap
 from mirror.hold import HeldWrites
 from mirror.journal import Journal
+from mirror.reduce import SAVED, KnownBlocks, Reduction
 from mirror.schedule import Schedule, ShipAt
 from mirror.sync import Pairing, SyncConfig, SyncReplicator, VolumeIdentity
 from mirror.verify import compare
@@ -164,10 +165,12 @@ def check_section(section: dict[str, Any], data_dir: Path | None = None) -> Sync
 def shipped_counts(rep: SyncReplicator | AsyncReplicator) -> dict[str, int]:
     """A replicator's own running counts (they start at zero with it); see MirrorManager.counters."""
     if isinstance(rep, AsyncReplicator):
+        red = rep.reduction_snapshot()
         return {"logical_bytes": rep.out_meter.total + rep.chunk_bytes_sent, "wire_bytes": rep.wire_meter.total,
-                "connects": rep.connects, "overflows": rep.overflows, "overflow_bytes": rep.overflow_bytes}
+                "connects": rep.connects, "overflows": rep.overflows, "overflow_bytes": rep.overflow_bytes,
+                **{f"saved_{k}": getattr(red, k) for k in SAVED}}
     return {"logical_bytes": rep.acked_bytes, "wire_bytes": rep.outbox.sent, "connects": rep.connects,
-            "overflows": 0, "overflow_bytes": 0}
+            "overflows": 0, "overflow_bytes": 0, **{f"saved_{k}": 0 for k in SAVED}}
 
 
 def alert_thresholds(section: dict[str, Any]) -> tuple[float | None, float]:
@@ -236,6 +239,9 @@ class MirrorManager:
         # Counts of replicators that were replaced (new target or keys, mode switch) or stopped, per
         # volume: what metrics report is these plus the live replicator's, so no counter goes back.
         self.banked: dict[str, dict[str, int]] = {}
+        # Per target address: the blocks it is known to hold, shared by this daemon's volumes
+        # mirrored to it (a clone finds the template's blocks another volume shipped: reduce.py).
+        self.known: dict[str, KnownBlocks] = {}
         self._nursery: trio.Nursery | None = None
         self.events = EventRing(log)
         daemon.control.register("mirror", self._cmd_mirror)
@@ -364,8 +370,10 @@ class MirrorManager:
         st = m.state
         rep: SyncReplicator | AsyncReplicator
         if isinstance(config, AsyncConfig):
+            known = self.known.setdefault(f"{config.host}:{config.port}", KnownBlocks())
             rep = AsyncReplicator(config, ident, vol.image, st, self._journal(m, vol.name), pairing,
-                                  save_pairing=lambda p: self._save_pairing(vol.name, p), inherited=m.rep is not None)
+                                  save_pairing=lambda p: self._save_pairing(vol.name, p), inherited=m.rep is not None,
+                                  known=known)
         else:
             if not isinstance(m.rep, AsyncReplicator):  # a journal left by an async period: fold it now
                 self._drop_journal(m, vol.name)
@@ -416,7 +424,8 @@ class MirrorManager:
     def counters(self, name: str) -> dict[str, int]:
         """Running totals of the volume's mirror since the daemon started, over every replicator it
         had: bytes shipped (logical and on the wire), connects, overflows. Never decrease."""
-        out = dict.fromkeys(("logical_bytes", "wire_bytes", "connects", "overflows", "overflow_bytes"), 0)
+        out = dict.fromkeys(("logical_bytes", "wire_bytes", "connects", "overflows", "overflow_bytes",
+                             *(f"saved_{k}" for k in SAVED)), 0)
         out.update(self.banked.get(name, {}))
         m = self.mirrors.get(name)
         if m is not None and m.rep is not None:
@@ -521,7 +530,9 @@ class MirrorManager:
         if m is None:
             return None
         if isinstance(m.rep, AsyncReplicator):
-            return m.rep.statistics()
+            st = m.rep.statistics()
+            st["reduction"]["per_target"] = self._target_reduction(st["target"])
+            return st
         if m.rep is not None:
             return dataclasses.asdict(m.rep.statistics())
         section = self.daemon.store.meta(name).extra.get("mirror") or {}
@@ -530,6 +541,16 @@ class MirrorManager:
                 "on_link_loss": section.get("on_link_loss"), "dirty_bytes": dirty.dirty_bytes,
                 "in_flight": 0, "initial_sync": {"done": bool(section.get("initial_sync_done"))},
                 "last_error": "the mirror is not running (see the daemon's log)", "save_error": dirty.save_error}
+
+    def _target_reduction(self, target: str) -> dict[str, Any]:
+        """The reduction of every volume of this daemon mirrored (async) to ``target``, summed."""
+        total, n = Reduction(), 0
+        for other in self.mirrors.values():
+            rep = other.rep
+            if isinstance(rep, AsyncReplicator) and f"{rep.config.host}:{rep.config.port}" == target:
+                total.add(rep.reduction_snapshot())
+                n += 1
+        return {"target": target, "volumes": n, **total.as_dict()}
 
     # -- control commands ------------------------------------------------------------------------
     def _volume(self, req: dict[str, Any]) -> ServedVolume:

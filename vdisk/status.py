@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from blockdev.volume import VolumeStore
+from mirror.reduce import summary
 
 from .control import VERSION, ControlError, call
 from .events import link_reason, pending_bytes
@@ -100,6 +101,9 @@ def line(vol: dict[str, Any], now: float) -> str:
         return f"{name}  not mirrored  {'served' if vol.get('served') else 'not served'}"
     if m.get("mode") == "async":
         parts = [async_line(name, m)]
+        red = summary(m.get("reduction"))
+        if red:
+            parts.append(f"reduction {red}")
     else:
         init = m.get("initial_sync") or {}
         parts = [name, "sync", str(m.get("state")), f"dirty {format_size(m.get('dirty_bytes', 0))}",

@@ -24,13 +24,17 @@ from .events import (
     Bye,
     Challenge,
     Checkpoint,
+    DedupQuery,
+    DedupReply,
     ErrorMsg,
     Event,
     Flush,
     HashQuery,
     HashReply,
     Hello,
+    Pack,
     Ping,
+    RWrite,
     Welcome,
     Write,
     Zero,
@@ -54,7 +58,12 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_BYE = 1, 2, 3, 4, 5, 6
 T_WRITE, T_ZERO, T_FLUSH, T_ACK, T_PING, T_CHECKPOINT = 16, 17, 18, 19, 20, 21
 T_HASHQ, T_HASHR = 32, 33
+T_PACK, T_RWRITE, T_DEDUPQ, T_DEDUPR = 40, 41, 42, 43  # WAN reduction (mirror/reduce.py)
 F_FUA, F_TRIM = 1, 2
+F_RESET = 1  # on a Pack: a new zstd frame starts (the decompressor starts afresh)
+DEDUP_PREFIX = 16  # bytes of a BLAKE3 digest in a DedupQuery
+DEDUP_ENTRY = 25  # found (1) + source volume uuid (16) + offset (8), per prefix, in a DedupReply
+MAX_DEDUP_QUERY = 16384  # prefixes per DedupQuery
 _ZERO_LEN = struct.Struct(">Q")
 
 _xxh = xxhash.xxh3_64_intdigest
@@ -108,6 +117,22 @@ def encode_hash_reply(req: int, digests: bytes) -> bytes:
     return frame_header(T_HASHR, digests, 0, req) + digests
 
 
+def encode_pack(inner_size: int, data: bytes, reset: bool = False) -> list[bytes]:
+    return [frame_header(T_PACK, data, F_RESET if reset else 0, inner_size), data]
+
+
+def encode_rwrite(seq: int, offset: int, payload: bytes, fua: bool = False) -> bytes:
+    return frame_header(T_RWRITE, payload, F_FUA if fua else 0, seq, offset) + payload
+
+
+def encode_dedup_query(req: int, prefixes: bytes) -> bytes:
+    return frame_header(T_DEDUPQ, prefixes, 0, req) + prefixes
+
+
+def encode_dedup_reply(req: int, entries: bytes) -> bytes:
+    return frame_header(T_DEDUPR, entries, 0, req) + entries
+
+
 def _json_frame(ftype: int, obj: dict[str, Any]) -> bytes:
     payload = json.dumps(obj, separators=(",", ":")).encode()
     return _frame(ftype, payload) + payload
@@ -133,7 +158,8 @@ def encode(event: Event) -> bytes:
             return _json_frame(T_WELCOME, {"replica_id": event.replica_id, "replica_name": event.replica_name,
                                            "created": event.created, "generation": event.generation,
                                            "verify": event.verify, "checkpoint": event.checkpoint,
-                                           "checkpoint_time_ns": event.checkpoint_time_ns})
+                                           "checkpoint_time_ns": event.checkpoint_time_ns,
+                                           "caps": list(event.caps)})
         case ErrorMsg():
             return _json_frame(T_ERROR, {"message": event.message, "code": event.code})
         case Bye():
@@ -155,6 +181,14 @@ def encode(event: Event) -> bytes:
                                          "indices": list(event.indices)})
         case HashReply():
             return encode_hash_reply(event.req, event.digests)
+        case Pack():
+            return b"".join(encode_pack(event.inner_size, bytes(event.data), event.reset))
+        case RWrite():
+            return encode_rwrite(event.seq, event.offset, bytes(event.payload), event.fua)
+        case DedupQuery():
+            return encode_dedup_query(event.req, event.prefixes)
+        case DedupReply():
+            return encode_dedup_reply(event.req, event.entries)
     raise LocalProtocolError(f"cannot encode {event!r}")
 
 
@@ -217,7 +251,7 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
             if key in d:
                 cps[i] = _field(d, key, int)
         return Welcome(_field(d, "replica_id", str), _field(d, "replica_name", str), _field(d, "created", bool),
-                       _field(d, "generation", int), verify, cps[0], cps[1])
+                       _field(d, "generation", int), verify, cps[0], cps[1], _strings(d, "caps"))
     if ftype == T_ERROR:
         # Printable only: the peer's message ends up in our log and on the user's terminal.
         message = "".join(c if c.isprintable() else " " for c in _field(d, "message", str, maxlen=MAX_JSON)[:2000])
@@ -233,8 +267,12 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
 
 
 _JSON_TYPES = frozenset({T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_HASHQ})
-_FLAGS = {T_WRITE: F_FUA, T_ZERO: F_FUA | F_TRIM}  # the flag bits each frame type may carry
-_KNOWN_TYPES = _JSON_TYPES | {T_BYE, T_WRITE, T_ZERO, T_FLUSH, T_CHECKPOINT, T_ACK, T_PING, T_HASHR}
+# the flag bits each frame type may carry
+_FLAGS = {T_WRITE: F_FUA, T_ZERO: F_FUA | F_TRIM, T_PACK: F_RESET, T_RWRITE: F_FUA}
+_KNOWN_TYPES = _JSON_TYPES | {T_BYE, T_WRITE, T_ZERO, T_FLUSH, T_CHECKPOINT, T_ACK, T_PING, T_HASHR, T_PACK,
+                              T_DEDUPQ, T_DEDUPR}
+# Inside a Pack: data frames only (a Pack in a Pack would be a second decompression of peer data).
+INNER_TYPES = frozenset({T_WRITE, T_ZERO, T_CHECKPOINT, T_RWRITE})
 
 
 class FrameReader:
@@ -243,7 +281,9 @@ class FrameReader:
     Payload views handed out by ``frames()`` stay valid until the next ``buffer()`` or ``feed()``.
     """
 
-    def __init__(self, capacity: int = 4 << 20, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, capacity: int = 4 << 20, max_payload: int = MAX_PAYLOAD,
+                 types: frozenset[int] = _KNOWN_TYPES) -> None:
+        self._types = types
         self._buf = bytearray(capacity)
         self._view = memoryview(self._buf)
         self._start = 0
@@ -286,6 +326,10 @@ class FrameReader:
             self._start, self._end = 0, pending
         return self._view[self._end:]
 
+    def rest(self) -> tuple[bytes, int]:
+        """The bytes not parsed yet (a frame's beginning) and how many the frame needs in all."""
+        return bytes(self._view[self._start:self._end]), self._need
+
     def commit(self, n: int) -> None:
         self._end += n
 
@@ -302,7 +346,7 @@ class FrameReader:
         try:
             while end - start >= HEADER_SIZE:
                 length, ftype, flags, reserved, a, b, check = HEADER.unpack_from(view, start)
-                if ftype not in _KNOWN_TYPES or reserved:
+                if ftype not in self._types or reserved:
                     raise RemoteProtocolError(f"bad frame: unknown type {ftype} (is the peer a vdisk mirror?)")
                 if length > self.max_payload:
                     raise RemoteProtocolError(f"bad frame: payload of {length} bytes is too large "
@@ -363,6 +407,21 @@ class FrameReader:
             return HashReply(a, bytes(payload))
         if ftype == T_BYE:
             return Bye()
+        if ftype == T_PACK:
+            if not 0 < a <= MAX_PAYLOAD:
+                raise RemoteProtocolError(f"bad frame: pack of {a} inner bytes (1..{MAX_PAYLOAD})")
+            return Pack(a, payload, bool(flags & F_RESET))
+        if ftype == T_RWRITE:
+            return RWrite(a, b, payload, bool(flags & F_FUA))
+        if ftype == T_DEDUPQ:
+            if len(payload) % DEDUP_PREFIX or len(payload) > MAX_DEDUP_QUERY * DEDUP_PREFIX:
+                raise RemoteProtocolError(f"bad frame: dedup query is not a list of at most {MAX_DEDUP_QUERY} "
+                                          f"{DEDUP_PREFIX}-byte prefixes")
+            return DedupQuery(a, bytes(payload))
+        if ftype == T_DEDUPR:
+            if len(payload) % DEDUP_ENTRY:
+                raise RemoteProtocolError(f"bad frame: dedup reply is not a list of {DEDUP_ENTRY}-byte entries")
+            return DedupReply(a, bytes(payload))
         if len(payload) > MAX_JSON:
             raise RemoteProtocolError("bad frame: control payload too large")
         return _decode_json(ftype, payload)

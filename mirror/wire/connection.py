@@ -43,13 +43,17 @@ from .events import (
     Bye,
     Challenge,
     Checkpoint,
+    DedupQuery,
+    DedupReply,
     ErrorMsg,
     Event,
     Flush,
     HashQuery,
     HashReply,
     Hello,
+    Pack,
     Ping,
+    RWrite,
     Welcome,
     Write,
     Zero,
@@ -79,6 +83,7 @@ _TRANSITIONS: dict[tuple[Role, State, type], State] = {
     (Role.SOURCE, State.AUTH_SENT, Welcome): State.READY,
     (Role.SOURCE, State.READY, Ack): State.READY,
     (Role.SOURCE, State.READY, HashReply): State.READY,
+    (Role.SOURCE, State.READY, DedupReply): State.READY,
     (Role.TARGET, State.START, Hello): State.CHALLENGED,
     (Role.TARGET, State.CHALLENGED, Auth): State.ACCEPTING,
     (Role.TARGET, State.READY, Write): State.READY,
@@ -87,6 +92,8 @@ _TRANSITIONS: dict[tuple[Role, State, type], State] = {
     (Role.TARGET, State.READY, Checkpoint): State.READY,
     (Role.TARGET, State.READY, Ping): State.READY,
     (Role.TARGET, State.READY, HashQuery): State.READY,
+    (Role.TARGET, State.READY, Pack): State.READY,  # its inner frames go through check_inner
+    (Role.TARGET, State.READY, DedupQuery): State.READY,
 }
 
 
@@ -179,6 +186,18 @@ class Connection:
             self.fail(str(e), "auth" if isinstance(e, AuthError) else "protocol")
             raise
 
+    def check_inner(self, events: list[Event]) -> list[Event]:
+        """Target: the frames a Pack held, checked like frames off the wire (sequence, checkpoints);
+        raises WireError (and queues an ErrorMsg) on a violation."""
+        try:
+            for ev in events:
+                if type(ev) not in (Write, Zero, Checkpoint, RWrite):
+                    raise RemoteProtocolError(f"bad frame: {type(ev).__name__} inside a pack")
+            return self._check_data(events)
+        except WireError as e:
+            self.fail(str(e), "protocol")
+            raise
+
     def _check_data(self, events: list[Event]) -> list[Event]:
         # The hot path of the target: one set lookup and one seq check per frame (a lookup keyed
         # on the enums would hash them in Python, ≈ 1 µs per frame).
@@ -186,7 +205,7 @@ class Connection:
         try:
             for ev in events:
                 t = type(ev)
-                if t is Write or t is Zero or t is Flush or t is Checkpoint:
+                if t is Write or t is Zero or t is Flush or t is Checkpoint or t is RWrite:
                     if ev.seq != seq:  # type: ignore[union-attr]
                         raise RemoteProtocolError(f"bad frame: seq {ev.seq} where {seq} was expected")  # type: ignore[union-attr]
                     seq += 1

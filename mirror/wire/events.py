@@ -61,6 +61,9 @@ class Welcome:
     # since) and its time; the source resumes shipping after it. Optional: older targets omit them.
     checkpoint: int = 0
     checkpoint_time_ns: int = 0
+    # The capabilities of the Hello's that the target takes (mirror/reduce.py); older targets omit it:
+    # nothing is negotiated and the source sends plain frames.
+    caps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,40 @@ class Ping(NamedTuple):
     token: int
 
 
-for _cls in (Write, Zero, Flush, Checkpoint, Ack, Ping):
+class Pack(NamedTuple):
+    """WAN reduction: a chunk of the session's zstd stream holding ``inner_size`` bytes of inner
+    frames (Write, Zero, Checkpoint, RWrite); ``reset``: a new zstd frame starts here."""
+
+    inner_size: int
+    data: memoryview
+    reset: bool = False
+
+
+class RWrite(NamedTuple):
+    """Inside a Pack only: one reduced write of the source (segments of data, zero, skip or a
+    reference to a block the target holds); ``payload`` is decoded by mirror/reduce.py."""
+
+    seq: int
+    offset: int
+    payload: memoryview
+    fua: bool = False
+
+
+class DedupQuery(NamedTuple):
+    """Source -> target: which of these blocks do you hold? 16-byte BLAKE3 prefixes."""
+
+    req: int
+    prefixes: bytes
+
+
+class DedupReply(NamedTuple):
+    """Target -> source: one 25-byte entry per prefix asked (found, source volume uuid, offset)."""
+
+    req: int
+    entries: bytes
+
+
+for _cls in (Write, Zero, Flush, Checkpoint, Ack, Ping, Pack, RWrite, DedupQuery, DedupReply):
     _cls.__eq__ = _typed_eq  # type: ignore[method-assign,assignment]
     _cls.__ne__ = _typed_ne  # type: ignore[method-assign,assignment]
     _cls.__hash__ = tuple.__hash__  # type: ignore[method-assign,assignment]
@@ -158,6 +194,6 @@ class Bye:
 
 
 Event = (Hello | Challenge | Auth | Welcome | ErrorMsg | Write | Zero | Flush | Checkpoint | Ack | Ping | HashQuery
-         | HashReply | Bye)
-DATA_EVENTS = (Write, Zero, Flush, Checkpoint)
+         | HashReply | Bye | Pack | RWrite | DedupQuery | DedupReply)
+DATA_EVENTS = (Write, Zero, Flush, Checkpoint, RWrite)
 MODES = ("sync", "async")

@@ -184,6 +184,19 @@ class Link:
             pass
 
 
+WAN_NOTSENT_LOWAT = 256 << 10
+
+
+def tune_for_wan(link: Link) -> None:
+    """A long fat pipe without bufferbloat: the kernel may keep a window of a fast link in flight
+    (send buffer autotuning), but holds at most 256 KiB not yet sent, so a keep-alive or a dedup
+    query is not queued behind many seconds of a slow link (the shipper packs the next step meanwhile)."""
+    try:
+        link.raw.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), WAN_NOTSENT_LOWAT)
+    except OSError:
+        pass
+
+
 async def connect(host: str, port: int, conn: Connection, timeout: float = 10.0) -> Link:
     """Open a TCP link with TCP_NODELAY (the sync path is latency-bound)."""
     try:
