@@ -43,6 +43,7 @@ from blockdev.volume import (
 )
 
 from . import seal as seals
+from .history import History
 from .target_io import Batch, Hasher, ReplicaImage, apply_batch, batch_ranges, check_batch, check_query
 from .undo import CHECKPOINT_SUFFIX, UNDO_SUFFIX, CommittedView, UndoLog, read_checkpoint
 from .wire import Connection, PeerError, PeerSilent, Role, WireError
@@ -87,6 +88,14 @@ class TargetConfig:
     insecure: bool = False  # allow listening beyond loopback without a pre-shared key
     io_threads: int = 64  # replica batches applied at once (each replica has at most one)
     hash_threads: int = 2  # verify trees built at once (CPU and disk bound)
+    # Checkpoint history kept per replica (history.py): a window in seconds and/or a size in bytes.
+    # Neither: no history (each committed unit's undo log is emptied).
+    history: float | None = None
+    history_size: int | None = None
+
+    @property
+    def keeps_history(self) -> bool:
+        return self.history is not None or self.history_size is not None
 
 
 class DataDirLock:
@@ -183,7 +192,16 @@ class TargetServer:
         undo = self._undo.get(name)
         if undo is None:
             undo = self._undo[name] = UndoLog(self.store.root / f"{name}{UNDO_SUFFIX}", self.store.meta(name).size)
+            if self.config.keeps_history:
+                undo.archive = History(self.store.root, name).archive
         return undo
+
+    def prune_history(self, name: str) -> None:
+        """Retention (worker thread): the oldest units past the window or size go, pins respected."""
+        if self.config.keeps_history:
+            n = History(self.store.root, name).prune(self.config.history, self.config.history_size)
+            if n:
+                log.info("replica %s: %d old checkpoint(s) left the history", name, n)
 
     def recover_replicas(self) -> None:
         """After a crash: roll every replica back to its last committed checkpoint (a unit that was
@@ -303,6 +321,12 @@ class TargetServer:
             undo = self.undo_for(name)
             committed = self.read_checkpoint(name)
             await trio.to_thread.run_sync(undo.recover, image, committed, limiter=self._io_limiter)
+            if hello.mode == "sync" or not self.config.keeps_history:
+                # Written without undo from here (sync), or not kept (no --history): the kept
+                # units would no longer lead to the replica.
+                await trio.to_thread.run_sync(History(self.store.root, name).clear,
+                                              f"a {hello.mode} session without history" if hello.mode == "sync"
+                                              else "the target runs without --history", limiter=self._io_limiter)
             if hello.mode == "sync":
                 cp = (0, 0)
                 undo.discard()
@@ -511,6 +535,7 @@ class TargetServer:
             write_json_atomic(self._cp_path(name), {"id": cp.cp_id, "time_ns": cp.time_ns})
             if undo is not None:
                 undo.commit((cp.cp_id, cp.time_ns))
+                self.prune_history(name)
 
         await trio.to_thread.run_sync(commit, limiter=self._io_limiter)
         self.checkpoints[name] = (cp.cp_id, cp.time_ns)

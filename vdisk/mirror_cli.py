@@ -14,7 +14,17 @@ from typing import Any
 
 from blockdev.volume import VolumeStore
 
-from .cli import LOG_DATES, LOG_FORMAT, VERBOSE_HELP, count_arg, duration_arg, emit, metrics_arg, store_of
+from .cli import (
+    LOG_DATES,
+    LOG_FORMAT,
+    VERBOSE_HELP,
+    count_arg,
+    duration_arg,
+    emit,
+    metrics_arg,
+    size_arg,
+    store_of,
+)
 from .control import ControlError, call
 from .mirroring import (
     JOURNAL_SUFFIX,
@@ -53,7 +63,8 @@ def cmd_target(args: argparse.Namespace) -> int:
     # TargetServer.serve refuses a keyless listener beyond loopback (unless --insecure) and a second
     # target on this data directory, before it listens.
     server = TargetServer(store, TargetConfig(psk=read_psk(args.psk_file), timeout=args.timeout,
-                                              insecure=args.insecure))
+                                              insecure=args.insecure, history=args.history,
+                                              history_size=args.history_size))
     listens = [Listen.parse(s) for s in args.nbd or []]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=LOG_FORMAT.format("target"),
                         datefmt=LOG_DATES)
@@ -501,6 +512,11 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--insecure", action="store_true",
                     help="allow listening beyond loopback without --psk-file (any host could write replicas)")
     sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT", help="read-only NBD export of replicas")
+    sp.add_argument("--history", type=duration_arg, metavar="DURATION",
+                    help="keep each replica's checkpoints this long for point-in-time recovery, e.g. 1h "
+                         "(`vdisk checkpoints`, `vdisk recover`; default: none kept)")
+    sp.add_argument("--history-size", type=size_arg, metavar="SIZE",
+                    help="keep at most this much checkpoint history per replica, e.g. 20G (oldest go first)")
     sp.add_argument("--timeout", type=duration_arg, default=30.0,
                     help="source silence before dropping it (default 30s; e.g. 2m, 500ms)")
     sp.add_argument("--metrics", type=metrics_arg, metavar="tcp:HOST:PORT",
