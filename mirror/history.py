@@ -291,7 +291,7 @@ class HistoryView(Layer):
 
     def __init__(self, inner: Any, root: Path, name: str, size: int, at: int) -> None:
         super().__init__(inner)
-        self.root, self.name, self.size, self.at = root, name, size, at
+        self.root, self.name, self.vol_size, self.at = root, name, size, at
         self.history = History(root, name)
         self.lock = threading.Lock()
         self.index = _Index()
@@ -380,7 +380,7 @@ class HistoryView(Layer):
         end = os.fstat(seg.fd).st_size
         if end <= seg.pos:
             return []
-        entries, seg.pos = scan_records(seg.fd, self.size, seg.pos, end)
+        entries, seg.pos = scan_records(seg.fd, self.vol_size, seg.pos, end)
         for first, last, where in entries:
             self.index.add(first, last, k, where)
         return [(f, l_) for f, l_, _w in entries]

@@ -334,7 +334,7 @@ EXTENSIONS.append(_recovery_commands)
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_relative_at(sys.argv[1:] if argv is None else argv))
     if not hasattr(args, "data_dir"):
         args.data_dir = None
     if not hasattr(args, "json"):
@@ -356,6 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"vdisk: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 1
+
+
+def _join_relative_at(argv: list[str]) -> list[str]:
+    """``--at -10m`` (a relative time) would read as an option to argparse: pass it as ``--at=-10m``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--at" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"--at={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
