@@ -76,7 +76,7 @@ def sha(b: bytes) -> str:
 
 
 def test_pitr_exports_past_checkpoints_byte_exact_while_mirroring_continues(procs):
-    tgt, port, _, sock = setup(procs)
+    _tgt, _port, _, sock = setup(procs)
     marks = []
     for seed in range(3):
         write(sock, seed)

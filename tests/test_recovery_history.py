@@ -157,10 +157,10 @@ def test_retention_trims_the_oldest_but_never_a_pinned_checkpoint(tmp_path):
     assert ids == list(range(1, 8))
     pin = Pin(h, 2)
     assert h.prune(7.5 * 60, None, now) == 1  # 3 minutes older than the window, but 2 is pinned
-    assert [c.id for c in h.checkpoints()][0] == 2
+    assert next(c.id for c in h.checkpoints()) == 2
     pin.release()
     assert h.prune(7.5 * 60, None, now) == 2  # 2 and 3 (older than 7 minutes) go now
-    assert [c.id for c in h.checkpoints()][0] == 4
+    assert next(c.id for c in h.checkpoints()) == 4
     total = sum(c.bytes for c in h.checkpoints())
     h.prune(None, total // 2, now)  # by size: the oldest go until it fits
     assert sum(u.bytes for u in h.units()) <= total // 2 + 64 * len(h.units())
