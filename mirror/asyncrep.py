@@ -449,7 +449,7 @@ class AsyncReplicator(Marking):
         conn = Connection(Role.SOURCE, self.config.psk)
         link = await connect(self.config.host, self.config.port, conn, self.config.timeout)
         try:
-            caps = (DISCARD_REPLICA,) if self.pairing.discard_replica else ()
+            caps = ((DISCARD_REPLICA,) if self.pairing.discard_replica else ()) + self.ident.caps()
             conn.start(Hello(PROTOCOL_VERSION, self.ident.uuid, self.ident.name, self.ident.size,
                              self.ident.block_size, self.ident.generation, b"", "async", caps))
             await link.send_control()

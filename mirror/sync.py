@@ -412,7 +412,7 @@ class SyncReplicator(SyncStatus, Marking):
         self.outbox.clear()
         link.outbox = self.outbox  # the sender task drains the outbox that on_write fills
         try:
-            caps = (DISCARD_REPLICA,) if self.pairing.discard_replica else ()
+            caps = ((DISCARD_REPLICA,) if self.pairing.discard_replica else ()) + self.ident.caps()
             conn.start(Hello(PROTOCOL_VERSION, self.ident.uuid, self.ident.name, self.ident.size,
                              self.ident.block_size, self.ident.generation, b"", "sync", caps))
             await link.send_control()

@@ -44,6 +44,7 @@ from blockdev.volume import (
 
 from . import seal as seals
 from .history import History
+from .records import ORIGIN_CAP
 from .target_io import Batch, Hasher, ReplicaImage, apply_batch, batch_ranges, check_batch, check_query
 from .undo import CHECKPOINT_SUFFIX, UNDO_SUFFIX, CommittedView, UndoLog, read_checkpoint
 from .wire import Connection, PeerError, PeerSilent, Role, WireError
@@ -160,6 +161,7 @@ class TargetServer:
         self.checkpoints: dict[str, tuple[int, int]] = {}  # replica -> (checkpoint id, time_ns) committed
         self._sessions: dict[str, tuple[trio.CancelScope, trio.Event]] = {}  # source uuid -> its link's
         self._undo: dict[str, UndoLog] = {}  # replica -> its undo log (kept: the export reads through it)
+        self._discarding: set[str] = set()  # demoted replicas whose first failback unit is not committed yet
         self._io_limiter = trio.CapacityLimiter(config.io_threads)
         self._hash_limiter = trio.CapacityLimiter(config.hash_threads)
         self._refusals = RateLimited(log)
@@ -321,6 +323,10 @@ class TargetServer:
             undo = self.undo_for(name)
             committed = self.read_checkpoint(name)
             await trio.to_thread.run_sync(undo.recover, image, committed, limiter=self._io_limiter)
+            keep = bool((self.store.meta(name).extra.get("replica") or {}).get("keep_discarded"))
+            if keep and (hello.mode == "sync" or not self.config.keeps_history):
+                raise Refused(f"replica {name!r} keeps what a failback overwrites as checkpoint 0 of its history: "
+                              "mirror into it in async mode, into a target run with --history")
             if hello.mode == "sync" or not self.config.keeps_history:
                 # Written without undo from here (sync), or not kept (no --history): the kept
                 # units would no longer lead to the replica.
@@ -334,7 +340,11 @@ class TargetServer:
                 self._cp_path(name).unlink(missing_ok=True)
             else:
                 cp = committed
-                await trio.to_thread.run_sync(undo.begin, cp, limiter=self._io_limiter)
+                if keep:  # a failback into a demoted volume: its first unit is checkpoint 0
+                    self._discarding.add(name)
+                    await trio.to_thread.run_sync(undo.begin, (0, time.time_ns()), True, limiter=self._io_limiter)
+                else:
+                    await trio.to_thread.run_sync(undo.begin, cp, limiter=self._io_limiter)
             self.checkpoints[name] = cp
             meta = seals.open_session(self.store, name, {
                 "source_uuid": hello.volume_uuid, "source_name": hello.name, "source_addr": link.peer,
@@ -435,6 +445,10 @@ class TargetServer:
                 if size != hello.size:
                     raise Refused(f"size mismatch: source volume is {hello.size} bytes, replica {n} is {size}")
                 return n, False
+        self._refuse_promoted(hello)
+        adopted = self._adopt(hello)
+        if adopted is not None:
+            return adopted, False
         try:
             name = validate_name(hello.name)
             if not NAME_RE.fullmatch(name):  # ``$`` in a pattern also matches before a final newline
@@ -446,6 +460,44 @@ class TargetServer:
         self.store.create(name, hello.size, block_size=hello.block_size,
                           extra={"replica": {"source_uuid": hello.volume_uuid, "source_name": hello.name}})
         return name, True
+
+    def _refuse_promoted(self, hello: Hello) -> None:
+        """The source's replica here was promoted by a failover: the two copies have diverged (a
+        new generation). Mirroring on would start a second replica; the operator fails back instead."""
+        for n in self._recorded_names():
+            try:
+                promoted = self.store.meta(n).extra.get("promoted")
+            except VolumeError:
+                continue
+            if isinstance(promoted, dict) and promoted.get("from_source_uuid") == hello.volume_uuid:
+                raise Refused(f"split brain: replica {n!r} of this volume was promoted by a failover at "
+                              f"{promoted.get('at')}: it is the primary now. Run `vdisk failback {hello.name}` on "
+                              "the source's site to make it the replica of the promoted volume", seals.SPLIT_BRAIN)
+
+    def _adopt(self, hello: Hello) -> str | None:
+        """A failback: the source was promoted from volume ORIGIN (its Hello cap), and `vdisk
+        failback` demoted ORIGIN here to wait for it. The pair is made: ORIGIN becomes its replica
+        (no seal yet, so the source compares Merkle trees and sends only what differs)."""
+        origin = next((c[len(ORIGIN_CAP):] for c in hello.caps if c.startswith(ORIGIN_CAP)), "")
+        if not origin:
+            return None
+        for n in self._recorded_names():
+            try:
+                meta = self.store.meta(n)
+            except VolumeError:
+                continue
+            rep = meta.extra.get("replica")
+            if meta.uuid != origin or not isinstance(rep, dict) or not rep.get("awaiting_failback"):
+                continue
+            if meta.size != hello.size:
+                raise Refused(f"size mismatch: source volume is {hello.size} bytes, demoted volume {n} is {meta.size}")
+            rep = {k: v for k, v in rep.items() if k != "awaiting_failback"}
+            rep.update(source_uuid=hello.volume_uuid, source_name=hello.name)
+            self.store.update(n, replica=rep)
+            log.warning("replica %s: the volume promoted from it (%s, %s) takes it over (failback)", n, hello.name,
+                        hello.volume_uuid)
+            return n
+        return None
 
     def _recorded_names(self) -> list[str]:
         """Volumes with metadata here, whether or not their image exists (store.names needs both)."""
@@ -535,6 +587,11 @@ class TargetServer:
             write_json_atomic(self._cp_path(name), {"id": cp.cp_id, "time_ns": cp.time_ns})
             if undo is not None:
                 undo.commit((cp.cp_id, cp.time_ns))
+                if name in self._discarding:  # the overwritten blocks are kept: a normal replica from here
+                    self._discarding.discard(name)
+                    rep = dict(self.store.meta(name).extra.get("replica") or {})
+                    rep.pop("keep_discarded", None)
+                    self.store.update(name, replica=rep)
                 self.prune_history(name)
 
         await trio.to_thread.run_sync(commit, limiter=self._io_limiter)

@@ -227,14 +227,16 @@ class UndoLog:
         self.archive: Callable[[Path, tuple[int, int], tuple[int, int]], None] | None = None
 
     # -- a session -------------------------------------------------------------------------------
-    def begin(self, base: tuple[int, int]) -> None:
+    def begin(self, base: tuple[int, int], force: bool = False) -> None:
         """Start an empty log whose records restore checkpoint ``base`` (the replica's committed one).
         With no committed checkpoint yet (a new replica's initial sync, the first unit after a sync
         session) there is no consistent state to go back to: nothing is saved until the first
         commit, so an initial sync of a large volume costs no undo space or index memory."""
         self._open()
         self._reset(base)
-        self.active = base[0] > 0
+        # force: save from the first unit on (a demoted volume's failback: what it overwrites is
+        # the discarded side's data, kept as checkpoint 0 of its history).
+        self.active = base[0] > 0 or force
 
     def _open(self) -> None:
         if self._fd < 0:
@@ -369,7 +371,7 @@ class UndoLog:
         """The replica is fdatasync'd and ``cp`` is recorded: the unit is done, the log restarts."""
         with self.lock:
             self.index.clear()
-        if self.archive is not None and self.active and 0 < self.base[0] < cp[0]:
+        if self.archive is not None and self.active and self.base[0] < cp[0]:
             self.archive(self.path, self.base, cp)
             self._replace(cp)
         else:
@@ -415,7 +417,7 @@ class UndoLog:
             restored = self.rollback(image)
             log.warning("replica %s: rolled back %d bytes of a checkpoint that never committed (back to "
                         "checkpoint %d)", self.path.name.removesuffix(".mirror-undo"), restored, base[0])
-        elif base is not None and self.archive is not None and 0 < base[0] < committed[0]:
+        elif base is not None and self.archive is not None and base[0] < committed[0] and (base[0] > 0 or entries):
             # Committed, not yet kept (a crash between the checkpoint's record and the archive).
             self.archive(self.path, base, committed)
             with self.lock:

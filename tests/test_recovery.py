@@ -190,3 +190,174 @@ def test_failover_at_an_older_checkpoint_after_a_target_kill(procs):
     res = vd(procs, "dst", "failover", "vol", "--at", str(cp), "--json")
     assert json.loads(res.stdout)["checkpoint"] == cp
     assert sha((procs.tmp / "dst" / "vol.img").read_bytes()) == want
+
+
+# -- failback ---------------------------------------------------------------------------------------
+class CountingRelay:
+    """A TCP relay that counts the bytes each way: what a mirror costs on the WAN."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+        import threading
+
+        self.port, self.sent, self.lock = port, 0, threading.Lock()
+        self.lst = socket.create_server(("127.0.0.1", 0))
+        self.addr = self.lst.getsockname()[1]
+        self.socks: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                a, _ = self.lst.accept()
+                b = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            except OSError:
+                return
+            self.socks += [a, b]
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
+
+    def _pump(self, x, y) -> None:
+        try:
+            while data := x.recv(1 << 16):
+                y.sendall(data)
+                with self.lock:
+                    self.sent += len(data)
+        except OSError:
+            pass
+        for s in (x, y):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.lst.close()
+        for s in self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def fill(sock: str, size: int, seed: int) -> None:
+    rng = random.Random(seed)
+    h = nbd.NBD()
+    h.connect_unix(sock)
+    for off in range(0, size, MiB):
+        h.pwrite(rng.randbytes(MiB), off)
+    h.flush()
+    h.shutdown()
+
+
+def change_one_percent(sock: str, size: int, seed: int) -> None:
+    """1 % of the disk rewritten in 64 KiB extents at random places."""
+    rng = random.Random(seed)
+    h = nbd.NBD()
+    h.connect_unix(sock)
+    for _ in range(size // 100 // (64 << 10)):
+        h.pwrite(rng.randbytes(64 << 10), rng.randrange(size // (64 << 10)) * (64 << 10))
+    h.flush()
+    h.shutdown()
+
+
+def wait_ok(procs: Procs, data: str, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        res = vd(procs, data, *args, check=False)
+        if res.returncode == 0 or time.monotonic() > deadline:
+            assert res.returncode == 0, res.stderr
+            return res
+        time.sleep(0.2)
+
+
+def test_unplanned_failover_then_failback_sends_only_the_difference_and_switches_back(procs):
+    size = 32 * MiB
+    vd(procs, "src", "create", "vol", "--size", str(size))
+    _tgt, port = procs.target("dst", 0, "--history", "1h", "--timeout", "2s")
+    srv, sock = procs.serve("src", "vol")
+    vd(procs, "src", "mirror", "vol", "--to", f"127.0.0.1:{port}", "--mode", "async", "--timeout", "3",
+       "--checkpoint-interval", "1s")
+    fill(sock, size, 1)
+    mark(procs)
+    # The source site goes down (a clean stop: after a crash its activity log's extents count as
+    # possibly unshipped, and failback then asks for --discard-local, see the split-brain test).
+    srv.terminate()
+    srv.wait(10)
+    wait_ok(procs, "dst", "failover", "vol")  # once the target has let go of the replica
+    dsrv, dsock = procs.serve("dst", "vol")
+    change_one_percent(dsock, size, 2)
+    # The old source comes back: its mirror is refused (split brain: its replica was promoted).
+    srv, sock = procs.serve("src", "vol")
+    st = procs.wait_state("src", "vol", "split_brain")
+    assert "promoted by a failover" in st["last_error"]
+    srv.terminate()
+    srv.wait(10)
+    out = json.loads(vd(procs, "src", "failback", "vol", "--json").stdout)
+    assert out["awaiting_failback"] and out["discarded_bytes"] == 0
+    _atgt, aport = procs.target("src", 0, "--history", "1h", "--timeout", "2s")
+    relay = CountingRelay(aport)
+    try:
+        vd(procs, "dst", "mirror", "vol", "--to", f"127.0.0.1:{relay.addr}", "--mode", "async", "--timeout", "3",
+           "--checkpoint-interval", "1s")
+        procs.wait_state("dst", "vol", "in_sync", timeout=60)
+        wire = relay.sent
+    finally:
+        relay.close()
+    assert (procs.tmp / "src" / "vol.img").read_bytes() == (procs.tmp / "dst" / "vol.img").read_bytes()
+    assert wire <= 0.015 * size, f"failback sent {wire} bytes for a 1 % change of {size}"
+    print(f"failback wire bytes: {wire} ({wire / size:.2%} of the disk)")
+    # Planned switch back: the DR host stops, the old site is promoted, DR becomes its replica.
+    dsrv.terminate()
+    dsrv.wait(10)
+    want = sha((procs.tmp / "dst" / "vol.img").read_bytes())
+    wait_ok(procs, "src", "failover", "vol")
+    assert sha((procs.tmp / "src" / "vol.img").read_bytes()) == want
+    vd(procs, "dst", "failback", "vol")
+    srv, sock = procs.serve("src", "vol")
+    vd(procs, "src", "mirror", "vol", "--to", f"127.0.0.1:{port}", "--mode", "async", "--timeout", "3",
+       "--checkpoint-interval", "1s")
+    write(sock, 11)
+    procs.wait_state("src", "vol", "in_sync", timeout=60)
+    assert (procs.tmp / "src" / "vol.img").read_bytes() == (procs.tmp / "dst" / "vol.img").read_bytes()
+    info = json.loads(vd(procs, "dst", "info", "vol", "--json").stdout)
+    assert info["replica"]["source_uuid"] == json.loads(vd(procs, "src", "info", "vol", "--json").stdout)["uuid"]
+
+
+def test_split_brain_failback_needs_discard_local_and_keeps_the_discarded_side(procs):
+    vd(procs, "src", "create", "vol", "--size", str(SIZE))
+    _tgt, port = procs.target("dst", 0, "--history", "1h", "--timeout", "2s")
+    srv, sock = procs.serve("src", "vol")
+    vd(procs, "src", "mirror", "vol", "--to", f"127.0.0.1:{port}", "--mode", "async", "--timeout", "3",
+       "--checkpoint-interval", "1s")
+    write(sock, 1)
+    mark(procs)
+    Procs.kill9(srv)
+    wait_ok(procs, "dst", "failover", "vol")
+    dsrv, dsock = procs.serve("dst", "vol")
+    write(dsock, 2)
+    srv, sock = procs.serve("src", "vol")
+    write(sock, 3)  # the old source is written after the split too
+    procs.wait_state("src", "vol", "split_brain")
+    srv.terminate()
+    srv.wait(10)
+    discarded = sha((procs.tmp / "src" / "vol.img").read_bytes())
+    res = vd(procs, "src", "failback", "vol", check=False)
+    assert res.returncode == 1 and "split brain" in res.stderr and "--discard-local" in res.stderr
+    assert "replica" not in json.loads(vd(procs, "src", "info", "vol", "--json").stdout)  # nothing changed
+    vd(procs, "src", "failback", "vol", "--discard-local")
+    procs.target("src", 0, "--history", "1h")
+    aport = int((procs.tmp / "target.log").read_text().rsplit("target listening on tcp:127.0.0.1:", 1)[1].split(",")[0])
+    vd(procs, "dst", "mirror", "vol", "--to", f"127.0.0.1:{aport}", "--mode", "async", "--timeout", "3",
+       "--checkpoint-interval", "1s")
+    procs.wait_state("dst", "vol", "in_sync", timeout=60)
+    assert (procs.tmp / "src" / "vol.img").read_bytes() == (procs.tmp / "dst" / "vol.img").read_bytes()
+    cps = json.loads(vd(procs, "src", "checkpoints", "vol", "--json").stdout)["checkpoints"]
+    assert cps[0]["id"] == 0  # the discarded side, kept
+    out = procs.tmp / "discarded.img"
+    vd(procs, "src", "recover", "vol", "--at", "0", "--to", str(out))
+    assert sha(out.read_bytes()) == discarded
+    dsrv.terminate()

@@ -325,11 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Other modules add their subcommands here (each a function taking `add`).
 EXTENSIONS: list[Callable[[Callable[..., argparse.ArgumentParser]], None]] = []
+from .failback import add_commands as _failback_commands
 from .mount import add_commands as _mount_commands  # after EXTENSIONS: mount.py imports this module
 from .recovery import add_commands as _recovery_commands
 
 EXTENSIONS.append(_mount_commands)
 EXTENSIONS.append(_recovery_commands)
+EXTENSIONS.append(_failback_commands)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -356,7 +356,10 @@ class MirrorManager:
         pairing = Pairing(section.get("replica_id"), bool(section.get("initial_sync_done")),
                           int(section.get("sync_total", 0)), discard_replica=bool(section.get("discard_replica")),
                           split_brain=section.get("split_brain") if isinstance(section.get("split_brain"), str) else None)
-        ident = VolumeIdentity(meta.uuid, vol.name, meta.size, meta.block_size, meta.generation)
+        promoted = meta.extra.get("promoted")
+        origin = promoted.get("from_source_uuid") if isinstance(promoted, dict) else None
+        ident = VolumeIdentity(meta.uuid, vol.name, meta.size, meta.block_size, meta.generation,
+                               origin if isinstance(origin, str) else "")
         st = m.state
         rep: SyncReplicator | AsyncReplicator
         if isinstance(config, AsyncConfig):
