@@ -258,15 +258,15 @@ class _Index:
             c = blk >> CHUNK_SHIFT
             s = self.seg.get(c)
             if s is None:
+                self.pos[c] = array("q", bytes(8 << CHUNK_SHIFT))  # before seg: readers look up seg first
                 s = self.seg[c] = array("I", bytes(4 << CHUNK_SHIFT))
-                self.pos[c] = array("q", bytes(8 << CHUNK_SHIFT))
             p = self.pos[c]
             a = blk & ((1 << CHUNK_SHIFT) - 1)
             n = min(last - blk + 1, (1 << CHUNK_SHIFT) - a)
             for i in range(a, a + n):
-                if s[i] == 0:  # the oldest record wins
-                    s[i] = seg
+                if s[i] == 0:  # the oldest record wins; the position first (lock-free readers)
                     p[i] = where if where == HOLE_POS else where + (blk - first + i - a) * BLOCK
+                    s[i] = seg
                     self.blocks += 1
             blk += n
 
@@ -293,6 +293,7 @@ class HistoryView(Layer):
         super().__init__(inner)
         self.root, self.name, self.vol_size, self.at = root, name, size, at
         self.history = History(root, name)
+        self.live_path = os.fspath(root / f"{name}{UNDO_SUFFIX}")  # a str: stat'ed at every read
         self.lock = threading.Lock()
         self.index = _Index()
         self.segs: list[_Segment] = [_Segment(-1, 0, 0, 0)]  # 1-based: index 0 is "not saved"
@@ -364,7 +365,7 @@ class HistoryView(Layer):
 
     def _open_live(self) -> _Segment | None:
         try:
-            fd = os.open(self.root / f"{self.name}{UNDO_SUFFIX}", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.live_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         head = os.pread(fd, HEADER.size + 8, 0)
@@ -386,57 +387,94 @@ class HistoryView(Layer):
         return [(f, l_) for f, l_, _w in entries]
 
     def _refresh(self) -> list[tuple[int, int]]:
-        """Follow the unit in progress (new records, a commit that rotated it); the new runs."""
-        if self.live is None and self.committed[0] == self.at and not (self.root / f"{self.name}{UNDO_SUFFIX}").exists():
-            return []
-        new: list[tuple[int, int]] = []
-        if self.live is not None:
-            k = len(self.segs) - 1
-            if os.fstat(self.live.fd).st_size < self.live.pos:
+        """Follow the unit in progress (new records, a commit that rotated it); the new runs. One
+        ``stat`` when nothing changed (every read pays it)."""
+        try:
+            st: os.stat_result | None = os.stat(self.live_path)
+        except FileNotFoundError:
+            st = None
+        live = self.live
+        if live is not None and st is not None and st.st_ino == live.ino:
+            if st.st_size == live.pos:
+                return []
+            if st.st_size < live.pos:
                 # Truncated in place: the unit was rolled back (the replica holds the saved bytes
                 # again) or reset. Its records can no longer be read from the log.
                 raise NotRecoverable(f"replica {self.name}: the unit being applied was rolled back "
                                      "under the view; open it again")
-            new += self._tail(k)
-        try:
-            ino = os.stat(self.root / f"{self.name}{UNDO_SUFFIX}").st_ino
-        except FileNotFoundError:
-            ino = 0
-        if ino and (self.live is None or ino != self.live.ino):
-            nxt = self._open_live()
-            if nxt is not None and (self.live is None or nxt.ino != self.live.ino):
-                if self.live is not None:
-                    new += self._tail(len(self.segs) - 1)  # complete: committed before the rotation
-                # Units committed between two looks (two rotations) are in the history by now.
-                lo = self.live.base + 1 if self.live is not None else self.committed[0]
-                for u in self.history.units():
-                    if lo <= u.base < nxt.base:
-                        fd = os.open(u.path, os.O_RDONLY | os.O_CLOEXEC)
-                        self._add_segment(fd, u.base)
-                        new += self._tail(len(self.segs) - 1)
-                self.segs.append(nxt)
-                self.live = nxt
+            return self._tail(len(self.segs) - 1)
+        if st is None:
+            return self._tail(len(self.segs) - 1) if live is not None else []
+        new: list[tuple[int, int]] = []
+        nxt = self._open_live()
+        if nxt is None:
+            return new
+        if live is not None and nxt.ino == live.ino:
+            os.close(nxt.fd)
+            return new
+        if live is not None:
+            new += self._tail(len(self.segs) - 1)  # complete: committed before the rotation
+        # Units committed between two looks (two rotations) are in the history by now.
+        lo = live.base + 1 if live is not None else self.committed[0]
+        for u in self.history.units():
+            if lo <= u.base < nxt.base:
+                fd = os.open(u.path, os.O_RDONLY | os.O_CLOEXEC)
+                self._add_segment(fd, u.base)
                 new += self._tail(len(self.segs) - 1)
-            elif nxt is not None:
-                os.close(nxt.fd)
+        self.segs.append(nxt)
+        self.live = nxt
+        new += self._tail(len(self.segs) - 1)
         return new
 
     # -- reads -----------------------------------------------------------------------------------
     def pread(self, buf: memoryview, offset: int) -> None:
+        """Plan, read (workers read in parallel: the index only grows, a block's position is set
+        before its segment), then look for records the target added meanwhile: one covering this
+        range means the replica may have been overwritten after it was read: read again."""
         end = offset + len(buf)
         b0, b1 = offset // BLOCK, (end - 1) // BLOCK
-        with self.lock:
-            for _attempt in range(100):
-                self._read(buf, offset)
-                new = self._refresh()
-                if not any(f <= b1 and b0 <= last for f, last in new):
+        for _attempt in range(100):
+            for fd, where, a, b in self._plan(offset, end):
+                view = buf[a - offset:b - offset]
+                if fd == -1:
+                    self.inner.pread(view, a)
+                elif fd == -2:
+                    view[:] = bytes(len(view))
+                else:
+                    got = os.preadv(fd, [view], where)
+                    if got < len(view):
+                        raise OSError(f"history of {self.name}: a unit log is shorter than its index")
+            try:  # the common case, one stat: the unit in progress did not grow
+                st = os.stat(self.live_path)
+                live = self.live
+                if live is not None and st.st_ino == live.ino and st.st_size == live.pos:
                     return
+            except FileNotFoundError:
+                if self.live is None:
+                    return
+            with self.lock:
+                new = self._refresh()
+            if not any(f <= b1 and b0 <= last for f, last in new):
+                return
         raise OSError(f"replica {self.name} changes too fast to read a stable view")
 
-    def _read(self, buf: memoryview, offset: int) -> None:
-        end = offset + len(buf)
+    def _plan(self, offset: int, end: int) -> list[tuple[int, int, int, int]]:
+        """(fd | -1 replica | -2 zeroes, file position, start, stop) pieces of a read."""
+        idx = self.index
+        blk = offset // BLOCK
+        c0, c1 = blk >> CHUNK_SHIFT, ((end - 1) // BLOCK) >> CHUNK_SHIFT
+        if c0 == c1 and c0 not in idx.seg:  # nothing saved anywhere near: the replica
+            return [(-1, 0, offset, end)]
+        if end <= (blk + 1) * BLOCK:  # one block (4 KiB random reads)
+            seg, where = idx.get(blk)
+            if seg == 0:
+                return [(-1, 0, offset, end)]
+            if where == HOLE_POS:
+                return [(-2, 0, offset, end)]
+            return [(self.segs[seg].fd, where + offset - blk * BLOCK, offset, end)]
+        out: list[tuple[int, int, int, int]] = []
+        get = idx.get
         pos = offset
-        get = self.index.get
         while pos < end:
             blk = pos // BLOCK
             seg, where = get(blk)
@@ -447,16 +485,14 @@ class HistoryView(Layer):
                         (seg and where != HOLE_POS and w2 != where + (stop // BLOCK - blk) * BLOCK):
                     break
                 stop = min(end, stop + BLOCK)
-            view = buf[pos - offset:stop - offset]
             if seg == 0:
-                self.inner.pread(view, pos)
+                out.append((-1, 0, pos, stop))
             elif where == HOLE_POS:
-                view[:] = bytes(len(view))
+                out.append((-2, 0, pos, stop))
             else:
-                got = os.preadv(self.segs[seg].fd, [view], where + (pos - blk * BLOCK))
-                if got < len(view):
-                    raise OSError(f"history of {self.name}: a unit log is shorter than its index")
+                out.append((self.segs[seg].fd, where + (pos - blk * BLOCK), pos, stop))
             pos = stop
+        return out
 
     def extents(self, length: int, offset: int) -> list[tuple[int, int]]:
         return [(length, 0)]  # a block may be a hole now and data then: say "data"
