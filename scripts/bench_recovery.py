@@ -27,10 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from blockdev.volume import VolumeStore  # noqa: E402
-from mirror.history import History  # noqa: E402
-from mirror.undo import UndoLog  # noqa: E402
-from vdisk.units import parse_size  # noqa: E402
+from blockdev.volume import VolumeStore
+from mirror.history import History
+from mirror.undo import UndoLog
+from vdisk.units import parse_size
 
 NAME = "vol"
 JOBS = [("randread-4k-qd32", "randread", "4k", 32), ("seqread-1m-qd4", "read", "1m", 4)]
