@@ -130,10 +130,16 @@ class History:
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Recoverable checkpoints, oldest first; the last is the replica's committed one."""
-        cp = read_checkpoint(self.root, self.name)
-        if cp[0] == 0:
-            return []
-        chain = self.chain(cp)
+        for _attempt in range(20):
+            cp = read_checkpoint(self.root, self.name)
+            if cp[0] == 0:
+                return []
+            units = self.units()
+            chain = self.chain(cp)
+            # A commit in progress (recorded, its unit not linked yet) hides the chain for a moment.
+            if chain or not units or units[-1].end >= cp[0]:
+                break
+            time.sleep(0.02)
         out = [CheckpointInfo(u.base, u.base_ns, max(0, u.bytes - HEADER.size - 8)) for u in chain]
         out.append(CheckpointInfo(cp[0], cp[1], 0))
         return out

@@ -361,3 +361,32 @@ def test_split_brain_failback_needs_discard_local_and_keeps_the_discarded_side(p
     vd(procs, "src", "recover", "vol", "--at", "0", "--to", str(out))
     assert sha(out.read_bytes()) == discarded
     dsrv.terminate()
+
+
+def test_retention_trims_old_checkpoints_but_not_one_a_recovery_reads(procs):
+    _tgt, _port, _srv, sock = setup(procs, "--history", "3s")  # the last --history wins: 3 s
+
+    def ids() -> list[int]:
+        return [c["id"] for c in json.loads(vd(procs, "dst", "checkpoints", "vol", "--json").stdout)["checkpoints"]]
+
+    for seed in range(3):
+        write(sock, seed, 5)
+        mark(procs)
+    pinned = ids()[0]
+    rsock = str(procs.tmp / "pin.sock")
+    p, _ = procs.start("--data-dir", str(procs.tmp / "dst"), "recover", "vol", "--at", str(pinned), "--nbd",
+                       f"unix:{rsock}", log="pin.log", ready="recovering vol")
+    want = read_export(f"nbd+unix:///vol?socket={rsock}")
+    for seed in range(10, 14):
+        write(sock, seed, 5)
+        mark(procs)  # each about 2.5 s: the pinned checkpoint is long past the window
+    cps = json.loads(vd(procs, "dst", "checkpoints", "vol", "--json").stdout)["checkpoints"]
+    assert cps[0]["id"] == pinned  # kept for the recovery
+    assert read_export(f"nbd+unix:///vol?socket={rsock}") == want
+    p.terminate()
+    p.wait(10)
+    write(sock, 20, 5)
+    mark(procs)
+    cps = json.loads(vd(procs, "dst", "checkpoints", "vol", "--json").stdout)["checkpoints"]
+    assert cps[0]["id"] > pinned
+    assert cps[0]["time_ns"] >= time.time_ns() - 8 * 10**9  # window 3 s, plus a commit or two of slack
