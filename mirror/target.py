@@ -48,8 +48,8 @@ from .records import ORIGIN_CAP
 from .target_io import Batch, Hasher, ReplicaImage, apply_batch, batch_ranges, check_batch, check_query
 from .undo import CHECKPOINT_SUFFIX, UNDO_SUFFIX, CommittedView, UndoLog, read_checkpoint
 from .wire import Connection, PeerError, PeerSilent, Role, WireError
-from .wire.codec import FrameReader, encode_ack
-from .wire.events import Bye, Checkpoint, Flush, HashQuery, Hello, Ping, Welcome, Write, Zero
+from .wire.codec import FrameReader, encode, encode_ack
+from .wire.events import Bye, Checkpoint, Demote, Demoted, Flush, HashQuery, Hello, Ping, Welcome, Write, Zero
 from .wire.link import Link
 
 log = logging.getLogger("vdisk.target")
@@ -162,6 +162,10 @@ class TargetServer:
         self._sessions: dict[str, tuple[trio.CancelScope, trio.Event]] = {}  # source uuid -> its link's
         self._undo: dict[str, UndoLog] = {}  # replica -> its undo log (kept: the export reads through it)
         self._discarding: set[str] = set()  # demoted replicas whose first failback unit is not committed yet
+        # replica -> (send frames on its link, its mode): a planned failover asks the source to demote
+        self._links_send: dict[str, tuple[Callable[[list[bytes]], Awaitable[None]], str]] = {}
+        self._demoted: dict[str, int] = {}  # replica -> checkpoint its source demoted itself at
+        self._session_ends: dict[str, trio.Event] = {}
         self._io_limiter = trio.CapacityLimiter(config.io_threads)
         self._hash_limiter = trio.CapacityLimiter(config.hash_threads)
         self._refusals = RateLimited(log)
@@ -356,8 +360,9 @@ class TargetServer:
             self.links[name] = {"since": time.time(), "mode": hello.mode}
             log.info("source %s mirrors %r (%s) into replica %s (%s)", link.peer, hello.name, hello.volume_uuid,
                      name, hello.mode if hello.mode == "sync" else f"async, at checkpoint {cp[0]}")
+            self._session_ends[name] = session[1]
             with session[0]:
-                await self._session(link, image, hello.size, name, undo)
+                await self._session(link, image, hello.size, name, undo, hello.mode)
         except (Refused, seals.SplitBrain) as e:
             log.warning("refused source %s: %s", link.peer, e)
             link.conn.fail(str(e), e.code)
@@ -512,7 +517,7 @@ class TargetServer:
         return read_checkpoint(self.store.root, name)
 
     async def _session(self, link: Link, image: ReplicaImage, size: int, name: str = "",
-                       undo: UndoLog | None = None) -> None:
+                       undo: UndoLog | None = None, mode: str = "sync") -> None:
         """The frame loop and this session's hasher; when the loop ends the hasher stops too (a hash
         still running in its thread gives up within one chunk), so nothing outlives the link."""
         send_lock = trio.StrictFIFOLock()  # two tasks send on one socket: one waits for it at a time
@@ -524,6 +529,8 @@ class TargetServer:
                 await link.drain()
 
         hasher = Hasher(image, size, self._hash_limiter, send)
+        if name:
+            self._links_send[name] = (send, mode)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hasher.run)
@@ -536,6 +543,30 @@ class TargetServer:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # one failing task: raise its own error, for handle()
             raise _single(group) from None
+        finally:
+            if self._links_send.get(name, (None,))[0] is send:
+                del self._links_send[name]
+
+    async def demote(self, name: str, timeout: float = 90.0) -> int:
+        """Planned failover: ask the async source mirroring into ``name`` to fence its host writes and
+        ship everything; once it says so, its session ends. The checkpoint the replica is at."""
+        entry = self._links_send.get(name)
+        if entry is None:
+            raise VolumeError(f"no source is mirroring into {name!r} now")
+        send, mode = entry
+        if mode != "async":
+            raise VolumeError(f"the source of {name!r} mirrors in sync mode: stop its host writes and `vdisk serve` "
+                              "there, then fail over (a sync replica has every acknowledged write)")
+        self._demoted.pop(name, None)
+        ended = self._session_ends.get(name)
+        await send([encode(Demote("planned failover"))])
+        with trio.move_on_after(timeout):
+            if ended is not None:
+                await ended.wait()
+        if name not in self._demoted:
+            raise VolumeError(f"the source of {name!r} did not finish shipping within {timeout:g}s (or the link "
+                              "ended): it keeps its role; try again, or fail over without it")
+        return self._demoted.pop(name)
 
     async def _apply(self, link: Link, image: ReplicaImage, size: int, hasher: Hasher,
                      send: Callable[[list[bytes]], Awaitable[None]], name: str = "",
@@ -571,6 +602,12 @@ class TargetServer:
                     hasher.submit(ev)  # type: ignore[arg-type]
                 elif t is Bye:
                     await self._commit(image, size, batch, applied, send, undo)
+                    return
+                elif t is Demoted:  # the source fenced its writes and everything is committed
+                    await self._commit(image, size, batch, applied, send, undo)
+                    self._demoted[name] = ev.checkpoint  # type: ignore[union-attr]
+                    log.warning("replica %s: its source %s demoted itself at checkpoint %d (planned failover)",
+                                name, link.peer, ev.checkpoint)  # type: ignore[union-attr]
                     return
             last = await self._commit(image, size, batch, applied, send, undo)
             if last == applied and reply:

@@ -144,24 +144,52 @@ def test_writable_recovery_never_touches_the_replica_or_the_mirror(procs):
     assert sha(out.read_bytes()) == want
 
 
-def test_planned_failover_loses_no_write_and_the_volume_serves_writable(procs):
+def test_planned_failover_demotes_the_source_and_loses_no_write(procs):
+    import threading
+
     _, _, srv, sock = setup(procs)
     write(sock, 5)
-    res = vd(procs, "dst", "failover", "vol", check=False)
+    res = vd(procs, "dst", "failover", "vol", "--no-demote", check=False)
     assert res.returncode == 1 and "busy" in res.stderr  # the source still mirrors into it
-    _cp, want = mark(procs)
-    srv.terminate()  # planned: the source site stops after the replica has everything
-    srv.wait(10)
-    deadline = time.monotonic() + 20
-    while True:
-        res = vd(procs, "dst", "failover", "vol", "--json", check=False)
-        if res.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert res.returncode == 0, res.stderr
-    assert sha((procs.tmp / "dst" / "vol.img").read_bytes()) == want
+    acked: list[tuple[int, bytes]] = []
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:  # the host keeps writing during the failover
+        h = nbd.NBD()
+        h.connect_unix(sock)
+        rng = random.Random(9)
+        while not stop.is_set():
+            off, data = rng.randrange(SIZE // 4096) * 4096, rng.randbytes(4096)
+            try:
+                h.pwrite(data, off)
+            except nbd.Error as e:
+                refused.append(str(e))
+                break
+            acked.append((off, data))
+        h.shutdown()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.5)
+    try:
+        res = vd(procs, "dst", "failover", "vol", "--json")
+    finally:
+        time.sleep(0.3)
+        stop.set()
+        t.join(20)
+    assert json.loads(res.stdout)["checkpoint"] > 0
+    assert refused and acked  # writes were going on, and the source refused them once fenced
+    promoted = (procs.tmp / "dst" / "vol.img").read_bytes()
+    assert promoted == (procs.tmp / "src" / "vol.img").read_bytes()  # no acknowledged write lost
+    last = {}
+    for off, data in acked:
+        last[off] = data
+    assert all(promoted[o:o + 4096] == d for o, d in last.items())
+    st = procs.status("src", "vol")
+    assert st["state"] == "demoted"
     info = json.loads(vd(procs, "dst", "info", "vol", "--json").stdout)
-    assert "replica" not in info and info["promoted"]["source_name"] == "vol"
+    assert "replica" not in info and info["promoted"]["planned"] and info["promoted"]["source_name"] == "vol"
     assert vd(procs, "dst", "checkpoints", "vol", check=False).returncode == 1
     _p, dsock = procs.serve("dst", "vol")  # an ordinary volume now: served writable
     h = nbd.NBD()
@@ -169,6 +197,13 @@ def test_planned_failover_loses_no_write_and_the_volume_serves_writable(procs):
     h.pwrite(b"after failover" * 100, 0)
     h.flush()
     h.shutdown()
+    # The old source stays demoted: not served writable again, until failback makes it the replica.
+    srv.terminate()
+    srv.wait(10)
+    res = vd(procs, "src", "serve", "vol", "--nbd", f"unix:{procs.tmp / 'again.sock'}", check=False)
+    assert res.returncode == 1 and "demoted by a planned failover" in res.stderr
+    out = json.loads(vd(procs, "src", "failback", "vol", "--json").stdout)
+    assert out["discarded_bytes"] == 0
 
 
 def test_failover_at_an_older_checkpoint_after_a_target_kill(procs):

@@ -67,7 +67,9 @@ def cmd_failback(args: argparse.Namespace) -> int:
         raise VolumeError(f"volume {args.name!r} is served: stop `vdisk serve` (and unmount it) first, failback "
                           "overwrites it") from None
     try:
-        local = local_only_bytes(store, args.name, meta.size) if isinstance(mirror, dict) else 0
+        # Demoted by a planned failover: its writes were fenced, then all shipped and committed.
+        demoted = isinstance(mirror, dict) and isinstance(mirror.get("demoted"), dict)
+        local = local_only_bytes(store, args.name, meta.size) if isinstance(mirror, dict) and not demoted else 0
         if local and not args.discard_local:
             raise VolumeError(
                 f"split brain: volume {args.name!r} holds {format_size(local)} of writes its replica never received "

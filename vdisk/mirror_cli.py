@@ -74,6 +74,9 @@ def cmd_target(args: argparse.Namespace) -> int:
 
     control, watch = ControlServer("target"), TargetWatch(server)
     register_status(control, store, server, watch)
+    from .recovery import register_target
+
+    register_target(control, server)  # "demote": a planned failover asks the source to hand over
 
     def lookup(name: str) -> Export | None:
         backend = server.export_backend(name)

@@ -257,14 +257,29 @@ def cmd_failover(args: argparse.Namespace) -> int:
     store = store_of(args)
     meta = _replica_meta(store, args.name)
     rep = meta.extra["replica"]
+    planned = None
     try:
         lock = store.lock(args.name)
     except VolumeBusy:
+        # A source is mirroring into it: it is reachable, so this is a planned failover. It fences
+        # its host writes and ships everything first (no write is lost), then lets go.
+        planned = _demote_source(store, args.name) if args.planned else None
+        lock = None
+    if lock is None and planned is not None:
+        deadline = time.monotonic() + 10
+        while lock is None:
+            try:
+                lock = store.lock(args.name)
+            except VolumeBusy:
+                if time.monotonic() > deadline:
+                    raise VolumeError(f"replica {args.name!r} is still busy after its source was demoted") from None
+                time.sleep(0.05)
+    if lock is None:
         raise VolumeError(
             f"replica {args.name!r} is busy: a source is still mirroring into it. Planned failover: stop the "
             f"host's writes on the source, wait for `vdisk status {rep.get('source_name')}` to show in_sync, stop "
             "`vdisk serve` there, then run failover again. Disaster: the target lets go of the replica once the "
-            "source has been silent for its --timeout") from None
+            "source has been silent for its --timeout")
     try:
         root = store.root
         hist = History(root, args.name)
@@ -290,6 +305,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
         promoted = {"from_source_uuid": rep.get("source_uuid"), "source_name": rep.get("source_name"),
                              "source_addr": rep.get("source_addr"), "checkpoint": at[0],
                              "checkpoint_time_ns": at[1], "generation_before": meta.generation,
+                             "planned": planned is not None,
                              "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         # A new generation: from here this copy and the old source diverge, and split brain checks
         # compare generations.
@@ -346,6 +362,45 @@ def _roll_back(store: VolumeStore, name: str, size: int, image: Any, at: int) ->
         view.close()
 
 
+def register_target(control: Any, server: Any) -> None:
+    """The target's control command ``demote`` {name}: a planned failover (TargetServer.demote)."""
+    from .control import ControlError
+
+    async def demote(req: dict[str, Any]) -> dict[str, Any]:
+        name = req.get("name")
+        if not isinstance(name, str):
+            raise ControlError("demote needs a replica name")
+        try:
+            cp = await server.demote(name)
+        except VolumeError as e:
+            raise ControlError(str(e)) from None
+        return {"demoted": name, "checkpoint": cp}
+
+    control.register("demote", demote)
+
+
+def _demote_source(store: VolumeStore, name: str) -> int | None:
+    """Planned failover: the target running on this data directory asks the source mirroring into
+    ``name`` to fence its writes and ship everything. The checkpoint, or None if no target runs."""
+    from mirror.target import LOCK_FILE
+
+    from .control import ControlError, call, control_address
+
+    try:
+        pid = int((store.root / LOCK_FILE).read_text().strip() or "0")
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        reply = call(control_address(store.root, pid), "demote", timeout=120.0, name=name)
+    except ControlError as e:
+        raise VolumeError(f"planned failover of {name!r}: {e}") from None
+    except OSError:
+        return None  # no target answers there (a stale lock file)
+    return int(reply.get("checkpoint", 0))
+
+
 def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Register `checkpoints`, `recover` and `failover` (called by vdisk.cli.build_parser)."""
     from .cli import VERBOSE_HELP
@@ -369,3 +424,7 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
              "promote a replica (optionally rolled back to a checkpoint) to an ordinary writable volume")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--at", metavar="TIME|CHECKPOINT", help="roll back to this checkpoint first (default: the latest)")
+    sp.add_argument("--no-demote", dest="planned", action="store_false",
+                    help="while an async source still mirrors into the replica, refuse instead of demoting it "
+                         "(default: a reachable source is demoted first: it refuses host writes and ships "
+                         "everything, then the replica is promoted)")

@@ -24,6 +24,8 @@ from .events import (
     Bye,
     Challenge,
     Checkpoint,
+    Demote,
+    Demoted,
     ErrorMsg,
     Event,
     Flush,
@@ -53,6 +55,7 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_BYE = 1, 2, 3, 4, 5, 6
 T_WRITE, T_ZERO, T_FLUSH, T_ACK, T_PING, T_CHECKPOINT = 16, 17, 18, 19, 20, 21
 T_HASHQ, T_HASHR = 32, 33
+T_DEMOTE, T_DEMOTED = 60, 61  # planned failover (issue 18 owns 60-79)
 F_FUA, F_TRIM = 1, 2
 _ZERO_LEN = struct.Struct(">Q")
 
@@ -134,6 +137,10 @@ def encode(event: Event) -> bytes:
             return _json_frame(T_ERROR, {"message": event.message, "code": event.code})
         case Bye():
             return _frame(T_BYE)
+        case Demote():
+            return _json_frame(T_DEMOTE, {"reason": event.reason})
+        case Demoted():
+            return _json_frame(T_DEMOTED, {"checkpoint": event.checkpoint})
         case Write():
             return b"".join(bytes(x) for x in encode_write(event.seq, event.offset, event.data, event.fua))
         case Zero():
@@ -216,6 +223,10 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
         # Printable only: the peer's message ends up in our log and on the user's terminal.
         message = "".join(c if c.isprintable() else " " for c in _field(d, "message", str, maxlen=MAX_JSON)[:2000])
         return ErrorMsg(message, _field(d, "code", str)[:64])
+    if ftype == T_DEMOTE:
+        return Demote("".join(c if c.isprintable() else " " for c in _field(d, "reason", str)[:500]))
+    if ftype == T_DEMOTED:
+        return Demoted(_field(d, "checkpoint", int))
     # T_HASHQ
     indices = d.get("indices")
     if (not isinstance(indices, list) or len(indices) > MAX_QUERY_INDICES
@@ -226,7 +237,7 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
                      tuple(indices))
 
 
-_JSON_TYPES = frozenset({T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_HASHQ})
+_JSON_TYPES = frozenset({T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_HASHQ, T_DEMOTE, T_DEMOTED})
 _FLAGS = {T_WRITE: F_FUA, T_ZERO: F_FUA | F_TRIM}  # the flag bits each frame type may carry
 _KNOWN_TYPES = _JSON_TYPES | {T_BYE, T_WRITE, T_ZERO, T_FLUSH, T_CHECKPOINT, T_ACK, T_PING, T_HASHR}
 

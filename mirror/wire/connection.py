@@ -8,6 +8,7 @@ Handshake (source = client, target = server), all frames checksummed:
             <-  Welcome(replica id, created, checkpoint) | ErrorMsg      target
     then    Write/Zero/Flush/Checkpoint (seq 1, 2, 3...), Ping, HashQuery ->
             <-  Ack(cumulative seq), HashReply
+    planned failover (async):  <- Demote    source fences host writes, ships, then  Demoted(checkpoint) ->
 
 Hello.mode is "sync" or "async". Only an async source sends Checkpoint frames (a data frame: it takes
 the next seq, and the Ack covering it means the target committed that checkpoint atomically); their
@@ -38,6 +39,8 @@ from .events import (
     Bye,
     Challenge,
     Checkpoint,
+    Demote,
+    Demoted,
     ErrorMsg,
     Event,
     Flush,
@@ -74,6 +77,7 @@ _TRANSITIONS: dict[tuple[Role, State, type], State] = {
     (Role.SOURCE, State.AUTH_SENT, Welcome): State.READY,
     (Role.SOURCE, State.READY, Ack): State.READY,
     (Role.SOURCE, State.READY, HashReply): State.READY,
+    (Role.SOURCE, State.READY, Demote): State.READY,
     (Role.TARGET, State.START, Hello): State.CHALLENGED,
     (Role.TARGET, State.CHALLENGED, Auth): State.ACCEPTING,
     (Role.TARGET, State.READY, Write): State.READY,
@@ -82,6 +86,7 @@ _TRANSITIONS: dict[tuple[Role, State, type], State] = {
     (Role.TARGET, State.READY, Checkpoint): State.READY,
     (Role.TARGET, State.READY, Ping): State.READY,
     (Role.TARGET, State.READY, HashQuery): State.READY,
+    (Role.TARGET, State.READY, Demoted): State.READY,
 }
 
 

@@ -154,7 +154,23 @@ class Bye:
     """Either side: a clean close (no error)."""
 
 
+@dataclass(frozen=True)
+class Demote:
+    """Target -> async source (planned failover): fence host writes, ship and commit everything,
+    then answer Demoted; the replica is about to be promoted."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Demoted:
+    """Async source -> target: host writes are refused from now on and the replica has committed
+    everything up to checkpoint ``checkpoint``."""
+
+    checkpoint: int = 0
+
+
 Event = (Hello | Challenge | Auth | Welcome | ErrorMsg | Write | Zero | Flush | Checkpoint | Ack | Ping | HashQuery
-         | HashReply | Bye)
+         | HashReply | Bye | Demote | Demoted)
 DATA_EVENTS = (Write, Zero, Flush, Checkpoint)
 MODES = ("sync", "async")
