@@ -484,19 +484,19 @@ class TargetServer:
         failback` demoted ORIGIN here to wait for it. The pair is made: ORIGIN becomes its replica
         (no seal yet, so the source compares Merkle trees and sends only what differs)."""
         origin = next((c[len(ORIGIN_CAP):] for c in hello.caps if c.startswith(ORIGIN_CAP)), "")
-        if not origin:
-            return None
         for n in self._recorded_names():
             try:
                 meta = self.store.meta(n)
             except VolumeError:
                 continue
             rep = meta.extra.get("replica")
-            if meta.uuid != origin or not isinstance(rep, dict) or not rep.get("awaiting_failback"):
+            if not isinstance(rep, dict) or not rep.get("awaiting_failback"):
+                continue
+            if not ((origin and meta.uuid == origin) or rep.get("awaiting_uuid") == hello.volume_uuid):
                 continue
             if meta.size != hello.size:
                 raise Refused(f"size mismatch: source volume is {hello.size} bytes, demoted volume {n} is {meta.size}")
-            rep = {k: v for k, v in rep.items() if k != "awaiting_failback"}
+            rep = {k: v for k, v in rep.items() if k not in ("awaiting_failback", "awaiting_uuid")}
             rep.update(source_uuid=hello.volume_uuid, source_name=hello.name)
             self.store.update(n, replica=rep)
             log.warning("replica %s: the volume promoted from it (%s, %s) takes it over (failback)", n, hello.name,

@@ -425,3 +425,28 @@ def test_retention_trims_old_checkpoints_but_not_one_a_recovery_reads(procs):
     cps = json.loads(vd(procs, "dst", "checkpoints", "vol", "--json").stdout)["checkpoints"]
     assert cps[0]["id"] > pinned
     assert cps[0]["time_ns"] >= time.time_ns() - 8 * 10**9  # window 3 s, plus a commit or two of slack
+
+
+def test_giving_up_a_promotion_needs_discard_local_and_the_old_source_takes_the_copy_back(procs):
+    _tgt, port, srv, sock = setup(procs)
+    write(sock, 1)
+    mark(procs)
+    srv.terminate()
+    srv.wait(10)
+    wait_ok(procs, "dst", "failover", "vol")
+    dsrv, dsock = procs.serve("dst", "vol")
+    write(dsock, 2)  # the DR copy is written after the failover...
+    dsrv.terminate()
+    dsrv.wait(10)
+    promoted = sha((procs.tmp / "dst" / "vol.img").read_bytes())
+    # ...but the operator keeps the old site: the DR copy goes back to being its replica.
+    res = vd(procs, "dst", "failback", "vol", check=False)
+    assert res.returncode == 1 and "served writable after its failover" in res.stderr
+    vd(procs, "dst", "failback", "vol", "--discard-local")
+    srv, sock = procs.serve("src", "vol")  # its mirror to the DR target resumes: adopted, compared
+    write(sock, 3)
+    procs.wait_state("src", "vol", "in_sync", timeout=60)
+    assert (procs.tmp / "src" / "vol.img").read_bytes() == (procs.tmp / "dst" / "vol.img").read_bytes()
+    out = procs.tmp / "dr-discarded.img"
+    vd(procs, "dst", "recover", "vol", "--at", "0", "--to", str(out))
+    assert sha(out.read_bytes()) == promoted  # the discarded DR copy, kept as checkpoint 0

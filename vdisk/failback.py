@@ -70,6 +70,16 @@ def cmd_failback(args: argparse.Namespace) -> int:
         # Demoted by a planned failover: its writes were fenced, then all shipped and committed.
         demoted = isinstance(mirror, dict) and isinstance(mirror.get("demoted"), dict)
         local = local_only_bytes(store, args.name, meta.size) if isinstance(mirror, dict) and not demoted else 0
+        served = (isinstance(promoted, dict) and not isinstance(mirror, dict)
+                  and meta.generation > int(promoted.get("generation_before", 0)) + 1)
+        if served and not local and not args.discard_local:
+            # Promoted, then served writable (its generation moved on): what it got has no journal
+            # here to count, and the volume it came from does not have it.
+            raise VolumeError(
+                f"split brain: volume {args.name!r} was served writable after its failover (generation "
+                f"{promoted.get('generation_before', 0) + 1} -> {meta.generation}); failback would overwrite what "
+                f"was written then. Keep this side instead, or run `vdisk failback {args.name} --discard-local` (what "
+                "is overwritten stays recoverable as checkpoint 0: run this side's target with --history)")
         if local and not args.discard_local:
             raise VolumeError(
                 f"split brain: volume {args.name!r} holds {format_size(local)} of writes its replica never received "
@@ -82,6 +92,10 @@ def cmd_failback(args: argparse.Namespace) -> int:
                                            "generation": meta.generation, "discarded_bytes": local}}
         if args.discard_local or local:
             rep["keep_discarded"] = True
+        if isinstance(promoted, dict) and isinstance(promoted.get("from_source_uuid"), str):
+            # Promoted from that volume, which may mirror here again without being promoted itself
+            # (the promotion is given up): it takes this one over as well.
+            rep["awaiting_uuid"] = promoted["from_source_uuid"]
         store.update(args.name, replica=rep, mirror=None, promoted=None)
         for suffix in MIRROR_SIDECARS:
             (store.root / f"{args.name}{suffix}").unlink(missing_ok=True)

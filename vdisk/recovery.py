@@ -283,6 +283,9 @@ def cmd_failover(args: argparse.Namespace) -> int:
     try:
         root = store.root
         hist = History(root, args.name)
+        if hist.pinned() is not None:
+            raise VolumeError(f"a `vdisk recover` of {args.name!r} is running (it reads the history a failover "
+                              "removes): stop it first")
         image = store.open_image(args.name)
         try:
             # A unit the target was applying when the link died goes first (the committed checkpoint).
