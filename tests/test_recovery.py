@@ -428,7 +428,7 @@ def test_retention_trims_old_checkpoints_but_not_one_a_recovery_reads(procs):
 
 
 def test_giving_up_a_promotion_needs_discard_local_and_the_old_source_takes_the_copy_back(procs):
-    _tgt, port, srv, sock = setup(procs)
+    _tgt, _port, srv, sock = setup(procs)
     write(sock, 1)
     mark(procs)
     srv.terminate()
