@@ -41,6 +41,7 @@ from .wire.codec import (
     F_FUA,
     MAX_PAYLOAD,
     T_WRITE,
+    encode_checkpoint,
     encode_flush,
     encode_ping,
     encode_write,
@@ -104,6 +105,11 @@ class SyncReplicator(SyncStatus, Marking):
         self._resync_idle = False  # the resync task waits for new dirty bits (wake it on a mark)
         self._send_error: BaseException | None = None
         self._resync_inflight = 0
+        # The target keeps history for sync sessions (Welcome.sync_checkpoints): a Checkpoint frame
+        # follows a host flush while the replica is consistent (in sync, nothing dirty).
+        self._sync_cps = False
+        self._cp_next = 1
+        self.last_checkpoint = 0
         self._hash_waiters: dict[int, tuple[trio.Event, list[bytes]]] = {}
         self._verify_first: str | None = None  # replica id to pair with once a Merkle compare is done
         self._next_req = 0
@@ -197,6 +203,14 @@ class SyncReplicator(SyncStatus, Marking):
                 c = Completion()
                 self.outbox.put_locked([encode_flush(self._seq)])
                 self._pending.append(_Entry(self._seq, c, 0, 0, FLUSH, None))
+                if self._sync_cps and self.state == "in_sync" and not self.dirty.count and not self._resync_inflight:
+                    # Every write before this flush is ahead of it on the wire, in order: the
+                    # replica at this point is the source as of the flush.
+                    self._seq += 1
+                    self.outbox.put_locked([encode_checkpoint(self._seq, self._cp_next, time.time_ns())])
+                    self._pending.append(_Entry(self._seq, None, 0, 0, FLUSH, None))
+                    self.last_checkpoint = self._cp_next
+                    self._cp_next += 1
         if c is None:
             self.dirty.save()  # what the replica lacks is durable before the host's flush returns
             return None
@@ -426,6 +440,8 @@ class SyncReplicator(SyncStatus, Marking):
             self._pair(welcome)
             self._last_rx = time.monotonic()
             with self._lock:
+                self._sync_cps = bool(getattr(welcome, "sync_checkpoints", False))
+                self._cp_next = max(self._cp_next, int(getattr(welcome, "checkpoint", 0) or 0) + 1)
                 self._seq = self._acked = 0
                 self._link = link
             self.connects += 1

@@ -18,6 +18,7 @@ import datetime as dt
 import errno
 import fcntl
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -166,6 +167,7 @@ class TargetServer:
         self._links_send: dict[str, tuple[Callable[[list[bytes]], Awaitable[None]], str]] = {}
         self._demoted: dict[str, int] = {}  # replica -> checkpoint its source demoted itself at
         self._session_ends: dict[str, trio.Event] = {}
+        self._modes: dict[str, str] = {}  # replica -> the mode of its current (or last) session
         self._io_limiter = trio.CapacityLimiter(config.io_threads)
         self._hash_limiter = trio.CapacityLimiter(config.hash_threads)
         self._refusals = RateLimited(log)
@@ -213,8 +215,8 @@ class TargetServer:
         """After a crash: roll every replica back to its last committed checkpoint (a unit that was
         being applied when the target died), so a DR reader never sees a torn checkpoint."""
         for name in self._recorded_names():
-            if not (self.store.root / f"{name}{UNDO_SUFFIX}").exists():
-                continue
+            if not (self.store.root / f"{name}{UNDO_SUFFIX}").exists() or self._cp_mode(name) == "sync":
+                continue  # (a sync session's open unit is never rolled back: its writes were acknowledged)
             try:
                 lock = self.store.lock(name)
             except VolumeError as e:
@@ -282,6 +284,7 @@ class TargetServer:
 
     async def _handle(self, link: Link, counted: list[bool] | None) -> None:
         name: str | None = None
+        hello: Hello | None = None
         lock = image = None
         undo: UndoLog | None = None
         session: tuple[trio.CancelScope, trio.Event] | None = None
@@ -326,18 +329,35 @@ class TargetServer:
             # log; a sync session writes the replica directly, so from here it is at no checkpoint.
             undo = self.undo_for(name)
             committed = self.read_checkpoint(name)
-            await trio.to_thread.run_sync(undo.recover, image, committed, limiter=self._io_limiter)
+            sync_history = hello.mode == "sync" and self.config.keeps_history
+            if self._cp_mode(name) == "sync":
+                # A sync session with history left its unit open: acknowledged writes, never rolled
+                # back. Another sync session goes on with it; anything else starts over.
+                if not sync_history:
+                    await trio.to_thread.run_sync(History(self.store.root, name).clear,
+                                                  "an async or history-less session after a sync one",
+                                                  limiter=self._io_limiter)
+                    await trio.to_thread.run_sync(undo.discard, limiter=self._io_limiter)
+                    self._cp_path(name).unlink(missing_ok=True)
+                    committed = (0, 0)
+            else:
+                await trio.to_thread.run_sync(undo.recover, image, committed, limiter=self._io_limiter)
             keep = bool((self.store.meta(name).extra.get("replica") or {}).get("keep_discarded"))
             if keep and (hello.mode == "sync" or not self.config.keeps_history):
                 raise Refused(f"replica {name!r} keeps what a failback overwrites as checkpoint 0 of its history: "
                               "mirror into it in async mode, into a target run with --history")
-            if hello.mode == "sync" or not self.config.keeps_history:
+            if (hello.mode == "sync" and not sync_history) or not self.config.keeps_history:
                 # Written without undo from here (sync), or not kept (no --history): the kept
                 # units would no longer lead to the replica.
                 await trio.to_thread.run_sync(History(self.store.root, name).clear,
                                               f"a {hello.mode} session without history" if hello.mode == "sync"
                                               else "the target runs without --history", limiter=self._io_limiter)
-            if hello.mode == "sync":
+            if sync_history:
+                cp = committed
+                if cp[0]:  # from here the unit is a sync one: kept open, never rolled back
+                    await trio.to_thread.run_sync(self._record_cp, name, cp, "sync", limiter=self._io_limiter)
+                await trio.to_thread.run_sync(undo.resume, cp, limiter=self._io_limiter)
+            elif hello.mode == "sync":
                 cp = (0, 0)
                 undo.discard()
                 undo = None  # nothing to roll back at the end of this session
@@ -353,7 +373,9 @@ class TargetServer:
             meta = seals.open_session(self.store, name, {
                 "source_uuid": hello.volume_uuid, "source_name": hello.name, "source_addr": link.peer,
                 "generation": hello.generation, "last_connected": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
-            link.conn.accept(Welcome(meta.uuid, name, created, hello.generation, verdict.verify, cp[0], cp[1]))
+            link.conn.accept(Welcome(meta.uuid, name, created, hello.generation, verdict.verify, cp[0], cp[1],
+                                     sync_history))
+            self._modes[name] = hello.mode
             link.conn.reader.reserve(RECV_BUFFER)
             await link.send_control()
             self.active[name] = link.peer
@@ -382,7 +404,9 @@ class TargetServer:
                 log.info("replica %s: source %s disconnected", name, link.peer)
             if image is not None:
                 with trio.CancelScope(shield=True):  # before the lock goes: nobody else can write yet
-                    if undo is not None:
+                    if undo is not None and hello is not None and hello.mode == "sync":
+                        undo.close()  # a sync unit stays open: its writes were acknowledged
+                    elif undo is not None:
                         await self._roll_back(undo, image)
                     await self._seal(image)
                 image.close()
@@ -512,6 +536,17 @@ class TargetServer:
     def _cp_path(self, name: str) -> Path:
         return self.store.root / f"{name}{CHECKPOINT_SUFFIX}"
 
+    def _record_cp(self, name: str, cp: tuple[int, int], mode: str) -> None:
+        write_json_atomic(self._cp_path(name), {"id": cp[0], "time_ns": cp[1], "mode": mode})
+
+    def _cp_mode(self, name: str) -> str:
+        """Which kind of session committed the replica's last checkpoint ("async" if unrecorded)."""
+        try:
+            mode = json.loads(self._cp_path(name).read_text()).get("mode", "async")
+        except (OSError, ValueError, AttributeError):
+            return "async"
+        return mode if mode in ("sync", "async") else "async"
+
     def read_checkpoint(self, name: str) -> tuple[int, int]:
         """(id, time_ns) of the last checkpoint committed on ``name``; (0, 0) if none or unreadable."""
         return read_checkpoint(self.store.root, name)
@@ -621,7 +656,7 @@ class TargetServer:
             return
 
         def commit() -> None:
-            write_json_atomic(self._cp_path(name), {"id": cp.cp_id, "time_ns": cp.time_ns})
+            self._record_cp(name, (cp.cp_id, cp.time_ns), self._modes.get(name, "async"))
             if undo is not None:
                 undo.commit((cp.cp_id, cp.time_ns))
                 if name in self._discarding:  # the overwritten blocks are kept: a normal replica from here

@@ -238,6 +238,23 @@ class UndoLog:
         # the discarded side's data, kept as checkpoint 0 of its history).
         self.active = base[0] > 0 or force
 
+    def resume(self, committed: tuple[int, int]) -> None:
+        """A sync session with history: go on with the log a previous sync session left open (its
+        records still restore ``committed``; a sync session's acknowledged writes are never rolled
+        back), or start one."""
+        self._open()
+        base, entries, cut = self._load()
+        if base is not None and base[0] == committed[0] and committed[0] > 0:
+            self._index(entries)
+            self.base = base
+            self._tail = os.fstat(self._fd).st_size - cut
+            if cut:
+                os.ftruncate(self._fd, self._tail)
+            self.active = True
+            return
+        self._reset(committed)
+        self.active = committed[0] > 0
+
     def _open(self) -> None:
         if self._fd < 0:
             created = not self.path.exists()

@@ -450,3 +450,36 @@ def test_giving_up_a_promotion_needs_discard_local_and_the_old_source_takes_the_
     out = procs.tmp / "dr-discarded.img"
     vd(procs, "dst", "recover", "vol", "--at", "0", "--to", str(out))
     assert sha(out.read_bytes()) == promoted  # the discarded DR copy, kept as checkpoint 0
+
+
+def test_sync_mirror_checkpoints_at_host_flushes_and_survive_a_target_kill(procs):
+    vd(procs, "src", "create", "vol", "--size", str(SIZE))
+    tgt, port = procs.target("dst", 0, "--history", "1h")
+    _srv, sock = procs.serve("src", "vol")
+    vd(procs, "src", "mirror", "vol", "--to", f"127.0.0.1:{port}", "--mode", "sync", "--timeout", "3")
+    procs.wait_state("src", "vol", "in_sync")
+
+    def latest() -> int:
+        cps = json.loads(vd(procs, "dst", "checkpoints", "vol", "--json").stdout)["checkpoints"]
+        return cps[-1]["id"] if cps else 0
+
+    marks: list[tuple[int, str]] = []
+    for seed in range(3):
+        write(sock, seed)  # ends with a flush: the sync source cuts a checkpoint after it
+        prev = marks[-1][0] if marks else 0
+        deadline = time.monotonic() + 10
+        while (cp := latest()) <= prev and time.monotonic() < deadline:
+            time.sleep(0.05)
+        marks.append((cp, sha((procs.tmp / "src" / "vol.img").read_bytes())))
+    assert len({cp for cp, _ in marks}) == 3 and all(cp > 0 for cp, _ in marks)
+    write(sock, 50, 100)
+    Procs.kill9(tgt)  # mid-unit: the acknowledged sync writes stay (never rolled back)
+    procs.target("dst", port, "--history", "1h")
+    procs.wait_state("src", "vol", "in_sync", timeout=60)
+    write(sock, 51)
+    procs.wait_state("src", "vol", "in_sync", timeout=60)
+    assert (procs.tmp / "src" / "vol.img").read_bytes() == (procs.tmp / "dst" / "vol.img").read_bytes()
+    for cp, want in marks:
+        out = procs.tmp / f"sync{cp}.img"
+        vd(procs, "dst", "recover", "vol", "--at", str(cp), "--to", str(out))
+        assert sha(out.read_bytes()) == want, cp

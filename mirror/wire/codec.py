@@ -132,7 +132,8 @@ def encode(event: Event) -> bytes:
             return _json_frame(T_WELCOME, {"replica_id": event.replica_id, "replica_name": event.replica_name,
                                            "created": event.created, "generation": event.generation,
                                            "verify": event.verify, "checkpoint": event.checkpoint,
-                                           "checkpoint_time_ns": event.checkpoint_time_ns})
+                                           "checkpoint_time_ns": event.checkpoint_time_ns,
+                                           **({"sync_checkpoints": True} if event.sync_checkpoints else {})})
         case ErrorMsg():
             return _json_frame(T_ERROR, {"message": event.message, "code": event.code})
         case Bye():
@@ -217,8 +218,11 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
         for i, key in enumerate(("checkpoint", "checkpoint_time_ns")):  # optional: older targets omit them
             if key in d:
                 cps[i] = _field(d, key, int)
+        sync_cps = d.get("sync_checkpoints", False)  # optional: targets without sync history omit it
+        if not isinstance(sync_cps, bool):
+            raise RemoteProtocolError("bad frame: field 'sync_checkpoints' is not bool")
         return Welcome(_field(d, "replica_id", str), _field(d, "replica_name", str), _field(d, "created", bool),
-                       _field(d, "generation", int), verify, cps[0], cps[1])
+                       _field(d, "generation", int), verify, cps[0], cps[1], sync_cps)
     if ftype == T_ERROR:
         # Printable only: the peer's message ends up in our log and on the user's terminal.
         message = "".join(c if c.isprintable() else " " for c in _field(d, "message", str, maxlen=MAX_JSON)[:2000])

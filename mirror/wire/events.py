@@ -58,6 +58,9 @@ class Welcome:
     # since) and its time; the source resumes shipping after it. Optional: older targets omit them.
     checkpoint: int = 0
     checkpoint_time_ns: int = 0
+    # The target keeps checkpoint history for sync sessions too: a sync source may send Checkpoint
+    # frames (ids after ``checkpoint``) when the replica is consistent. Optional: default False.
+    sync_checkpoints: bool = False
 
 
 @dataclass(frozen=True)
