@@ -10,6 +10,13 @@ about 10 % of the disk in all), then serves, on unix sockets, back to back in th
     recovery   `vdisk recover NAME --at OLDEST --nbd` (the checkpoint an hour old)
 and runs fio (nbd engine) 4 KiB randread QD32 and 1 MiB seq read QD4 against each. Also times
 `vdisk checkpoints NAME` over the hour. Prints the medians and recovery/live ratios (target >= 0.5).
+
+    .venv/bin/python scripts/bench_recovery.py --sync-cost [--size 256M] [--runtime 5] [--repeat 2]
+
+instead measures what history costs a sync mirror: `vdisk serve` + `vdisk mirror --mode sync` into a
+`vdisk target` without and with `--history 1h` (same round, alternating), fio on the source's
+export: 4 KiB randwrite QD16 with a flush every 32 writes (each flush is a checkpoint), and 1 MiB
+seq write QD4 with a flush every 8.
 """
 from __future__ import annotations
 
@@ -93,15 +100,68 @@ def fio(sock: Path, rw: str, bs: str, depth: int, runtime: float) -> tuple[float
     return d["iops"], d["bw_bytes"] / (1 << 20)
 
 
+SYNC_JOBS = [("randwrite-4k-qd16", "randwrite", "4k", 16, 32), ("seqwrite-1m-qd4", "write", "1m", 4, 8)]
+
+
+def sync_cost(args: argparse.Namespace, env: dict[str, str]) -> int:
+    """Sync mirror write rates into a target without and with --history (see the module doc)."""
+    results: dict[tuple[str, str], list[float]] = {}
+    for rep in range(args.repeat):
+        for side in (["plain", "history"] if rep % 2 == 0 else ["history", "plain"]):
+            with tempfile.TemporaryDirectory(prefix="bench-sync-history-") as tmp:
+                src, dst, sock = Path(tmp) / "src", Path(tmp) / "dst", Path(tmp) / "src.sock"
+                vd = [sys.executable, "-m", "vdisk.cli"]
+                subprocess.run([*vd, "--data-dir", str(src), "create", NAME, "--size", args.size], check=True,
+                               env=env, capture_output=True)
+                extra = ["--history", "1h"] if side == "history" else []
+                tlog = Path(tmp) / "target.log"
+                with open(tlog, "wb") as f:
+                    tgt = subprocess.Popen([*vd, "--data-dir", str(dst), "target", "--listen", "127.0.0.1:0", *extra],
+                                           env=env, stdout=f, stderr=subprocess.STDOUT)
+                srv = subprocess.Popen([*vd, "--data-dir", str(src), "serve", NAME, "--nbd", f"unix:{sock}"], env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    deadline = time.monotonic() + 30
+                    while b"listening on tcp:" not in tlog.read_bytes() and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    port = tlog.read_text().split("listening on tcp:127.0.0.1:", 1)[1].split(",")[0].split()[0]
+                    wait_socket(sock, srv)
+                    subprocess.run([*vd, "--data-dir", str(src), "mirror", NAME, "--to", f"127.0.0.1:{port}", "--mode",
+                                    "sync", "--wait"], check=True, env=env, capture_output=True)
+                    for name, rw, bs, depth, fsync in SYNC_JOBS:
+                        uri = f"nbd+unix:///{NAME}?socket={sock}"
+                        cmd = ["fio", "--name", "j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+                               f"--iodepth={depth}", f"--fsync={fsync}", f"--runtime={args.runtime}", "--time_based",
+                               "--ramp_time=1", "--randrepeat=0", "--norandommap", "--output-format=json"]
+                        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                        iops = json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+                        results.setdefault((name, side), []).append(iops)
+                        print(f"{name:<18} run {rep + 1} {side:<8} {iops:>9.0f} IOPS (load {os.getloadavg()[0]:.1f})",
+                              flush=True)
+                finally:
+                    for p in (srv, tgt):
+                        p.terminate()
+                        p.wait(10)
+    print(f"\n{'job':<18} {'plain IOPS':>10} {'history IOPS':>13} {'ratio':>6}")
+    for name, *_ in SYNC_JOBS:
+        plain = statistics.median(results[(name, "plain")])
+        hist = statistics.median(results[(name, "history")])
+        print(f"{name:<18} {plain:>10.0f} {hist:>13.0f} {hist / plain:>6.2f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1G")
     ap.add_argument("--units", type=int, default=3600, help="checkpoints in the history (one a second)")
     ap.add_argument("--runtime", type=float, default=5.0)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--sync-cost", action="store_true", help="measure what history costs a sync mirror instead")
     args = ap.parse_args()
     size = parse_size(args.size)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if args.sync_cost:
+        return sync_cost(args, env)
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         root = Path(tmp) / "dr"
         t = time.monotonic()
