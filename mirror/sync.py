@@ -54,6 +54,9 @@ from .wire.link import Link, Outbox, connect
 log = logging.getLogger("vdisk.mirror")
 RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log line
 HOST, RESYNC, FLUSH = 0, 1, 2
+# A sync checkpoint costs the target a handful of fsyncs (history.py): at most one a second, at the
+# first host flush after it (a host flushing 100 times a second would otherwise pay them each time).
+SYNC_CHECKPOINT_EVERY = 1.0
 EAGER_SEND = 1 << 20  # queued bytes after which the trio thread sends without waiting for its batch
 
 
@@ -109,6 +112,7 @@ class SyncReplicator(SyncStatus, Marking):
         # follows a host flush while the replica is consistent (in sync, nothing dirty).
         self._sync_cps = False
         self._cp_next = 1
+        self._cp_last = -SYNC_CHECKPOINT_EVERY  # monotonic time of the last one
         self.last_checkpoint = 0
         self._hash_waiters: dict[int, tuple[trio.Event, list[bytes]]] = {}
         self._verify_first: str | None = None  # replica id to pair with once a Merkle compare is done
@@ -203,7 +207,10 @@ class SyncReplicator(SyncStatus, Marking):
                 c = Completion()
                 self.outbox.put_locked([encode_flush(self._seq)])
                 self._pending.append(_Entry(self._seq, c, 0, 0, FLUSH, None))
-                if self._sync_cps and self.state == "in_sync" and not self.dirty.count and not self._resync_inflight:
+                now = time.monotonic()
+                if (self._sync_cps and self.state == "in_sync" and not self.dirty.count and not self._resync_inflight
+                        and now - self._cp_last >= SYNC_CHECKPOINT_EVERY):
+                    self._cp_last = now
                     # Every write before this flush is ahead of it on the wire, in order: the
                     # replica at this point is the source as of the flush.
                     self._seq += 1
