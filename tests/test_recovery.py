@@ -465,6 +465,7 @@ def test_sync_mirror_checkpoints_at_host_flushes_and_survive_a_target_kill(procs
 
     marks: list[tuple[int, str]] = []
     for seed in range(3):
+        time.sleep(1.1)  # at most one sync checkpoint a second
         write(sock, seed)  # ends with a flush: the sync source cuts a checkpoint after it
         prev = marks[-1][0] if marks else 0
         deadline = time.monotonic() + 10
