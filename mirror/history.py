@@ -332,7 +332,7 @@ class HistoryView(Layer):
                     fd = os.open(u.path, os.O_RDONLY | os.O_CLOEXEC)
                     seg = self._add_segment(fd, u.base)
                     inos.add(seg.ino)
-                    self._tail(len(self.segs) - 1)
+                    self._tail_kept(len(self.segs) - 1, u)
             except FileNotFoundError:  # pruned or re-archived meanwhile: start over
                 self._reset()
                 continue
@@ -392,6 +392,15 @@ class HistoryView(Layer):
             self.index.add(first, last, k, where)
         return [(f, l_) for f, l_, _w in entries]
 
+    def _tail_kept(self, k: int, unit: Unit) -> list[tuple[int, int]]:
+        """A kept unit is whole: a record that fails its checksum is damage, not a torn tail, and
+        reading past it would silently return newer data for its blocks."""
+        runs = self._tail(k)
+        if self.segs[k].pos != os.fstat(self.segs[k].fd).st_size:
+            raise NotRecoverable(f"history of {self.name}: {unit.path.name} is damaged at byte {self.segs[k].pos}: "
+                                 f"checkpoints up to {unit.base} cannot be recovered exactly")
+        return runs
+
     def _refresh(self) -> list[tuple[int, int]]:
         """Follow the unit in progress (new records, a commit that rotated it); the new runs. One
         ``stat`` when nothing changed (every read pays it)."""
@@ -426,7 +435,7 @@ class HistoryView(Layer):
             if lo <= u.base < nxt.base:
                 fd = os.open(u.path, os.O_RDONLY | os.O_CLOEXEC)
                 self._add_segment(fd, u.base)
-                new += self._tail(len(self.segs) - 1)
+                new += self._tail_kept(len(self.segs) - 1, u)
         self.segs.append(nxt)
         self.live = nxt
         new += self._tail(len(self.segs) - 1)

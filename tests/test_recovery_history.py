@@ -196,3 +196,23 @@ def test_listing_an_hour_of_checkpoints_is_instant(tmp_path):
     assert bytes(buf) == b"x" * BLOCK
     v.close()
     t.close()
+
+
+def test_a_damaged_kept_unit_is_reported_not_read_past(tmp_path):
+    import pytest
+
+    from mirror.history import NotRecoverable
+
+    rng = random.Random(11)
+    t = FakeTarget(tmp_path)
+    t.apply(random_ops(rng, 5))
+    first = t.commit()
+    t.apply([(0, b"n" * BLOCK * 4)])
+    t.commit()
+    unit = History(tmp_path, NAME).units()[0].path
+    data = bytearray(unit.read_bytes())
+    data[-5] ^= 0xFF  # bit rot in a kept unit's payload
+    unit.write_bytes(bytes(data))
+    with pytest.raises(NotRecoverable, match="damaged"):
+        view_bytes(tmp_path, first[0])
+    t.close()

@@ -68,10 +68,11 @@ def resolve_at(spec: str, cps: list[Any], name: str) -> Any:
     return best
 
 
-def _replica_meta(store: VolumeStore, name: str) -> Any:
+def _replica_meta(store: VolumeStore, name: str,
+                  doing: str = "point-in-time recovery reads a replica's history") -> Any:
     meta = store.meta(name)
     if not isinstance(meta.extra.get("replica"), dict):
-        raise VolumeError(f"volume {name!r} is not a replica (point-in-time recovery reads a replica's history)")
+        raise VolumeError(f"volume {name!r} is not a replica ({doing})")
     return meta
 
 
@@ -121,12 +122,12 @@ def open_view(store: VolumeStore, name: str, at_spec: str) -> tuple[Any, Any]:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from .cli import LOG_DATES, LOG_FORMAT, store_of
+    from .cli import LOG_DATES, LOG_FORMAT, UsageError, store_of
 
     if bool(args.nbd) == bool(args.to):
-        raise VolumeError("give --nbd tcp:HOST:PORT (an export) or --to FILE|VOLUME (a copy), one of them")
+        raise UsageError("give --nbd tcp:HOST:PORT (an export) or --to FILE|VOLUME (a copy), one of them")
     if args.to and args.writable:
-        raise VolumeError("--writable is for an --nbd export (--to writes a copy, which is yours to change)")
+        raise UsageError("--writable is for an --nbd export (--to writes a copy, which is yours to change)")
     store = store_of(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=LOG_FORMAT.format("recover"), datefmt=LOG_DATES)
@@ -255,7 +256,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
     from .cli import emit, store_of
 
     store = store_of(args)
-    meta = _replica_meta(store, args.name)
+    meta = _replica_meta(store, args.name, "failover promotes a replica")
     rep = meta.extra["replica"]
     planned = None
     try:
