@@ -290,6 +290,8 @@ class _Segment:
 
     def __init__(self, fd: int, ino: int, base: int, pos: int) -> None:
         self.fd, self.ino, self.base, self.pos = fd, ino, base, pos
+        self.runs: list[tuple[int, int]] = []  # the block runs indexed from it (the live one's)
+        self.check = b""  # the bytes just before ``pos``: a log rewritten in place differs there
 
 
 class HistoryView(Layer):
@@ -390,7 +392,29 @@ class HistoryView(Layer):
         entries, seg.pos = scan_records(seg.fd, self.vol_size, seg.pos, end)
         for first, last, where in entries:
             self.index.add(first, last, k, where)
-        return [(f, l_) for f, l_, _w in entries]
+        runs = [(f, l_) for f, l_, _w in entries]
+        if seg is self.live:
+            seg.runs += runs
+            seg.check = os.pread(seg.fd, 32, seg.pos - 32)
+        return runs
+
+    def _drop_live(self) -> list[tuple[int, int]]:
+        """The unit in progress was rolled back (or its log rewritten): the target put the saved
+        bytes back into the replica first, so its blocks are read from the replica again."""
+        seg = self.live
+        assert seg is not None
+        k = self.segs.index(seg)
+        idx = self.index
+        mask = (1 << CHUNK_SHIFT) - 1
+        for first, last in seg.runs:
+            for blk in range(first, last + 1):
+                arr = idx.seg.get(blk >> CHUNK_SHIFT)
+                if arr is not None and arr[blk & mask] == k:
+                    arr[blk & mask] = 0
+                    idx.blocks -= 1
+        dropped, seg.runs = seg.runs, []
+        seg.pos, seg.check = HEADER.size + 8, b""
+        return dropped + self._tail(k)
 
     def _tail_kept(self, k: int, unit: Unit) -> list[tuple[int, int]]:
         """A kept unit is whole: a record that fails its checksum is damage, not a torn tail, and
@@ -412,11 +436,8 @@ class HistoryView(Layer):
         if live is not None and st is not None and st.st_ino == live.ino:
             if st.st_size == live.pos:
                 return []
-            if st.st_size < live.pos:
-                # Truncated in place: the unit was rolled back (the replica holds the saved bytes
-                # again) or reset. Its records can no longer be read from the log.
-                raise NotRecoverable(f"replica {self.name}: the unit being applied was rolled back "
-                                     "under the view; open it again")
+            if st.st_size < live.pos or (live.check and os.pread(live.fd, 32, live.pos - 32) != live.check):
+                return self._drop_live()  # truncated in place: rolled back (or reset and rewritten)
             return self._tail(len(self.segs) - 1)
         if st is None:
             return self._tail(len(self.segs) - 1) if live is not None else []
@@ -449,16 +470,19 @@ class HistoryView(Layer):
         end = offset + len(buf)
         b0, b1 = offset // BLOCK, (end - 1) // BLOCK
         for _attempt in range(100):
+            short = False
             for fd, where, a, b in self._plan(offset, end):
                 view = buf[a - offset:b - offset]
                 if fd == -1:
                     self.inner.pread(view, a)
                 elif fd == -2:
                     view[:] = bytes(len(view))
-                else:
-                    got = os.preadv(fd, [view], where)
-                    if got < len(view):
-                        raise OSError(f"history of {self.name}: a unit log is shorter than its index")
+                elif os.preadv(fd, [view], where) < len(view):
+                    short = True  # the unit in progress was rolled back under us: look again
+            if short:
+                with self.lock:
+                    self._refresh()
+                continue
             try:  # the common case, one stat: the unit in progress did not grow
                 st = os.stat(self.live_path)
                 live = self.live
@@ -471,7 +495,8 @@ class HistoryView(Layer):
                 new = self._refresh()
             if not any(f <= b1 and b0 <= last for f, last in new):
                 return
-        raise OSError(f"replica {self.name} changes too fast to read a stable view")
+        raise OSError(f"replica {self.name}: cannot read a stable view (changing too fast, or a unit log "
+                      "is shorter than its index)")
 
     def _plan(self, offset: int, end: int) -> list[tuple[int, int, int, int]]:
         """(fd | -1 replica | -2 zeroes, file position, start, stop) pieces of a read."""

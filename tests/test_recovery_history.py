@@ -216,3 +216,27 @@ def test_a_damaged_kept_unit_is_reported_not_read_past(tmp_path):
     with pytest.raises(NotRecoverable, match="damaged"):
         view_bytes(tmp_path, first[0])
     t.close()
+
+
+def test_a_view_survives_the_unit_in_progress_being_rolled_back(tmp_path):
+    rng = random.Random(13)
+    t = FakeTarget(tmp_path)
+    t.apply(random_ops(rng, 10))
+    t.commit()
+    t.apply(random_ops(rng, 10))
+    cp = t.commit()
+    want = t.content()
+    v = HistoryView(FileImage(tmp_path / f"{NAME}.img", readonly=True), tmp_path, NAME, SIZE, cp[0])
+    try:
+        for _round in range(3):
+            t.apply(random_ops(rng, 12))  # a unit the view follows...
+            buf = bytearray(SIZE)
+            v.pread(memoryview(buf), 0)
+            assert bytes(buf) == want
+            t.undo.rollback(t.img)  # ...then the link ends: rolled back, the log emptied in place
+            t.apply(random_ops(rng, 30))  # and a new unit grows the log past where it was
+            v.pread(memoryview(buf), 0)
+            assert bytes(buf) == want
+    finally:
+        v.close()
+    t.close()
