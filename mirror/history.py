@@ -115,10 +115,10 @@ class History:
         out.sort(key=lambda u: u.end)
         return out
 
-    def chain(self, committed: tuple[int, int] | None = None) -> list[Unit]:
+    def chain(self, committed: tuple[int, int] | None = None, units: list[Unit] | None = None) -> list[Unit]:
         """The units that connect to the committed checkpoint without a gap, oldest first."""
         cp = committed if committed is not None else read_checkpoint(self.root, self.name)
-        by_end = {u.end: u for u in self.units()}
+        by_end = {u.end: u for u in (units if units is not None else self.units())}
         out: list[Unit] = []
         at = cp[0]
         while at in by_end and by_end[at].base < at:
@@ -135,7 +135,7 @@ class History:
             if cp[0] == 0:
                 return []
             units = self.units()
-            chain = self.chain(cp)
+            chain = self.chain(cp, units)
             # A commit in progress (recorded, its unit not linked yet) hides the chain for a moment.
             if chain or not units or units[-1].end >= cp[0]:
                 break
@@ -212,7 +212,7 @@ class History:
             total -= u.bytes
             dropped += 1
         # Units below a gap (a sync session wrote the replica without undo) lead nowhere.
-        chain = {u.path for u in self.chain()}
+        chain = {u.path for u in self.chain(None, units[dropped:])}
         for u in units[dropped:]:
             if u.path not in chain and (pin is None or u.base < pin):
                 u.path.unlink(missing_ok=True)
