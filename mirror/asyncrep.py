@@ -46,6 +46,7 @@ import trio
 import trio.lowlevel
 
 from blockdev.backend import Backend, WriteResult
+from blockdev.errors import ReadOnlyError
 from blockdev.nbd.limits import RateLimited
 
 from .base import Marking, MirrorState, ping_period
@@ -59,17 +60,24 @@ from .secure import open_link
 from .throttle import TokenBucket
 from .verify import compare
 from .wire import Connection, PeerSilent, RemoteProtocolError, Role, WireError
-from .wire.codec import (
-    MAX_PAYLOAD,
-    encode,
-    encode_dedup_query,
-    encode_ping,
+from .wire.codec import MAX_PAYLOAD, encode, encode_dedup_query, encode_ping
+from .wire.events import (
+    PROTOCOL_VERSION,
+    Ack,
+    Bye,
+    DedupReply,
+    Demote,
+    Demoted,
+    HashQuery,
+    HashReply,
+    Hello,
+    Welcome,
 )
-from .wire.events import PROTOCOL_VERSION, Ack, Bye, DedupReply, HashQuery, HashReply, Hello, Welcome
 from .wire.link import Link, tune_for_wan
 
 log = logging.getLogger("vdisk.mirror")
 RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log line
+DEMOTE_DRAIN = 60.0  # seconds a planned failover waits for the journal to drain
 RECORD_OVERHEAD = 64  # journal header bytes counted against the buffer (an estimate for the check)
 READ_BYTES = 4 << 20  # journal bytes read per shipper step
 F_WRITE, F_ZERO, F_CP, F_CHUNK = 0, 1, 2, 3
@@ -188,6 +196,11 @@ class AsyncReplicator(Marking):
         self._last_rx = 0.0
         self._retry_log = RateLimited(log, RETRY_LOG_EVERY)
         self._ping_sent: float | None = None  # when the unanswered keep-alive left
+        # Planned failover (the target's Demote): host writes are refused from ``fenced`` on; once
+        # the replica has committed everything, ``demoted`` is that checkpoint and no link is retried.
+        self.fenced = False
+        self.demoted: int | None = None
+        self._demote_asked: trio.Event | None = None
         self.rtt: float | None = None  # seconds, of the last keep-alive
         self._cursor = 0
         self.state = "disconnected"
@@ -203,6 +216,8 @@ class AsyncReplicator(Marking):
 
     # -- the Replicator protocol (any thread) ----------------------------------------------------
     def admit(self, offset: int, length: int) -> WriteResult:  # type: ignore[override]
+        if self.fenced:  # demoted for a planned failover: the replica is the primary from here
+            raise ReadOnlyError()
         key = (offset, length)
         with self._lock:
             local = self._local
@@ -415,6 +430,9 @@ class AsyncReplicator(Marking):
             try:
                 while True:
                     started = time.monotonic()
+                    if self.demoted is not None:  # planned failover done: this side is no longer the source
+                        self.state, self.last_error = "demoted", f"demoted at checkpoint {self.demoted}"
+                        await trio.sleep_forever()
                     try:
                         await self._session()
                     except (WireError, OSError) as e:
@@ -431,6 +449,8 @@ class AsyncReplicator(Marking):
                     except Exception as e:  # a bug here must not stop the volume being served
                         self.last_error = f"internal error: {e!r}"
                         log.exception("mirror %s: internal error", self.ident.name)
+                    if self.demoted is not None:
+                        continue  # no retry: the top of the loop settles in "demoted"
                     if time.monotonic() - started > 10 * backoff:
                         backoff = self.config.backoff_min
                     await trio.sleep(backoff)
@@ -467,7 +487,7 @@ class AsyncReplicator(Marking):
         conn = Connection(Role.SOURCE, self.config.psk)
         link = await open_link(self.config, conn)
         try:
-            caps = ((DISCARD_REPLICA,) if self.pairing.discard_replica else ()) + OFFERED
+            caps = ((DISCARD_REPLICA,) if self.pairing.discard_replica else ()) + self.ident.caps() + OFFERED
             conn.start(Hello(PROTOCOL_VERSION, self.ident.uuid, self.ident.name, self.ident.size,
                              self.ident.block_size, self.ident.generation, b"", "async", caps))
             await link.send_control()
@@ -494,10 +514,11 @@ class AsyncReplicator(Marking):
             log.info("mirror %s: connected to %s (replica %s, checkpoint %d)", self.ident.name, link.peer,
                      welcome.replica_name, welcome.checkpoint)
             errors: list[BaseException] = []
+            self._demote_asked = trio.Event()
             async with trio.open_nursery() as nursery:
                 # Reduced, a step is packed while the one before it drains (one step queued at most).
                 self._steps, self._steps_out = trio.open_memory_channel[list[Any]](1)
-                for fn in (self._receiver, self._ship, self._keepalive, self._sender):
+                for fn in (self._receiver, self._ship, self._keepalive, self._sender, self._demoter):
                     nursery.start_soon(self._guard, fn, link, nursery.cancel_scope, errors)
             if errors:
                 raise errors[0]
@@ -626,10 +647,35 @@ class AsyncReplicator(Marking):
                     if waiter is not None:
                         waiter[1].append(ev.digests if isinstance(ev, HashReply) else ev.entries)
                         waiter[0].set()
+                elif isinstance(ev, Demote):
+                    if self._demote_asked is not None:
+                        self._demote_asked.set()
                 elif isinstance(ev, Bye):
                     raise RemoteProtocolError(f"target {link.peer} closed the link")
             if acked >= 0:
                 self._on_ack(acked)
+
+    async def _demoter(self, link: Link) -> None:
+        """A planned failover: refuse host writes, cut a checkpoint and wait until the replica has
+        committed it (nothing unshipped), then tell the target, which promotes the replica."""
+        assert self._demote_asked is not None
+        await self._demote_asked.wait()
+        log.warning("mirror %s: the target asks for a planned failover: host writes are refused from now on",
+                    self.ident.name)
+        self.fenced = True
+        with trio.move_on_after(DEMOTE_DRAIN):
+            while self._local:  # writes admitted before the fence: journaled before the cut
+                await trio.sleep(0.01)
+        if not await self.drain(DEMOTE_DRAIN):
+            self.fenced = False
+            log.error("mirror %s: could not ship everything within %gs: planned failover abandoned, host writes "
+                      "accepted again", self.ident.name, DEMOTE_DRAIN)
+            return
+        self.demoted = self.committed[0]
+        await self._send(link, [encode(Demoted(self.demoted))])
+        log.warning("mirror %s: demoted at checkpoint %d: the replica becomes the primary", self.ident.name,
+                    self.demoted)
+        await trio.sleep_forever()  # until the target closes the link
 
     def _on_ack(self, seq: int) -> None:
         if seq > self._wire_seq:
@@ -982,11 +1028,13 @@ class AsyncReplicator(Marking):
         return box[0]
 
     def _update_state(self) -> None:
-        if self._link is None or self.state in ("split_brain",):
+        if self._link is None or self.state in ("split_brain", "demoted"):
             return
         self.state = self._state_now()
 
     def _state_now(self) -> str:
+        if self.demoted is not None:
+            return "demoted"
         if self._link is None:
             return "split_brain" if self.state == "split_brain" else "disconnected"
         if self.config.paused:
@@ -1060,7 +1108,7 @@ class AsyncReplicator(Marking):
         if self._dirty_since is not None and dirty and (oldest is None or self._dirty_since < oldest):
             oldest = self._dirty_since
         state = self._state_now() if self.state not in ("split_brain",) else self.state
-        if self._link is None and state != "split_brain":
+        if self._link is None and state not in ("split_brain", "demoted"):
             state = "disconnected"
         lag = 0.0 if state == "in_sync" or oldest is None else max(0.0, now - oldest)
         with self._lock:

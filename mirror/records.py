@@ -30,6 +30,15 @@ class VolumeIdentity:
     size: int
     block_size: int
     generation: int
+    # The uuid of the volume this one was promoted from (failover): its old site's copy, demoted by
+    # `vdisk failback`, takes this volume as its source (sent as Hello cap ``origin:UUID``).
+    origin: str = ""
+
+    def caps(self) -> tuple[str, ...]:
+        return (f"{ORIGIN_CAP}{self.origin}",) if self.origin else ()
+
+
+ORIGIN_CAP = "origin:"
 
 
 @dataclass(frozen=True)

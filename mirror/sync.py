@@ -42,6 +42,7 @@ from .wire.codec import (
     F_FUA,
     MAX_PAYLOAD,
     T_WRITE,
+    encode_checkpoint,
     encode_flush,
     encode_ping,
     encode_write,
@@ -54,6 +55,9 @@ from .wire.link import Link, Outbox
 log = logging.getLogger("vdisk.mirror")
 RETRY_LOG_EVERY = 300.0  # seconds between repeats of a failing connect's log line
 HOST, RESYNC, FLUSH = 0, 1, 2
+# A sync checkpoint costs the target a handful of fsyncs (history.py): at most one a second, at the
+# first host flush after it (a host flushing 100 times a second would otherwise pay them each time).
+SYNC_CHECKPOINT_EVERY = 1.0
 EAGER_SEND = 1 << 20  # queued bytes after which the trio thread sends without waiting for its batch
 
 
@@ -105,6 +109,12 @@ class SyncReplicator(SyncStatus, Marking):
         self._resync_idle = False  # the resync task waits for new dirty bits (wake it on a mark)
         self._send_error: BaseException | None = None
         self._resync_inflight = 0
+        # The target keeps history for sync sessions (Welcome.sync_checkpoints): a Checkpoint frame
+        # follows a host flush while the replica is consistent (in sync, nothing dirty).
+        self._sync_cps = False
+        self._cp_next = 1
+        self._cp_last = -SYNC_CHECKPOINT_EVERY  # monotonic time of the last one
+        self.last_checkpoint = 0
         self._hash_waiters: dict[int, tuple[trio.Event, list[bytes]]] = {}
         self._verify_first: str | None = None  # replica id to pair with once a Merkle compare is done
         self._next_req = 0
@@ -198,6 +208,17 @@ class SyncReplicator(SyncStatus, Marking):
                 c = Completion()
                 self.outbox.put_locked([encode_flush(self._seq)])
                 self._pending.append(_Entry(self._seq, c, 0, 0, FLUSH, None))
+                now = time.monotonic()
+                if (self._sync_cps and self.state == "in_sync" and not self.dirty.count and not self._resync_inflight
+                        and now - self._cp_last >= SYNC_CHECKPOINT_EVERY):
+                    self._cp_last = now
+                    # Every write before this flush is ahead of it on the wire, in order: the
+                    # replica at this point is the source as of the flush.
+                    self._seq += 1
+                    self.outbox.put_locked([encode_checkpoint(self._seq, self._cp_next, time.time_ns())])
+                    self._pending.append(_Entry(self._seq, None, 0, 0, FLUSH, None))
+                    self.last_checkpoint = self._cp_next
+                    self._cp_next += 1
         if c is None:
             self.dirty.save()  # what the replica lacks is durable before the host's flush returns
             return None
@@ -413,7 +434,7 @@ class SyncReplicator(SyncStatus, Marking):
         self.outbox.clear()
         link.outbox = self.outbox  # the sender task drains the outbox that on_write fills
         try:
-            caps = (DISCARD_REPLICA,) if self.pairing.discard_replica else ()
+            caps = ((DISCARD_REPLICA,) if self.pairing.discard_replica else ()) + self.ident.caps()
             conn.start(Hello(PROTOCOL_VERSION, self.ident.uuid, self.ident.name, self.ident.size,
                              self.ident.block_size, self.ident.generation, b"", "sync", caps))
             await link.send_control()
@@ -427,6 +448,8 @@ class SyncReplicator(SyncStatus, Marking):
             self._pair(welcome)
             self._last_rx = time.monotonic()
             with self._lock:
+                self._sync_cps = bool(getattr(welcome, "sync_checkpoints", False))
+                self._cp_next = max(self._cp_next, int(getattr(welcome, "checkpoint", 0) or 0) + 1)
                 self._seq = self._acked = 0
                 self._link = link
             self.connects += 1

@@ -18,6 +18,7 @@ import datetime as dt
 import errno
 import fcntl
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -47,16 +48,20 @@ from blockdev.volume import (
 
 from . import seal as seals
 from .content_index import INDEX_FILE, ContentIndex
+from .history import History
+from .records import ORIGIN_CAP
 from .reduce import CAP_DEDUP, CAP_ZSTD, S_REF, StaleReference, Unpacker, decode_rwrite, has_refs, resolve
 from .secure import secure_target
 from .target_io import Batch, Hasher, ReplicaImage, apply_batch, batch_ranges, check_batch, check_query
 from .undo import CHECKPOINT_SUFFIX, UNDO_SUFFIX, CommittedView, UndoLog, read_checkpoint
 from .wire import Connection, PeerClosed, PeerError, PeerSilent, RemoteProtocolError, Role, WireError
-from .wire.codec import FrameReader, encode_ack, encode_dedup_reply
+from .wire.codec import FrameReader, encode, encode_ack, encode_dedup_reply
 from .wire.events import (
     Bye,
     Checkpoint,
     DedupQuery,
+    Demote,
+    Demoted,
     Flush,
     HashQuery,
     Hello,
@@ -107,6 +112,14 @@ class TargetConfig:
     io_threads: int = 64  # replica batches applied at once (each replica has at most one)
     hash_threads: int = 2  # verify trees built at once (CPU and disk bound)
     tls: Any = None  # mirror.secure.TargetTls: every source link is TLS (None: plain only)
+    # Checkpoint history kept per replica (history.py): a window in seconds and/or a size in bytes.
+    # Neither: no history (each committed unit's undo log is emptied).
+    history: float | None = None
+    history_size: int | None = None
+
+    @property
+    def keeps_history(self) -> bool:
+        return self.history is not None or self.history_size is not None
 
 
 class DataDirLock:
@@ -173,6 +186,12 @@ class TargetServer:
         self.checkpoints: dict[str, tuple[int, int]] = {}  # replica -> (checkpoint id, time_ns) committed
         self._sessions: dict[str, tuple[trio.CancelScope, trio.Event]] = {}  # source uuid -> its link's
         self._undo: dict[str, UndoLog] = {}  # replica -> its undo log (kept: the export reads through it)
+        self._discarding: set[str] = set()  # demoted replicas whose first failback unit is not committed yet
+        # replica -> (send frames on its link, its mode): a planned failover asks the source to demote
+        self._links_send: dict[str, tuple[Callable[[list[bytes]], Awaitable[None]], str]] = {}
+        self._demoted: dict[str, int] = {}  # replica -> checkpoint its source demoted itself at
+        self._session_ends: dict[str, trio.Event] = {}
+        self._modes: dict[str, str] = {}  # replica -> the mode of its current (or last) session
         self._io_limiter = trio.CapacityLimiter(config.io_threads)
         self._hash_limiter = trio.CapacityLimiter(config.hash_threads)
         self._refusals = RateLimited(log)
@@ -217,14 +236,23 @@ class TargetServer:
         undo = self._undo.get(name)
         if undo is None:
             undo = self._undo[name] = UndoLog(self.store.root / f"{name}{UNDO_SUFFIX}", self.store.meta(name).size)
+            if self.config.keeps_history:
+                undo.archive = History(self.store.root, name).archive
         return undo
+
+    def prune_history(self, name: str) -> None:
+        """Retention (worker thread): the oldest units past the window or size go, pins respected."""
+        if self.config.keeps_history:
+            n = History(self.store.root, name).prune(self.config.history, self.config.history_size)
+            if n:
+                log.info("replica %s: %d old checkpoint(s) left the history", name, n)
 
     def recover_replicas(self) -> None:
         """After a crash: roll every replica back to its last committed checkpoint (a unit that was
         being applied when the target died), so a DR reader never sees a torn checkpoint."""
         for name in self._recorded_names():
-            if not (self.store.root / f"{name}{UNDO_SUFFIX}").exists():
-                continue
+            if not (self.store.root / f"{name}{UNDO_SUFFIX}").exists() or self._cp_mode(name) == "sync":
+                continue  # (a sync session's open unit is never rolled back: its writes were acknowledged)
             try:
                 lock = self.store.lock(name)
             except VolumeError as e:
@@ -292,6 +320,7 @@ class TargetServer:
 
     async def _handle(self, link: Link, counted: list[bool] | None) -> None:
         name: str | None = None
+        hello: Hello | None = None
         lock = image = None
         undo: UndoLog | None = None
         session: tuple[trio.CancelScope, trio.Event] | None = None
@@ -337,15 +366,46 @@ class TargetServer:
             # log; a sync session writes the replica directly, so from here it is at no checkpoint.
             undo = self.undo_for(name)
             committed = self.read_checkpoint(name)
-            await trio.to_thread.run_sync(undo.recover, image, committed, limiter=self._io_limiter)
-            if hello.mode == "sync":
+            sync_history = hello.mode == "sync" and self.config.keeps_history
+            if self._cp_mode(name) == "sync":
+                # A sync session with history left its unit open: acknowledged writes, never rolled
+                # back. Another sync session goes on with it; anything else starts over.
+                if not sync_history:
+                    await trio.to_thread.run_sync(History(self.store.root, name).clear,
+                                                  "an async or history-less session after a sync one",
+                                                  limiter=self._io_limiter)
+                    await trio.to_thread.run_sync(undo.discard, limiter=self._io_limiter)
+                    self._cp_path(name).unlink(missing_ok=True)
+                    committed = (0, 0)
+            else:
+                await trio.to_thread.run_sync(undo.recover, image, committed, limiter=self._io_limiter)
+            keep = bool((self.store.meta(name).extra.get("replica") or {}).get("keep_discarded"))
+            if keep and (hello.mode == "sync" or not self.config.keeps_history):
+                raise Refused(f"replica {name!r} keeps what a failback overwrites as checkpoint 0 of its history: "
+                              "mirror into it in async mode, into a target run with --history")
+            if (hello.mode == "sync" and not sync_history) or not self.config.keeps_history:
+                # Written without undo from here (sync), or not kept (no --history): the kept
+                # units would no longer lead to the replica.
+                await trio.to_thread.run_sync(History(self.store.root, name).clear,
+                                              f"a {hello.mode} session without history" if hello.mode == "sync"
+                                              else "the target runs without --history", limiter=self._io_limiter)
+            if sync_history:
+                cp = committed
+                if cp[0]:  # from here the unit is a sync one: kept open, never rolled back
+                    await trio.to_thread.run_sync(self._record_cp, name, cp, "sync", limiter=self._io_limiter)
+                await trio.to_thread.run_sync(undo.resume, cp, limiter=self._io_limiter)
+            elif hello.mode == "sync":
                 cp = (0, 0)
                 undo.discard()
                 undo = None  # nothing to roll back at the end of this session
                 self._cp_path(name).unlink(missing_ok=True)
             else:
                 cp = committed
-                await trio.to_thread.run_sync(undo.begin, cp, limiter=self._io_limiter)
+                if keep:  # a failback into a demoted volume: its first unit is checkpoint 0
+                    self._discarding.add(name)
+                    await trio.to_thread.run_sync(undo.begin, (0, time.time_ns()), True, limiter=self._io_limiter)
+                else:
+                    await trio.to_thread.run_sync(undo.begin, cp, limiter=self._io_limiter)
             self.checkpoints[name] = cp
             meta = seals.open_session(self.store, name, {
                 "source_uuid": hello.volume_uuid, "source_name": hello.name, "source_addr": link.peer,
@@ -354,16 +414,18 @@ class TargetServer:
             if self.index is not None and CAP_DEDUP not in caps:  # this session will not keep it true
                 await trio.to_thread.run_sync(self.index.drop, _vol(hello.volume_uuid), limiter=self._io_limiter)
             link.conn.accept(Welcome(meta.uuid, name, created, hello.generation, verdict.verify, cp[0], cp[1],
-                                     caps))
+                                     caps, sync_history))
+            self._modes[name] = hello.mode
             link.conn.reader.reserve(RECV_BUFFER)
             await link.send_control()
             self.active[name] = link.peer
             self.links[name] = {"since": time.time(), "mode": hello.mode}
             log.info("source %s mirrors %r (%s) into replica %s (%s)", link.peer, hello.name, hello.volume_uuid,
                      name, hello.mode if hello.mode == "sync" else f"async, at checkpoint {cp[0]}")
+            self._session_ends[name] = session[1]
             with session[0]:
                 await self._session(link, image, hello.size, name, undo,
-                                    _vol(hello.volume_uuid) if CAP_DEDUP in caps else None)
+                                    _vol(hello.volume_uuid) if CAP_DEDUP in caps else None, hello.mode)
         except (Refused, seals.SplitBrain) as e:
             log.warning("refused source %s: %s", link.peer, e)
             link.conn.fail(str(e), e.code)
@@ -386,7 +448,9 @@ class TargetServer:
                 log.info("replica %s: source %s disconnected", name, link.peer)
             if image is not None:
                 with trio.CancelScope(shield=True):  # before the lock goes: nobody else can write yet
-                    if undo is not None:
+                    if undo is not None and hello is not None and hello.mode == "sync":
+                        undo.close()  # a sync unit stays open: its writes were acknowledged
+                    elif undo is not None:
                         await self._roll_back(undo, image)
                     await self._seal(image)
                 image.close()
@@ -490,6 +554,10 @@ class TargetServer:
                 if size != hello.size:
                     raise Refused(f"size mismatch: source volume is {hello.size} bytes, replica {n} is {size}")
                 return n, False
+        self._refuse_promoted(hello)
+        adopted = self._adopt(hello)
+        if adopted is not None:
+            return adopted, False
         try:
             name = validate_name(hello.name)
             if not NAME_RE.fullmatch(name):  # ``$`` in a pattern also matches before a final newline
@@ -502,6 +570,44 @@ class TargetServer:
                           extra={"replica": {"source_uuid": hello.volume_uuid, "source_name": hello.name}})
         return name, True
 
+    def _refuse_promoted(self, hello: Hello) -> None:
+        """The source's replica here was promoted by a failover: the two copies have diverged (a
+        new generation). Mirroring on would start a second replica; the operator fails back instead."""
+        for n in self._recorded_names():
+            try:
+                promoted = self.store.meta(n).extra.get("promoted")
+            except VolumeError:
+                continue
+            if isinstance(promoted, dict) and promoted.get("from_source_uuid") == hello.volume_uuid:
+                raise Refused(f"split brain: replica {n!r} of this volume was promoted by a failover at "
+                              f"{promoted.get('at')}: it is the primary now. Run `vdisk failback {hello.name}` on "
+                              "the source's site to make it the replica of the promoted volume", seals.SPLIT_BRAIN)
+
+    def _adopt(self, hello: Hello) -> str | None:
+        """A failback: the source was promoted from volume ORIGIN (its Hello cap), and `vdisk
+        failback` demoted ORIGIN here to wait for it. The pair is made: ORIGIN becomes its replica
+        (no seal yet, so the source compares Merkle trees and sends only what differs)."""
+        origin = next((c[len(ORIGIN_CAP):] for c in hello.caps if c.startswith(ORIGIN_CAP)), "")
+        for n in self._recorded_names():
+            try:
+                meta = self.store.meta(n)
+            except VolumeError:
+                continue
+            rep = meta.extra.get("replica")
+            if not isinstance(rep, dict) or not rep.get("awaiting_failback"):
+                continue
+            if not ((origin and meta.uuid == origin) or rep.get("awaiting_uuid") == hello.volume_uuid):
+                continue
+            if meta.size != hello.size:
+                raise Refused(f"size mismatch: source volume is {hello.size} bytes, demoted volume {n} is {meta.size}")
+            rep = {k: v for k, v in rep.items() if k not in ("awaiting_failback", "awaiting_uuid")}
+            rep.update(source_uuid=hello.volume_uuid, source_name=hello.name)
+            self.store.update(n, replica=rep)
+            log.warning("replica %s: the volume promoted from it (%s, %s) takes it over (failback)", n, hello.name,
+                        hello.volume_uuid)
+            return n
+        return None
+
     def _recorded_names(self) -> list[str]:
         """Volumes with metadata here, whether or not their image exists (store.names needs both)."""
         root = self.store.root
@@ -510,12 +616,23 @@ class TargetServer:
     def _cp_path(self, name: str) -> Path:
         return self.store.root / f"{name}{CHECKPOINT_SUFFIX}"
 
+    def _record_cp(self, name: str, cp: tuple[int, int], mode: str) -> None:
+        write_json_atomic(self._cp_path(name), {"id": cp[0], "time_ns": cp[1], "mode": mode})
+
+    def _cp_mode(self, name: str) -> str:
+        """Which kind of session committed the replica's last checkpoint ("async" if unrecorded)."""
+        try:
+            mode = json.loads(self._cp_path(name).read_text()).get("mode", "async")
+        except (OSError, ValueError, AttributeError):
+            return "async"
+        return mode if mode in ("sync", "async") else "async"
+
     def read_checkpoint(self, name: str) -> tuple[int, int]:
         """(id, time_ns) of the last checkpoint committed on ``name``; (0, 0) if none or unreadable."""
         return read_checkpoint(self.store.root, name)
 
     async def _session(self, link: Link, image: ReplicaImage, size: int, name: str = "",
-                       undo: UndoLog | None = None, dedup: bytes | None = None) -> None:
+                       undo: UndoLog | None = None, dedup: bytes | None = None, mode: str = "sync") -> None:
         """The frame loop and this session's hasher; when the loop ends the hasher stops too (a hash
         still running in its thread gives up within one chunk), so nothing outlives the link."""
         send_lock = trio.StrictFIFOLock()  # two tasks send on one socket: one waits for it at a time
@@ -527,6 +644,8 @@ class TargetServer:
                 await link.drain()
 
         hasher = Hasher(image, size, self._hash_limiter, send)
+        if name:
+            self._links_send[name] = (send, mode)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hasher.run)
@@ -539,6 +658,30 @@ class TargetServer:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # one failing task: raise its own error, for handle()
             raise _single(group) from None
+        finally:
+            if self._links_send.get(name, (None,))[0] is send:
+                del self._links_send[name]
+
+    async def demote(self, name: str, timeout: float = 90.0) -> int:
+        """Planned failover: ask the async source mirroring into ``name`` to fence its host writes and
+        ship everything; once it says so, its session ends. The checkpoint the replica is at."""
+        entry = self._links_send.get(name)
+        if entry is None:
+            raise VolumeError(f"no source is mirroring into {name!r} now")
+        send, mode = entry
+        if mode != "async":
+            raise VolumeError(f"the source of {name!r} mirrors in sync mode: stop its host writes and `vdisk serve` "
+                              "there, then fail over (a sync replica has every acknowledged write)")
+        self._demoted.pop(name, None)
+        ended = self._session_ends.get(name)
+        await send([encode(Demote("planned failover"))])
+        with trio.move_on_after(timeout):
+            if ended is not None:
+                await ended.wait()
+        if name not in self._demoted:
+            raise VolumeError(f"the source of {name!r} did not finish shipping within {timeout:g}s (or the link "
+                              "ended): it keeps its role; try again, or fail over without it")
+        return self._demoted.pop(name)
 
     async def _apply(self, link: Link, image: ReplicaImage, size: int, hasher: Hasher,
                      send: Callable[[list[bytes]], Awaitable[None]], name: str = "",
@@ -625,6 +768,12 @@ class TargetServer:
                 elif t is Bye:
                     await commit(batch)
                     return
+                elif t is Demoted:  # the source fenced its writes and everything is committed
+                    await commit(batch)
+                    self._demoted[name] = ev.checkpoint  # type: ignore[union-attr]
+                    log.warning("replica %s: its source %s demoted itself at checkpoint %d (planned failover)",
+                                name, link.peer, ev.checkpoint)  # type: ignore[union-attr]
+                    return
             last = await commit(batch)
             if last == applied and reply:
                 await send([encode_ack(applied)])
@@ -637,9 +786,15 @@ class TargetServer:
             return
 
         def commit() -> None:
-            write_json_atomic(self._cp_path(name), {"id": cp.cp_id, "time_ns": cp.time_ns})
+            self._record_cp(name, (cp.cp_id, cp.time_ns), self._modes.get(name, "async"))
             if undo is not None:
                 undo.commit((cp.cp_id, cp.time_ns))
+                if name in self._discarding:  # the overwritten blocks are kept: a normal replica from here
+                    self._discarding.discard(name)
+                    rep = dict(self.store.meta(name).extra.get("replica") or {})
+                    rep.pop("keep_discarded", None)
+                    self.store.update(name, replica=rep)
+                self.prune_history(name)
 
         await trio.to_thread.run_sync(commit, limiter=self._io_limiter)
         self.checkpoints[name] = (cp.cp_id, cp.time_ns)

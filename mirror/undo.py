@@ -35,7 +35,7 @@ import os
 import struct
 import threading
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -222,16 +222,38 @@ class UndoLog:
         self._tail = 0
         self.saved_bytes = 0  # old data bytes appended in this unit
         self.rolled_back = 0  # units rolled back (statistics)
+        # Keeps a committed unit's log as history (history.py): called with (path, base, end)
+        # before the log is replaced by a fresh one. None: the log is emptied in place.
+        self.archive: Callable[[Path, tuple[int, int], tuple[int, int]], None] | None = None
 
     # -- a session -------------------------------------------------------------------------------
-    def begin(self, base: tuple[int, int]) -> None:
+    def begin(self, base: tuple[int, int], force: bool = False) -> None:
         """Start an empty log whose records restore checkpoint ``base`` (the replica's committed one).
         With no committed checkpoint yet (a new replica's initial sync, the first unit after a sync
         session) there is no consistent state to go back to: nothing is saved until the first
         commit, so an initial sync of a large volume costs no undo space or index memory."""
         self._open()
         self._reset(base)
-        self.active = base[0] > 0
+        # force: save from the first unit on (a demoted volume's failback: what it overwrites is
+        # the discarded side's data, kept as checkpoint 0 of its history).
+        self.active = base[0] > 0 or force
+
+    def resume(self, committed: tuple[int, int]) -> None:
+        """A sync session with history: go on with the log a previous sync session left open (its
+        records still restore ``committed``; a sync session's acknowledged writes are never rolled
+        back), or start one."""
+        self._open()
+        base, entries, cut = self._load()
+        if base is not None and base[0] == committed[0] and committed[0] > 0:
+            self._index(entries)
+            self.base = base
+            self._tail = os.fstat(self._fd).st_size - cut
+            if cut:
+                os.ftruncate(self._fd, self._tail)
+            self.active = True
+            return
+        self._reset(committed)
+        self.active = committed[0] > 0
 
     def _open(self) -> None:
         if self._fd < 0:
@@ -249,6 +271,31 @@ class UndoLog:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, head, 0)
         os.fdatasync(self._fd)
+        self._tail = len(head)
+        self.base = base
+        self.saved_bytes = 0
+
+    def _replace(self, base: tuple[int, int]) -> None:
+        """A fresh log in place of the current one (kept elsewhere by a hard link): written under a
+        temporary name and renamed over, so a reader always finds a whole log at ``path``."""
+        tmp = self.path.with_name(self.path.name + ".new")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            head = _header(base)
+            os.pwrite(fd, head, 0)
+            os.fdatasync(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        dirfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
         self._tail = len(head)
         self.base = base
         self.saved_bytes = 0
@@ -341,7 +388,11 @@ class UndoLog:
         """The replica is fdatasync'd and ``cp`` is recorded: the unit is done, the log restarts."""
         with self.lock:
             self.index.clear()
-        self._reset(cp)
+        if self.archive is not None and self.active and self.base[0] < cp[0]:
+            self.archive(self.path, self.base, cp)
+            self._replace(cp)
+        else:
+            self._reset(cp)
         self.active = True
 
     def rollback(self, image: UndoImage) -> int:
@@ -383,6 +434,13 @@ class UndoLog:
             restored = self.rollback(image)
             log.warning("replica %s: rolled back %d bytes of a checkpoint that never committed (back to "
                         "checkpoint %d)", self.path.name.removesuffix(".mirror-undo"), restored, base[0])
+        elif base is not None and self.archive is not None and base[0] < committed[0] and (base[0] > 0 or entries):
+            # Committed, not yet kept (a crash between the checkpoint's record and the archive).
+            self.archive(self.path, base, committed)
+            with self.lock:
+                self.index.clear()
+            self._replace(committed)
+            return 0
         elif base is not None and entries:
             log.info("undo log %s: stale (base checkpoint %d, committed %d): dropped", self.path, base[0], committed[0])
         if cut:
@@ -401,22 +459,7 @@ class UndoLog:
         magic, base_id, base_ns = HEADER.unpack(head[:HEADER.size])
         if magic != HEADER_MAGIC:
             return None, [], 0
-        entries: list[tuple[int, int, int]] = []
-        pos = len(head)
-        while pos < size:
-            rh = os.pread(self._fd, REC.size + 8, pos)
-            if len(rh) < REC.size + 8:
-                break
-            magic, kind, off, n = REC.unpack(rh[:REC.size])
-            if magic != REC_MAGIC or kind not in (DATA, HOLE) or off % BLOCK or n <= 0 or off + n > self.size:
-                break
-            plen = n if kind == DATA else 0
-            payload = os.pread(self._fd, plen, pos + len(rh)) if plen else b""
-            if len(payload) != plen or _digest(rh[:REC.size], payload) != rh[REC.size:]:
-                break
-            first, last = off // BLOCK, (off + n - 1) // BLOCK
-            entries.append((first, last, HOLE_POS if kind == HOLE else pos + len(rh)))
-            pos += len(rh) + plen
+        entries, pos = scan_records(self._fd, self.size, len(head), size)
         return (base_id, base_ns), entries, size - pos
 
     def open_view(self, committed: tuple[int, int]) -> bool:
@@ -504,6 +547,27 @@ class CommittedView(Layer):
         if self.undo.touched(offset, length):
             return [(length, 0)]
         return self.inner.extents(length, offset)
+
+
+def scan_records(fd: int, vol_size: int, pos: int, end: int) -> tuple[list[tuple[int, int, int]], int]:
+    """The valid records of a log from ``pos`` to ``end`` as (first block, last block, data pos |
+    HOLE_POS), and where they stop (at the first torn or damaged one)."""
+    entries: list[tuple[int, int, int]] = []
+    while pos < end:
+        rh = os.pread(fd, REC.size + 8, pos)
+        if len(rh) < REC.size + 8:
+            break
+        magic, kind, off, n = REC.unpack(rh[:REC.size])
+        if magic != REC_MAGIC or kind not in (DATA, HOLE) or off % BLOCK or n <= 0 or off + n > vol_size:
+            break
+        plen = n if kind == DATA else 0
+        payload = os.pread(fd, plen, pos + len(rh)) if plen else b""
+        if len(payload) != plen or _digest(rh[:REC.size], payload) != rh[REC.size:]:
+            break
+        first, last = off // BLOCK, (off + n - 1) // BLOCK
+        entries.append((first, last, HOLE_POS if kind == HOLE else pos + len(rh)))
+        pos += len(rh) + plen
+    return entries, pos
 
 
 CHECKPOINT_SUFFIX = ".mirror-checkpoint"  # NAME + suffix: the last checkpoint an async source committed

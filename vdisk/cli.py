@@ -332,17 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Other modules add their subcommands here (each a function taking `add`).
 EXTENSIONS: list[Callable[[Callable[..., argparse.ArgumentParser]], None]] = []
-from .mount import add_commands as _mount_commands  # after EXTENSIONS: mount.py imports this module
-
-EXTENSIONS.append(_mount_commands)
+from .failback import add_commands as _failback_commands  # after EXTENSIONS: these modules import this one
+from .mount import add_commands as _mount_commands
+from .recovery import add_commands as _recovery_commands
 from .tls import add_commands as _tls_commands
 
-EXTENSIONS.append(_tls_commands)
+EXTENSIONS += [_mount_commands, _tls_commands, _recovery_commands, _failback_commands]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_relative_at(sys.argv[1:] if argv is None else argv))
     if not hasattr(args, "data_dir"):
         args.data_dir = None
     if not hasattr(args, "json"):
@@ -364,6 +364,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"vdisk: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 1
+
+
+def _join_relative_at(argv: list[str]) -> list[str]:
+    """``--at -10m`` (a relative time) would read as an option to argparse: pass it as ``--at=-10m``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--at" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"--at={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -14,7 +14,17 @@ from typing import Any
 
 from blockdev.volume import VolumeStore
 
-from .cli import LOG_DATES, LOG_FORMAT, VERBOSE_HELP, count_arg, duration_arg, emit, metrics_arg, store_of
+from .cli import (
+    LOG_DATES,
+    LOG_FORMAT,
+    VERBOSE_HELP,
+    count_arg,
+    duration_arg,
+    emit,
+    metrics_arg,
+    size_arg,
+    store_of,
+)
 from .control import ControlError, call
 from .mirroring import (
     JOURNAL_SUFFIX,
@@ -68,7 +78,8 @@ def cmd_target(args: argparse.Namespace) -> int:
 
     psk = read_psk(args.psk_file)
     tls = target_tls(args, store.root, host, psk is not None)
-    server = TargetServer(store, TargetConfig(psk=psk, timeout=args.timeout, insecure=args.insecure, tls=tls))
+    server = TargetServer(store, TargetConfig(psk=psk, timeout=args.timeout, insecure=args.insecure, tls=tls,
+                                              history=args.history, history_size=args.history_size))
     listens = [Listen.parse(s) for s in args.nbd or []]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=LOG_FORMAT.format("target"),
                         datefmt=LOG_DATES)
@@ -78,6 +89,9 @@ def cmd_target(args: argparse.Namespace) -> int:
 
     control, watch = ControlServer("target"), TargetWatch(server)
     register_status(control, store, server, watch)
+    from .recovery import register_target
+
+    register_target(control, server)  # "demote": a planned failover asks the source to hand over
 
     def lookup(name: str) -> Export | None:
         backend = server.export_backend(name)
@@ -532,6 +546,11 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--nbd", action="append", metavar="unix:PATH|tcp:HOST:PORT", help="read-only NBD export of replicas")
     sp.add_argument("--nbd-tls", action="store_true",
                     help="NBD clients of the export must use TLS (STARTTLS), with this site's key")
+    sp.add_argument("--history", type=duration_arg, metavar="DURATION",
+                    help="keep each replica's checkpoints this long for point-in-time recovery, e.g. 1h "
+                         "(`vdisk checkpoints`, `vdisk recover`; default: none kept)")
+    sp.add_argument("--history-size", type=size_arg, metavar="SIZE",
+                    help="keep at most this much checkpoint history per replica, e.g. 20G (oldest go first)")
     sp.add_argument("--timeout", type=duration_arg, default=30.0,
                     help="source silence before dropping it (default 30s; e.g. 2m, 500ms)")
     sp.add_argument("--metrics", type=metrics_arg, metavar="tcp:HOST:PORT",

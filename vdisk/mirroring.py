@@ -366,7 +366,10 @@ class MirrorManager:
         pairing = Pairing(section.get("replica_id"), bool(section.get("initial_sync_done")),
                           int(section.get("sync_total", 0)), discard_replica=bool(section.get("discard_replica")),
                           split_brain=section.get("split_brain") if isinstance(section.get("split_brain"), str) else None)
-        ident = VolumeIdentity(meta.uuid, vol.name, meta.size, meta.block_size, meta.generation)
+        promoted = meta.extra.get("promoted")
+        origin = promoted.get("from_source_uuid") if isinstance(promoted, dict) else None
+        ident = VolumeIdentity(meta.uuid, vol.name, meta.size, meta.block_size, meta.generation,
+                               origin if isinstance(origin, str) else "")
         st = m.state
         rep: SyncReplicator | AsyncReplicator
         if isinstance(config, AsyncConfig):
@@ -491,9 +494,24 @@ class MirrorManager:
     def watch_once(self) -> None:
         now = time.time()
         for name, m in list(self.mirrors.items()):
+            demoted = getattr(m.rep, "demoted", None)
+            if demoted is not None:
+                self._record_demoted(name, demoted)
             st = self._raw_status(name)
             if m.watch is not None and st is not None:
                 m.watch.update(st, now, m.rpo, m.stall)
+
+    def _record_demoted(self, name: str, checkpoint: int) -> None:
+        """A planned failover demoted this volume: recorded, so that it is not served writable again
+        (vdisk/replicas.py) until `vdisk failback` makes it the replica of the promoted one."""
+        section = dict(self.daemon.store.meta(name).extra.get("mirror") or {})
+        if isinstance(section.get("demoted"), dict):
+            return
+        section["demoted"] = {"checkpoint": checkpoint, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            self.daemon.store.update(name, mirror=section)
+        except OSError as e:
+            log.error("volume %s: cannot record its demotion (retried): %s", name, e.strerror or e)
 
     def _save_pairing(self, name: str, p: Pairing) -> None:
         section = dict(self.daemon.store.meta(name).extra.get("mirror") or {})

@@ -23,7 +23,13 @@ def describe(meta: VolumeMeta, rep: dict[str, Any]) -> str:
 
 
 def refuse_writable(meta: VolumeMeta) -> None:
-    """VolumeError if ``meta`` is a replica: opening it writable would change it behind its mirror."""
+    """VolumeError if ``meta`` is a replica: opening it writable would change it behind its mirror;
+    or if a planned failover demoted it (its replica is the primary now)."""
+    mirror = meta.extra.get("mirror")
+    if isinstance(mirror, dict) and isinstance(mirror.get("demoted"), dict):
+        raise VolumeError(
+            f"volume {meta.name!r} was demoted by a planned failover at {mirror['demoted'].get('at')}: its replica is "
+            f"the primary now. Serve it --read-only, or run `vdisk failback {meta.name}` to make it that volume's replica")
     rep = replica_section(meta)
     if rep is not None:
         raise VolumeError(

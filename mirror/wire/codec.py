@@ -26,6 +26,8 @@ from .events import (
     Checkpoint,
     DedupQuery,
     DedupReply,
+    Demote,
+    Demoted,
     ErrorMsg,
     Event,
     Flush,
@@ -59,6 +61,7 @@ T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_BYE = 1, 2, 3, 4, 5, 6
 T_WRITE, T_ZERO, T_FLUSH, T_ACK, T_PING, T_CHECKPOINT = 16, 17, 18, 19, 20, 21
 T_HASHQ, T_HASHR = 32, 33
 T_PACK, T_RWRITE, T_DEDUPQ, T_DEDUPR = 40, 41, 42, 43  # WAN reduction (mirror/reduce.py)
+T_DEMOTE, T_DEMOTED = 60, 61  # planned failover (issue 18 owns 60-79)
 F_FUA, F_TRIM = 1, 2
 F_RESET = 1  # on a Pack: a new zstd frame starts (the decompressor starts afresh)
 DEDUP_PREFIX = 16  # bytes of a BLAKE3 digest in a DedupQuery
@@ -159,11 +162,16 @@ def encode(event: Event) -> bytes:
                                            "created": event.created, "generation": event.generation,
                                            "verify": event.verify, "checkpoint": event.checkpoint,
                                            "checkpoint_time_ns": event.checkpoint_time_ns,
-                                           "caps": list(event.caps)})
+                                           "caps": list(event.caps),
+                                           **({"sync_checkpoints": True} if event.sync_checkpoints else {})})
         case ErrorMsg():
             return _json_frame(T_ERROR, {"message": event.message, "code": event.code})
         case Bye():
             return _frame(T_BYE)
+        case Demote():
+            return _json_frame(T_DEMOTE, {"reason": event.reason})
+        case Demoted():
+            return _json_frame(T_DEMOTED, {"checkpoint": event.checkpoint})
         case Write():
             return b"".join(bytes(x) for x in encode_write(event.seq, event.offset, event.data, event.fua))
         case Zero():
@@ -250,12 +258,19 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
         for i, key in enumerate(("checkpoint", "checkpoint_time_ns")):  # optional: older targets omit them
             if key in d:
                 cps[i] = _field(d, key, int)
+        sync_cps = d.get("sync_checkpoints", False)  # optional: targets without sync history omit it
+        if not isinstance(sync_cps, bool):
+            raise RemoteProtocolError("bad frame: field 'sync_checkpoints' is not bool")
         return Welcome(_field(d, "replica_id", str), _field(d, "replica_name", str), _field(d, "created", bool),
-                       _field(d, "generation", int), verify, cps[0], cps[1], _strings(d, "caps"))
+                       _field(d, "generation", int), verify, cps[0], cps[1], _strings(d, "caps"), sync_cps)
     if ftype == T_ERROR:
         # Printable only: the peer's message ends up in our log and on the user's terminal.
         message = "".join(c if c.isprintable() else " " for c in _field(d, "message", str, maxlen=MAX_JSON)[:2000])
         return ErrorMsg(message, _field(d, "code", str)[:64])
+    if ftype == T_DEMOTE:
+        return Demote("".join(c if c.isprintable() else " " for c in _field(d, "reason", str)[:500]))
+    if ftype == T_DEMOTED:
+        return Demoted(_field(d, "checkpoint", int))
     # T_HASHQ
     indices = d.get("indices")
     if (not isinstance(indices, list) or len(indices) > MAX_QUERY_INDICES
@@ -266,7 +281,7 @@ def _decode_json(ftype: int, payload: memoryview) -> Event:
                      tuple(indices))
 
 
-_JSON_TYPES = frozenset({T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_HASHQ})
+_JSON_TYPES = frozenset({T_HELLO, T_CHALLENGE, T_AUTH, T_WELCOME, T_ERROR, T_HASHQ, T_DEMOTE, T_DEMOTED})
 # the flag bits each frame type may carry
 _FLAGS = {T_WRITE: F_FUA, T_ZERO: F_FUA | F_TRIM, T_PACK: F_RESET, T_RWRITE: F_FUA}
 _KNOWN_TYPES = _JSON_TYPES | {T_BYE, T_WRITE, T_ZERO, T_FLUSH, T_CHECKPOINT, T_ACK, T_PING, T_HASHR, T_PACK,

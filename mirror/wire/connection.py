@@ -8,11 +8,14 @@ Handshake (source = client, target = server), all frames checksummed:
             <-  Welcome(replica id, created, checkpoint) | ErrorMsg      target
     then    Write/Zero/Flush/Checkpoint (seq 1, 2, 3...), Ping, HashQuery ->
             <-  Ack(cumulative seq), HashReply
+    planned failover (async):  <- Demote    source fences host writes, ships, then  Demoted(checkpoint) ->
 
-Hello.mode is "sync" or "async". Only an async source sends Checkpoint frames (a data frame: it takes
+Hello.mode is "sync" or "async". An async source sends Checkpoint frames (a data frame: it takes
 the next seq, and the Ack covering it means the target committed that checkpoint atomically); their
-ids rise strictly within a session. A sync session writes the replica in place with no undo, so a
-Checkpoint there would promise an atomicity the target does not provide: a protocol error.
+ids rise strictly within a session. A sync session writes the replica in place, so a Checkpoint
+there is a protocol error unless the Welcome said ``sync_checkpoints`` (the target keeps history:
+it saves undo for sync writes too, and a sync source cuts a checkpoint at a host flush when the
+replica is consistent).
 
 Both sides prove they know the pre-shared key (mutual HMAC-SHA256 challenge-response over both
 nonces and the volume uuid). If only one side has a key the link is refused: a key that is silently
@@ -45,6 +48,8 @@ from .events import (
     Checkpoint,
     DedupQuery,
     DedupReply,
+    Demote,
+    Demoted,
     ErrorMsg,
     Event,
     Flush,
@@ -84,6 +89,7 @@ _TRANSITIONS: dict[tuple[Role, State, type], State] = {
     (Role.SOURCE, State.READY, Ack): State.READY,
     (Role.SOURCE, State.READY, HashReply): State.READY,
     (Role.SOURCE, State.READY, DedupReply): State.READY,
+    (Role.SOURCE, State.READY, Demote): State.READY,
     (Role.TARGET, State.START, Hello): State.CHALLENGED,
     (Role.TARGET, State.CHALLENGED, Auth): State.ACCEPTING,
     (Role.TARGET, State.READY, Write): State.READY,
@@ -94,6 +100,7 @@ _TRANSITIONS: dict[tuple[Role, State, type], State] = {
     (Role.TARGET, State.READY, HashQuery): State.READY,
     (Role.TARGET, State.READY, Pack): State.READY,  # its inner frames go through check_inner
     (Role.TARGET, State.READY, DedupQuery): State.READY,
+    (Role.TARGET, State.READY, Demoted): State.READY,
 }
 
 
@@ -133,6 +140,7 @@ class Connection:
         self._peer_nonce = b""
         self._next_seq = 1  # target: the seq the next data frame must carry
         self._last_cp = 0  # target: the id of the last Checkpoint frame of this session
+        self._sync_cps = False  # target: the Welcome let a sync source send Checkpoint frames
 
     # -- output ---------------------------------------------------------------------------------
     def data_to_send(self) -> bytes:
@@ -159,6 +167,7 @@ class Connection:
         if self.role is not Role.TARGET or self.state is not State.ACCEPTING:
             raise LocalProtocolError(f"accept() in state {self.state.value}")
         self._out.append(encode(welcome))
+        self._sync_cps = welcome.sync_checkpoints
         self.state = State.READY
         self.reader.max_payload = MAX_PAYLOAD
 
@@ -219,7 +228,7 @@ class Connection:
 
     def _check_checkpoint(self, cp: Checkpoint) -> None:
         assert self.hello is not None
-        if self.hello.mode != "async":
+        if self.hello.mode != "async" and not self._sync_cps:
             raise RemoteProtocolError(f"bad frame: checkpoint {cp.cp_id} in a {self.hello.mode} session")
         if cp.cp_id <= self._last_cp:
             raise RemoteProtocolError(f"bad frame: checkpoint {cp.cp_id} after checkpoint {self._last_cp}")

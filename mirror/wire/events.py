@@ -64,6 +64,9 @@ class Welcome:
     # The capabilities of the Hello's that the target takes (mirror/reduce.py); older targets omit it:
     # nothing is negotiated and the source sends plain frames.
     caps: tuple[str, ...] = ()
+    # The target keeps checkpoint history for sync sessions too: a sync source may send Checkpoint
+    # frames (ids after ``checkpoint``) when the replica is consistent. Optional: default False.
+    sync_checkpoints: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,23 @@ class Bye:
     """Either side: a clean close (no error)."""
 
 
+@dataclass(frozen=True)
+class Demote:
+    """Target -> async source (planned failover): fence host writes, ship and commit everything,
+    then answer Demoted; the replica is about to be promoted."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Demoted:
+    """Async source -> target: host writes are refused from now on and the replica has committed
+    everything up to checkpoint ``checkpoint``."""
+
+    checkpoint: int = 0
+
+
 Event = (Hello | Challenge | Auth | Welcome | ErrorMsg | Write | Zero | Flush | Checkpoint | Ack | Ping | HashQuery
-         | HashReply | Bye | Pack | RWrite | DedupQuery | DedupReply)
+         | HashReply | Bye | Pack | RWrite | DedupQuery | DedupReply | Demote | Demoted)
 DATA_EVENTS = (Write, Zero, Flush, Checkpoint, RWrite)
 MODES = ("sync", "async")
