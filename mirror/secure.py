@@ -195,7 +195,7 @@ async def _peek(sock: socket.socket, timeout: float) -> bytes:
                 return sock.recv(1, socket.MSG_PEEK)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
-    raise PeerSilent(f"sent nothing in {timeout:g}s")
+    raise PeerSilent(f"did not start the handshake in {timeout:g}s (sent nothing)")
 
 
 async def secure_target(link: Link, tls: TargetTls | None, timeout: float) -> None:

@@ -230,6 +230,9 @@ class TargetServer:
                 for lst in listeners:
                     nursery.start_soon(self._accept_loop, lst, nursery)
         finally:
+            if self.index is not None:  # every session has ended (they run in the nursery above)
+                self.index.close()
+                self.index = None
             lock.release()
 
     def undo_for(self, name: str) -> UndoLog:
