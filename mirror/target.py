@@ -442,7 +442,7 @@ class TargetServer:
             # no-op if the connection already queued its reason
             link.conn.fail(str(e), getattr(e, "code", "protocol"))
         except OSError as e:  # the replica's disk failed: tell the source, which degrades
-            log.error("replica %s: %s", name, e)
+            log.error("replica %s: %s", name, e, exc_info=log.isEnabledFor(logging.DEBUG))
             link.conn.fail(f"target I/O error on replica {name}: {e.strerror or e}", "io")
         finally:
             if name is not None and self.active.get(name) == link.peer:

@@ -52,6 +52,7 @@ REC = struct.Struct("<IB3xQQ")
 REC_MAGIC = 0x554E444F  # "ODNU"
 DATA, HOLE = 0, 1
 READ_CHUNK = 4 << 20  # old data read and appended per step (a large trim is saved in pieces)
+IOV_BATCH = 512  # buffers per pwritev (the kernel refuses more than IOV_MAX, 1024 on Linux)
 HOLE_POS = -1
 
 
@@ -373,15 +374,23 @@ class UndoLog:
                 self.index.add(first, last, where)
 
     def _write(self, bufs: list[bytes | bytearray], pos: int, n: int) -> int:
-        done = os.pwritev(self._fd, bufs, pos)
-        if done != n:  # short write (a full disk, say): write the rest plainly, or fail
-            flat = b"".join(bufs)
-            while done < n:
-                k = os.pwrite(self._fd, flat[done:], pos + done)
-                if k <= 0:
-                    raise OSError(f"short write to undo log {self.path}")
-                done += k
-        return pos + n
+        """Append ``bufs`` (``n`` bytes) at ``pos``, in pwritev calls of at most IOV_BATCH buffers
+        (more is EINVAL: thousands of small hole records fit in one step)."""
+        end = pos + n
+        for i in range(0, len(bufs), IOV_BATCH):
+            part = bufs[i:i + IOV_BATCH]
+            want = sum(len(b) for b in part)
+            done = os.pwritev(self._fd, part, pos)
+            if done != want:  # short write (a full disk, say): write the rest plainly, or fail
+                flat = b"".join(part)
+                while done < want:
+                    k = os.pwrite(self._fd, flat[done:], pos + done)
+                    if k <= 0:
+                        raise OSError(f"short write to undo log {self.path}")
+                    done += k
+            pos += want
+        assert pos == end
+        return end
 
     # -- ending a unit ---------------------------------------------------------------------------
     def commit(self, cp: tuple[int, int]) -> None:

@@ -234,3 +234,27 @@ def test_index_runs_across_chunks_and_overlapping_frames(tmp_path):
     _img, undo = make(tmp_path)
     undo.begin((1, 1))
     assert undo.uncovered([(0, 3 * BLOCK), (BLOCK, 4 * BLOCK)]) == [(0, 4)]
+
+
+def test_a_step_saving_thousands_of_separate_runs_is_written_in_iov_sized_pieces(tmp_path):
+    """One applied batch may first-touch thousands of separate blocks (a Pack of scattered 4 KiB
+    writes): more records than IOV_MAX in one pwritev was EINVAL, which ended the session as a
+    target I/O error. Every other block of a 16 MiB replica: 2048 hole records, then 2048 data."""
+    size = 4096 * BLOCK
+    path = tmp_path / "big.img"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    img, undo = FileImage(path), UndoLog(tmp_path / "big.mirror-undo", size)
+    undo.begin((1, 10))
+    runs = [(b, b) for b in range(0, 4096, 2)]
+    undo.save(img, runs)  # holes
+    for b, _ in runs:
+        img.pwrite(b"x" * BLOCK, b * BLOCK)
+    undo.commit((2, 20))
+    undo.save(img, runs)  # data: two buffers per record
+    for b, _ in runs:
+        img.pwrite(b"y" * BLOCK, b * BLOCK)
+    assert undo.rollback(img) == len(runs) * BLOCK
+    buf = bytearray(size)
+    img.pread(memoryview(buf), 0)
+    assert all(buf[b * BLOCK:(b + 1) * BLOCK] == (b"x" * BLOCK if b % 2 == 0 else bytes(BLOCK)) for b in range(4096))
