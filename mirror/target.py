@@ -218,8 +218,8 @@ class TargetServer:
         lock = DataDirLock(self.store.root)
         raise_fd_limit()  # every source link (and handshake) is a descriptor, as for `vdisk serve`
         try:
+            self.open_index()  # first: a rollback below takes the blocks it restores out of the index
             self.recover_replicas()  # before anything (the NBD export, a source) reads a replica
-            self.open_index()
             try:
                 listeners = await trio.open_tcp_listeners(port, host=host)
             except OSError as e:
@@ -264,7 +264,9 @@ class TargetServer:
             try:
                 image = self.store.open_image(name)
                 try:
-                    self.undo_for(name).recover(image, self.read_checkpoint(name))
+                    undo = self.undo_for(name)
+                    if undo.recover(image, self.read_checkpoint(name)):
+                        self._forget_restored(name, undo)
                 finally:
                     image.close()
             except (OSError, VolumeError) as e:
@@ -464,6 +466,22 @@ class TargetServer:
                 if self._sessions.get(session_uuid) is session:
                     del self._sessions[session_uuid]
 
+    def _forget_restored(self, name: str, undo: UndoLog) -> None:
+        """A rollback put old content back: the content index must not name those blocks for what
+        the rolled-back unit wrote (the hash check would catch it, at the cost of a reconnect)."""
+        if self.index is None or not undo.restored:
+            return
+        try:
+            rep = self.store.meta(name).extra.get("replica")
+            vol = _vol(rep["source_uuid"])  # type: ignore[index]
+        except (VolumeError, KeyError, TypeError, ValueError):
+            return
+        try:
+            for off, n in undo.restored:
+                self.index.forget(vol, off, n)
+        except sqlite3.Error as e:  # the index is a hint: a stale entry is caught by the hash check
+            log.warning("replica %s: content index not updated after a rollback: %s", name, e)
+
     async def _roll_back(self, undo: UndoLog, image: seals.SealedImage) -> None:
         """The link ended mid-unit: the replica goes back to its last committed checkpoint now (a
         DR host may mount it), not only at the next connect."""
@@ -472,6 +490,7 @@ class TargetServer:
             if n:
                 log.info("replica %s: the link ended before checkpoint %d's successor committed: rolled "
                          "back %d bytes", image.name, undo.base[0], n)
+                await trio.to_thread.run_sync(self._forget_restored, image.name, undo, limiter=self._io_limiter)
         except OSError as e:
             log.error("replica %s: cannot roll back the unfinished checkpoint (done at the next connect "
                       "or start): %s", image.name, e)

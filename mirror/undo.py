@@ -223,6 +223,7 @@ class UndoLog:
         self._tail = 0
         self.saved_bytes = 0  # old data bytes appended in this unit
         self.rolled_back = 0  # units rolled back (statistics)
+        self.restored: list[tuple[int, int]] = []  # (offset, length) put back by the last rollback
         # Keeps a committed unit's log as history (history.py): called with (path, base, end)
         # before the log is replaced by a fresh one. None: the log is emptied in place.
         self.archive: Callable[[Path, tuple[int, int], tuple[int, int]], None] | None = None
@@ -409,8 +410,10 @@ class UndoLog:
         if not self.index:
             return 0
         restored = 0
+        self.restored = []
         for first, last, where in self._runs():
             off, end = first * BLOCK, min((last + 1) * BLOCK, self.size)
+            self.restored.append((off, end - off))
             if where == HOLE_POS:
                 image.write_zeroes(end - off, off, may_trim=True)
             else:

@@ -280,6 +280,35 @@ def test_content_index_persists_tracks_overwrites_and_survives_damage(tmp_path):
     idx.close()
 
 
+def test_a_rollback_takes_the_blocks_it_restores_out_of_the_content_index(tmp_path):
+    """A unit rolled back at the target (link lost mid-checkpoint) must not leave index entries naming
+    what it wrote: the replica holds the old content again."""
+    from blockdev.volume import VolumeStore
+    from mirror.undo import UndoLog
+
+    store = VolumeStore(tmp_path)
+    src = str(uuid.uuid4())
+    store.create("r", 64 * BLOCK, extra={"replica": {"source_uuid": src, "source_name": "r"}})
+    server = TargetServer(store)
+    server.open_index()
+    image = store.open_image("r")
+    undo = UndoLog(tmp_path / "r.mirror-undo", 64 * BLOCK)
+    old, new = os.urandom(BLOCK), os.urandom(BLOCK)
+    image.pwrite(old, 3 * BLOCK)
+    server.index.update(uuid.UUID(src).bytes, [Write(1, 3 * BLOCK, memoryview(old))])
+    undo.begin((1, 10))
+    undo.save(image, [(3, 3)])
+    image.pwrite(new, 3 * BLOCK)
+    server.index.update(uuid.UUID(src).bytes, [Write(2, 3 * BLOCK, memoryview(new))])
+    assert server.index.lookup(digest(new)[:16])[0] == 1
+    assert undo.rollback(image) == BLOCK
+    server._forget_restored("r", undo)
+    assert server.index.lookup(digest(new)[:16])[0] == 0
+    image.close()
+    undo.close()
+    server.close()
+
+
 # -- end to end: real daemons -----------------------------------------------------------------------
 nbd = pytest.importorskip("nbd") if not os.environ.get("CI") else __import__("nbd")
 
