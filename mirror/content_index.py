@@ -16,18 +16,15 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import blake3
-
+from .reduce import _ZERO_BLOCK, BLOCK, digest
 from .wire.codec import DEDUP_ENTRY, DEDUP_PREFIX
 from .wire.events import Flush, Write, Zero
 
 log = logging.getLogger("vdisk.target")
 INDEX_FILE = ".vdisk-content-index.sqlite"
-BLOCK = 4096
-_ZERO_BLOCK = bytes(BLOCK)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (h BLOB PRIMARY KEY, vol BLOB NOT NULL, blk INTEGER NOT NULL) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS blocks_at ON blocks (vol, blk);
@@ -87,7 +84,7 @@ class ContentIndex:
                 while pos + BLOCK <= n:
                     blk = data[pos:pos + BLOCK]
                     if blk != _ZERO_BLOCK:
-                        puts.append((blake3.blake3(blk).digest()[:DEDUP_PREFIX], vol, (off + pos) // BLOCK))
+                        puts.append((digest(blk)[:DEDUP_PREFIX], vol, (off + pos) // BLOCK))
                     pos += BLOCK
             elif t is Zero and ev.length:  # type: ignore[union-attr]
                 dels.append((vol, ev.offset // BLOCK, (ev.offset + ev.length - 1) // BLOCK))  # type: ignore[union-attr]
@@ -105,7 +102,7 @@ class ContentIndex:
                 db.execute("ROLLBACK")
                 raise
 
-    def lookup(self, prefixes: bytes, valid: Callable[[bytes], bool] = lambda v: True) -> bytes:
+    def lookup(self, prefixes: bytes) -> bytes:
         """One 25-byte entry per 16-byte prefix: found, volume uuid, offset (a DedupReply)."""
         out = bytearray(DEDUP_ENTRY * (len(prefixes) // DEDUP_PREFIX))
         with self._lock:
@@ -113,7 +110,7 @@ class ContentIndex:
             for i in range(len(prefixes) // DEDUP_PREFIX):
                 row = cur.execute("SELECT vol, blk FROM blocks WHERE h = ?",
                                   (prefixes[i * DEDUP_PREFIX:(i + 1) * DEDUP_PREFIX],)).fetchone()
-                if row is not None and len(row[0]) == 16 and valid(row[0]):
+                if row is not None and len(row[0]) == 16:
                     e = i * DEDUP_ENTRY
                     out[e] = 1
                     out[e + 1:e + 17] = row[0]

@@ -208,10 +208,9 @@ class SyncReplicator(SyncStatus, Marking):
                 c = Completion()
                 self.outbox.put_locked([encode_flush(self._seq)])
                 self._pending.append(_Entry(self._seq, c, 0, 0, FLUSH, None))
-                now = time.monotonic()
                 if (self._sync_cps and self.state == "in_sync" and not self.dirty.count and not self._resync_inflight
-                        and now - self._cp_last >= SYNC_CHECKPOINT_EVERY):
-                    self._cp_last = now
+                        and time.monotonic() - self._cp_last >= SYNC_CHECKPOINT_EVERY):
+                    self._cp_last = time.monotonic()
                     # Every write before this flush is ahead of it on the wire, in order: the
                     # replica at this point is the source as of the flush.
                     self._seq += 1

@@ -359,7 +359,7 @@ def _roll_back(store: VolumeStore, name: str, size: int, image: Any, at: int) ->
                     if len(buf) != n:
                         buf = bytearray(n)
                     view.pread(memoryview(buf), pos)
-                    image.pwrite(bytes(buf), pos)
+                    image.pwrite(memoryview(buf), pos)
                 i = j
         image.flush()
     finally:
